@@ -1,0 +1,296 @@
+//! One client connection: checks who is calling, reads frames, answers what it can alone
+//! (`hello`, malformed frames, rate limits) and hands every other request to the core.
+//! A writer task sends the core's frames back, many per write when they queue up.
+
+use std::sync::Arc;
+use std::sync::mpsc::Sender;
+use std::time::Instant;
+
+use serde::Deserialize;
+use tokio::io::{AsyncWriteExt, BufReader};
+use tokio::net::UnixStream;
+use tokio::net::unix::OwnedWriteHalf;
+use tokio::sync::mpsc::{UnboundedReceiver, unbounded_channel};
+
+use super::core::{Command, ConnId, Outbound, Outbox};
+use crate::platform;
+use crate::protocol::*;
+use crate::wire::{self, FrameReader, ReadError};
+
+/// What every connection needs to know of its broker.
+pub struct ConnContext {
+    pub core: Sender<Command>,
+    pub uid: u32,
+    pub protocol: u32,
+    pub pid: u32,
+    /// Sends per second per connection; 0 = unlimited.
+    pub send_rate: u32,
+}
+
+/// Token bucket for sends: `rate` per second, bursts up to `2 * rate`.
+struct RateLimit {
+    rate: f64,
+    tokens: f64,
+    last: Instant,
+}
+
+impl RateLimit {
+    fn new(rate: u32) -> Self {
+        Self {
+            rate: rate as f64,
+            tokens: 2.0 * rate as f64,
+            last: Instant::now(),
+        }
+    }
+
+    fn allow(&mut self) -> bool {
+        if self.rate == 0.0 {
+            return true;
+        }
+        let now = Instant::now();
+        let refill = now.duration_since(self.last).as_secs_f64() * self.rate;
+        self.tokens = (self.tokens + refill).min(2.0 * self.rate);
+        self.last = now;
+        if self.tokens >= 1.0 {
+            self.tokens -= 1.0;
+            true
+        } else {
+            false
+        }
+    }
+}
+
+fn error_frame(id: Option<u64>, code: ErrorCode, message: impl Into<String>) -> Outbound {
+    Outbound::Frame(Box::new(ServerFrame::error(
+        id,
+        ErrorBody::new(code, message),
+    )))
+}
+
+/// Serves one accepted connection until it closes.
+pub async fn serve(stream: UnixStream, conn: ConnId, ctx: Arc<ConnContext>) {
+    let (read, write) = stream.into_split();
+    let (outbox, rx) = unbounded_channel();
+    let writer = tokio::spawn(write_frames(write, rx));
+    match platform::peer_uid(read.as_ref()) {
+        Ok(uid) if uid == ctx.uid => {}
+        other => {
+            let who = other.map_or_else(|e| format!("unknown ({e})"), |u| u.to_string());
+            tracing::warn!(conn, uid = %who, "refused a connection from another user");
+            let _ = outbox.send(error_frame(
+                None,
+                ErrorCode::Forbidden,
+                format!(
+                    "this broker serves uid {} only; connection refused",
+                    ctx.uid
+                ),
+            ));
+            let _ = outbox.send(Outbound::Close);
+            let _ = writer.await;
+            return;
+        }
+    }
+    if ctx
+        .core
+        .send(Command::Connected {
+            conn,
+            outbox: outbox.clone(),
+        })
+        .is_err()
+    {
+        return;
+    }
+    read_frames(read, conn, &ctx, &outbox).await;
+    let _ = ctx.core.send(Command::Disconnected { conn });
+    drop(outbox);
+    let _ = writer.await;
+}
+
+/// Just enough of a frame to answer it when the rest does not parse.
+#[derive(Deserialize)]
+struct FrameHead {
+    #[serde(default)]
+    id: Option<serde_json::Value>,
+    #[serde(default)]
+    op: Option<serde_json::Value>,
+}
+
+async fn read_frames(
+    read: tokio::net::unix::OwnedReadHalf,
+    conn: ConnId,
+    ctx: &ConnContext,
+    outbox: &Outbox,
+) {
+    let mut frames = FrameReader::new(BufReader::new(read), MAX_FRAME_BYTES);
+    let mut greeted = false;
+    let mut mismatched = false;
+    let mut rate = RateLimit::new(ctx.send_rate);
+    loop {
+        let bytes = match frames.next().await {
+            Ok(Some(b)) => b,
+            Ok(None) => return,
+            Err(ReadError::TooLarge(max)) => {
+                tracing::warn!(conn, "frame over {max} bytes; closing");
+                let _ = outbox.send(error_frame(
+                    None,
+                    ErrorCode::FrameTooLarge,
+                    format!("frame over {max} bytes; the connection is closed. Keep each frame under 1 MiB"),
+                ));
+                let _ = outbox.send(Outbound::Close);
+                return;
+            }
+            Err(ReadError::Io(e)) => {
+                tracing::debug!(conn, "read error: {e}");
+                return;
+            }
+        };
+        if bytes.iter().all(u8::is_ascii_whitespace) {
+            continue;
+        }
+        let frame: ClientFrame = match serde_json::from_slice(bytes) {
+            Ok(f) => f,
+            Err(e) => {
+                let _ = outbox.send(explain_bad_frame(bytes, &e));
+                continue;
+            }
+        };
+        let id = frame.id;
+        match frame.request {
+            Request::Hello(h) => {
+                if greeted {
+                    let _ = outbox.send(error_frame(
+                        id,
+                        ErrorCode::BadRequest,
+                        "hello was already answered on this connection",
+                    ));
+                    continue;
+                }
+                greeted = true;
+                mismatched = h.protocol != ctx.protocol;
+                let reply = HelloReply {
+                    protocol: ctx.protocol,
+                    broker_version: env!("CARGO_PKG_VERSION").to_string(),
+                    pid: ctx.pid,
+                };
+                let _ = outbox.send(Outbound::Frame(Box::new(ServerFrame::result(
+                    id,
+                    Reply::Hello(reply),
+                ))));
+                continue;
+            }
+            _ if !greeted => {
+                let _ = outbox.send(error_frame(
+                    id,
+                    ErrorCode::HelloRequired,
+                    "send hello first: {\"op\":\"hello\",\"protocol\":N,\"client\":\"…\",\"version\":\"…\"}",
+                ));
+                continue;
+            }
+            Request::Shutdown(_) => {}
+            _ if mismatched => {
+                let _ = outbox.send(error_frame(
+                    id,
+                    ErrorCode::ProtocolMismatch,
+                    format!(
+                        "this broker speaks protocol {}; only shutdown is accepted from another version. Use a matching claude-peers",
+                        ctx.protocol
+                    ),
+                ));
+                continue;
+            }
+            Request::Send(_) | Request::Broadcast(_) if !rate.allow() => {
+                let _ = outbox.send(error_frame(
+                    id,
+                    ErrorCode::RateLimited,
+                    format!(
+                        "more than {} sends per second on this connection; slow down and retry in a moment",
+                        ctx.send_rate
+                    ),
+                ));
+                continue;
+            }
+            _ => {}
+        }
+        if ctx
+            .core
+            .send(Command::Request {
+                conn,
+                id,
+                request: Box::new(frame.request),
+            })
+            .is_err()
+        {
+            let _ = outbox.send(error_frame(
+                id,
+                ErrorCode::ShuttingDown,
+                "the broker is shutting down; reconnect in a moment",
+            ));
+            return;
+        }
+    }
+}
+
+/// The error frame for a frame that did not parse: bad JSON, unknown op, or a known op
+/// with bad fields. Answers with the frame's id when it can be read.
+fn explain_bad_frame(bytes: &[u8], e: &serde_json::Error) -> Outbound {
+    let Ok(text) = std::str::from_utf8(bytes) else {
+        return error_frame(
+            None,
+            ErrorCode::BadFrame,
+            "frame is not valid UTF-8; frames are JSON text",
+        );
+    };
+    let Ok(head) = serde_json::from_str::<FrameHead>(text) else {
+        return error_frame(
+            None,
+            ErrorCode::BadFrame,
+            format!("frame is not a JSON object: {e}"),
+        );
+    };
+    let id = head.id.as_ref().and_then(serde_json::Value::as_u64);
+    if head.id.is_some() && id.is_none() {
+        return error_frame(
+            None,
+            ErrorCode::BadRequest,
+            "id must be a non-negative integer",
+        );
+    }
+    match head.op {
+        Some(serde_json::Value::String(op)) if !Request::OPS.contains(&op.as_str()) => error_frame(
+            id,
+            ErrorCode::UnknownOp,
+            format!("unknown op {op:?}; known ops: {}", Request::OPS.join(", ")),
+        ),
+        None => error_frame(id, ErrorCode::BadRequest, "frame has no op"),
+        Some(_) => error_frame(id, ErrorCode::BadRequest, format!("bad request: {e}")),
+    }
+}
+
+async fn write_frames(write: OwnedWriteHalf, mut rx: UnboundedReceiver<Outbound>) {
+    let mut write = write;
+    let mut buf = Vec::with_capacity(8192);
+    while let Some(first) = rx.recv().await {
+        buf.clear();
+        let mut close = false;
+        let mut next = Some(first);
+        while let Some(out) = next.take() {
+            match out {
+                Outbound::Frame(f) => wire::encode(&*f, &mut buf),
+                Outbound::Close => {
+                    close = true;
+                    break;
+                }
+            }
+            if buf.len() < 256 * 1024 {
+                next = rx.try_recv().ok();
+            }
+        }
+        if write.write_all(&buf).await.is_err() {
+            return;
+        }
+        if close {
+            let _ = write.shutdown().await;
+            return;
+        }
+    }
+}

@@ -1,0 +1,1021 @@
+//! The broker's core: the one thread that owns the store and the table of who is online.
+//!
+//! Connection tasks turn frames into [`Command`]s; the core handles them in arrival order.
+//! Everything it takes in one wake-up is written in one SQLite transaction (group commit),
+//! and only after that commit does anything leave: answers, deliveries, log events. So a
+//! send answered with success is always on disk first, and a recipient never sees a
+//! message the store does not hold.
+//!
+//! Timers (sends waiting for acks, idle exit, retention sweeps) are deadlines checked
+//! between batches; the core sleeps in `recv_timeout` until the next one.
+
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::sync::mpsc::{Receiver, RecvTimeoutError};
+use std::time::{Duration, Instant};
+
+use tokio::sync::mpsc::UnboundedSender;
+
+use crate::config::Limits;
+use crate::names::PeerName;
+use crate::protocol::*;
+use crate::store::{NewMessage, PeerRow, Store, StoreError};
+
+/// Identifies one accepted connection for the life of the broker.
+pub type ConnId = u64;
+
+/// What the core sends to a connection's writer.
+#[derive(Debug)]
+pub enum Outbound {
+    Frame(Box<ServerFrame<Reply>>),
+    /// Write what came before, then close the connection.
+    Close,
+}
+
+pub type Outbox = UnboundedSender<Outbound>;
+
+/// What connection tasks (and the signal handler) ask of the core.
+#[derive(Debug)]
+pub enum Command {
+    Connected {
+        conn: ConnId,
+        outbox: Outbox,
+    },
+    Request {
+        conn: ConnId,
+        id: Option<u64>,
+        request: Box<Request>,
+    },
+    Disconnected {
+        conn: ConnId,
+    },
+    /// Finish the current batch, close every connection and stop.
+    Shutdown {
+        reason: String,
+    },
+}
+
+/// Facts about the running broker, for `status`.
+pub struct BrokerInfo {
+    pub pid: u32,
+    pub protocol: u32,
+    pub started_at: Millis,
+    pub started: Instant,
+    pub socket: String,
+    pub database: String,
+}
+
+/// A connection as the core sees it.
+struct Conn {
+    outbox: Outbox,
+    /// Set by `register`; the peer this connection is the mailbox of.
+    name: Option<String>,
+    /// The client shows deliveries as they come and acks them.
+    push: bool,
+    /// Gets the live log.
+    subscribed: bool,
+}
+
+/// A send whose answer waits for the recipients' acks, until `deadline`.
+struct AwaitingAcks {
+    conn: ConnId,
+    request_id: Option<u64>,
+    reply: Sent,
+    /// Recipients pushed to but not yet acked.
+    unacked: HashSet<String>,
+}
+
+pub struct Core {
+    store: Store,
+    limits: Limits,
+    info: BrokerInfo,
+    conns: HashMap<ConnId, Conn>,
+    /// Registered names with their connection: exactly the online peers.
+    online: HashMap<String, ConnId>,
+    /// Every known peer, online or not; mirrors the `peers` table.
+    peers: HashMap<String, PeerRow>,
+    /// Unacked deliveries per recipient; mirrors the queued rows of `deliveries`.
+    queued: HashMap<String, u64>,
+    /// Sends waiting for acks, by message id, with their deadlines in order (every wait is
+    /// the same length, so arrival order is deadline order).
+    awaiting: HashMap<String, AwaitingAcks>,
+    deadlines: VecDeque<(Instant, String)>,
+    /// Output of the current batch, released after its commit.
+    effects: Vec<(ConnId, Outbound)>,
+    idle_since: Option<Instant>,
+    next_sweep: Instant,
+    stopping: Option<String>,
+}
+
+const SWEEP_EVERY: Duration = Duration::from_secs(3600);
+/// Most commands handled in one transaction.
+const MAX_BATCH: usize = 1024;
+
+fn err(code: ErrorCode, message: impl Into<String>) -> ErrorBody {
+    ErrorBody::new(code, message)
+}
+
+impl Core {
+    pub fn new(store: Store, limits: Limits, info: BrokerInfo) -> Result<Self, StoreError> {
+        let peers = store
+            .load_peers()?
+            .into_iter()
+            .map(|p| (p.name.clone(), p))
+            .collect();
+        let queued = store.queued_counts()?;
+        let now = Instant::now();
+        Ok(Self {
+            store,
+            limits,
+            info,
+            conns: HashMap::new(),
+            online: HashMap::new(),
+            peers,
+            queued,
+            awaiting: HashMap::new(),
+            deadlines: VecDeque::new(),
+            effects: Vec::new(),
+            idle_since: Some(now),
+            // First sweep soon after start, to clear what expired while we were down.
+            next_sweep: now + Duration::from_secs(1),
+            stopping: None,
+        })
+    }
+
+    /// Runs until shutdown is asked for, the idle timeout passes, or every sender is gone.
+    /// Returns why it stopped.
+    pub fn run(mut self, rx: Receiver<Command>) -> String {
+        let mut batch = Vec::with_capacity(64);
+        loop {
+            let timeout = self
+                .next_deadline()
+                .saturating_duration_since(Instant::now());
+            match rx.recv_timeout(timeout) {
+                Ok(cmd) => batch.push(cmd),
+                Err(RecvTimeoutError::Timeout) => {}
+                Err(RecvTimeoutError::Disconnected) => {
+                    self.stopping
+                        .get_or_insert_with(|| "listener closed".into());
+                }
+            }
+            while batch.len() < MAX_BATCH {
+                match rx.try_recv() {
+                    Ok(cmd) => batch.push(cmd),
+                    Err(_) => break,
+                }
+            }
+            if !batch.is_empty() {
+                self.handle_batch(&mut batch);
+            }
+            self.fire_timers();
+            if let Some(reason) = self.stopping.take() {
+                self.close_all();
+                return reason;
+            }
+        }
+    }
+
+    fn next_deadline(&self) -> Instant {
+        let mut next = self.next_sweep;
+        if let Some((d, _)) = self.deadlines.front() {
+            next = next.min(*d);
+        }
+        if let (Some(since), false) = (self.idle_since, self.limits.idle_timeout.is_zero()) {
+            next = next.min(since + self.limits.idle_timeout);
+        }
+        next
+    }
+
+    fn handle_batch(&mut self, batch: &mut Vec<Command>) {
+        if let Err(e) = self.store.begin() {
+            tracing::error!("cannot start a transaction: {e}");
+        }
+        for cmd in batch.drain(..) {
+            self.handle(cmd);
+        }
+        if let Err(e) = self.store.commit() {
+            tracing::error!("commit failed: {e}; answering this batch with errors");
+            self.store.rollback();
+            self.fail_effects(&e);
+            self.reload();
+        }
+        self.flush_effects();
+    }
+
+    /// After a failed commit nothing of the batch is durable: answers become errors and
+    /// deliveries and log events are withheld.
+    fn fail_effects(&mut self, e: &StoreError) {
+        let message =
+            format!("the broker could not write its database ({e}); nothing was saved, try again");
+        let effects = std::mem::take(&mut self.effects);
+        for (conn, out) in effects {
+            if let Outbound::Frame(f) = out {
+                if f.result.is_some() || f.error.is_some() {
+                    let e = f
+                        .error
+                        .unwrap_or_else(|| err(ErrorCode::Internal, message.clone()));
+                    self.effects
+                        .push((conn, Outbound::Frame(Box::new(ServerFrame::error(f.id, e)))));
+                }
+            } else {
+                self.effects.push((conn, out));
+            }
+        }
+        self.awaiting.clear();
+        self.deadlines.clear();
+    }
+
+    /// Rebuilds the mirrors from the store after a failed commit.
+    fn reload(&mut self) {
+        if let Ok(peers) = self.store.load_peers() {
+            self.peers = peers.into_iter().map(|p| (p.name.clone(), p)).collect();
+        }
+        if let Ok(q) = self.store.queued_counts() {
+            self.queued = q;
+        }
+    }
+
+    fn flush_effects(&mut self) {
+        for (conn, out) in self.effects.drain(..) {
+            if let Some(c) = self.conns.get(&conn) {
+                // A closed writer means the connection is going away; its Disconnected
+                // command is on the way.
+                let _ = c.outbox.send(out);
+            }
+        }
+    }
+
+    fn emit(&mut self, conn: ConnId, frame: ServerFrame<Reply>) {
+        self.effects.push((conn, Outbound::Frame(Box::new(frame))));
+    }
+
+    fn answer(&mut self, conn: ConnId, id: Option<u64>, outcome: Result<Reply, ErrorBody>) {
+        let frame = match outcome {
+            Ok(reply) => ServerFrame::result(id, reply),
+            Err(e) => ServerFrame::error(id, e),
+        };
+        self.emit(conn, frame);
+    }
+
+    fn handle(&mut self, cmd: Command) {
+        match cmd {
+            Command::Connected { conn, outbox } => {
+                self.conns.insert(
+                    conn,
+                    Conn {
+                        outbox,
+                        name: None,
+                        push: false,
+                        subscribed: false,
+                    },
+                );
+                self.idle_since = None;
+            }
+            Command::Disconnected { conn } => self.disconnected(conn),
+            Command::Shutdown { reason } => {
+                self.stopping.get_or_insert(reason);
+            }
+            Command::Request { conn, id, request } => {
+                if !self.conns.contains_key(&conn) {
+                    return;
+                }
+                if let Some(outcome) = self.request(conn, id, *request) {
+                    self.answer(conn, id, outcome);
+                }
+            }
+        }
+    }
+
+    fn disconnected(&mut self, conn: ConnId) {
+        let Some(c) = self.conns.remove(&conn) else {
+            return;
+        };
+        if let Some(name) = c.name {
+            self.online.remove(&name);
+            let now = now_millis();
+            if let Some(p) = self.peers.get_mut(&name) {
+                p.last_seen = now;
+            }
+            if let Err(e) = self.store.touch_peer(&name, now) {
+                tracing::warn!("cannot record last_seen of {name}: {e}");
+            }
+            tracing::info!(peer = %name, "offline");
+        }
+        if self.conns.is_empty() {
+            self.idle_since = Some(Instant::now());
+        }
+    }
+
+    /// Handles one request. `None` means the answer is deferred (a send waiting for acks)
+    /// or not wanted (an ack without id).
+    fn request(
+        &mut self,
+        conn: ConnId,
+        id: Option<u64>,
+        request: Request,
+    ) -> Option<Result<Reply, ErrorBody>> {
+        let outcome = match request {
+            Request::Hello(_) => Err(err(
+                ErrorCode::BadRequest,
+                "hello was already answered on this connection",
+            )),
+            Request::Register(r) => {
+                // The answer goes out before the backlog it announces.
+                let outcome = self.register(conn, r);
+                let name = outcome.as_ref().ok().map(|r| r.name.clone());
+                self.answer(conn, id, outcome.map(Reply::Registered));
+                if let Some(name) = name {
+                    self.push_backlog(conn, &name);
+                }
+                return None;
+            }
+            Request::Send(s) => return self.send(conn, id, s),
+            Request::Broadcast(b) => return self.broadcast(conn, id, b),
+            Request::Ack(a) => {
+                let r = self.ack(conn, a);
+                if id.is_none() {
+                    if let Err(e) = r {
+                        tracing::debug!(conn, "ack refused: {}", e.message);
+                    }
+                    return None;
+                }
+                r.map(|()| Reply::Done(Done {}))
+            }
+            Request::ListPeers(l) => self.list_peers(conn, &l).map(Reply::Peers),
+            Request::Whoami => self.whoami(conn).map(|p| Reply::Peer(Box::new(p))),
+            Request::SetSummary(s) => self.set_summary(conn, s).map(|()| Reply::Done(Done {})),
+            Request::Status => Ok(Reply::Status(self.status())),
+            Request::Log(q) => self.log(q).map(Reply::Log),
+            Request::Subscribe => {
+                if let Some(c) = self.conns.get_mut(&conn) {
+                    c.subscribed = true;
+                }
+                Ok(Reply::Done(Done {}))
+            }
+            Request::Shutdown(s) => {
+                let reason = s.reason.unwrap_or_else(|| "asked to stop".into());
+                tracing::info!(conn, "shutdown requested: {reason}");
+                self.stopping.get_or_insert(reason);
+                Ok(Reply::Done(Done {}))
+            }
+        };
+        Some(outcome)
+    }
+
+    fn registered_name(&self, conn: ConnId) -> Option<&str> {
+        self.conns.get(&conn).and_then(|c| c.name.as_deref())
+    }
+
+    fn register(&mut self, conn: ConnId, r: Register) -> Result<Registered, ErrorBody> {
+        if let Some(name) = self.registered_name(conn) {
+            return Err(err(
+                ErrorCode::BadRequest,
+                format!("this connection is already registered as {name}"),
+            ));
+        }
+        let wanted = PeerName::new(&r.name).map_err(|e| err(ErrorCode::BadName, e.to_string()))?;
+        if r.cwd.is_empty() {
+            return Err(err(
+                ErrorCode::BadRequest,
+                "register needs the session's cwd",
+            ));
+        }
+        if r.summary
+            .as_ref()
+            .is_some_and(|s| s.len() > MAX_SUMMARY_BYTES)
+        {
+            return Err(summary_too_long());
+        }
+        // The wanted name, or the first free or reclaimable `name-N`.
+        let mut n = 1;
+        let (name, reclaimed) = loop {
+            let candidate = if n == 1 {
+                wanted.clone()
+            } else {
+                wanted.with_suffix(n)
+            };
+            let key = candidate.as_str();
+            if !self.online.contains_key(key) {
+                match self.peers.get(key) {
+                    None => break (candidate, false),
+                    Some(p) if (r.explicit && n == 1) || p.cwd == r.cwd => break (candidate, true),
+                    Some(_) => {}
+                }
+            }
+            n += 1;
+        };
+        let now = now_millis();
+        let name = name.to_string();
+        let previous = self.peers.get(&name);
+        let row = PeerRow {
+            name: name.clone(),
+            pid: r.pid,
+            cwd: r.cwd,
+            git_root: r.git_root,
+            git_common_dir: r.git_common_dir,
+            branch: r.branch,
+            tty: r.tty,
+            host: r.host,
+            summary: r
+                .summary
+                .or_else(|| previous.map(|p| p.summary.clone()))
+                .unwrap_or_default(),
+            client_name: r.client_name,
+            client_version: r.client_version,
+            push: r.push,
+            first_seen: previous.map_or(now, |p| p.first_seen),
+            last_seen: now,
+        };
+        self.store.upsert_peer(&row).map_err(internal)?;
+        self.peers.insert(name.clone(), row);
+        self.online.insert(name.clone(), conn);
+        if let Some(c) = self.conns.get_mut(&conn) {
+            c.name = Some(name.clone());
+            c.push = r.push;
+        }
+        let queued = self.queued.get(&name).copied().unwrap_or(0);
+        tracing::info!(peer = %name, reclaimed, queued, "online");
+        Ok(Registered {
+            name,
+            reclaimed,
+            queued,
+        })
+    }
+}
+
+/// Selects peers in a scope.
+type PeerFilter = Box<dyn Fn(&PeerRow) -> bool>;
+
+/// Longest summary accepted, in bytes.
+pub const MAX_SUMMARY_BYTES: usize = 4096;
+/// Longest `in_reply_to`, in bytes.
+const MAX_REPLY_ID_BYTES: usize = 128;
+/// Default and largest `log` sizes.
+const LOG_DEFAULT: u32 = 50;
+const LOG_MAX: u32 = 1000;
+
+fn summary_too_long() -> ErrorBody {
+    err(
+        ErrorCode::BadRequest,
+        format!("summary is over {MAX_SUMMARY_BYTES} bytes; shorten it"),
+    )
+}
+
+fn internal(e: StoreError) -> ErrorBody {
+    tracing::error!("store: {e}");
+    err(
+        ErrorCode::Internal,
+        format!(
+            "the broker could not use its database ({e}); try again, and see the broker log if it persists"
+        ),
+    )
+}
+
+impl Core {
+    /// Pushes every queued message of `name` to its new connection, oldest first.
+    fn push_backlog(&mut self, conn: ConnId, name: &str) {
+        let pending = match self.store.pending_for(name) {
+            Ok(p) => p,
+            Err(e) => {
+                tracing::error!(peer = name, "cannot read queued mail: {e}");
+                return;
+            }
+        };
+        for m in pending {
+            let d = self.delivery(m.id, m.sender, name, m.text, m.in_reply_to, m.sent_at);
+            self.emit(conn, ServerFrame::deliver(d));
+        }
+    }
+
+    /// A delivery frame's message, with what we know of the sender now.
+    fn delivery(
+        &self,
+        id: String,
+        from: String,
+        to: &str,
+        text: String,
+        in_reply_to: Option<String>,
+        sent_at: Millis,
+    ) -> Delivery {
+        let sender = self.peers.get(&from);
+        Delivery {
+            id,
+            to: to.to_string(),
+            text,
+            in_reply_to,
+            sent_at,
+            from_cwd: sender.map(|p| p.cwd.clone()),
+            from_repo: sender.and_then(|p| p.git_root.clone()),
+            from_branch: sender.and_then(|p| p.branch.clone()),
+            from_summary: sender.map(|p| p.summary.clone()).filter(|s| !s.is_empty()),
+            from,
+        }
+    }
+
+    /// The sender name of a send from `conn`: its registered name, else the `from` it
+    /// gave, else `cli`.
+    fn sender_name(&self, conn: ConnId, from: Option<String>) -> Result<String, ErrorBody> {
+        if let Some(name) = self.registered_name(conn) {
+            return Ok(name.to_string());
+        }
+        match from {
+            Some(f) => PeerName::new(&f)
+                .map(|n| n.to_string())
+                .map_err(|e| err(ErrorCode::BadName, format!("sender: {e}"))),
+            None => Ok("cli".to_string()),
+        }
+    }
+
+    fn check_text(&self, text: &str, in_reply_to: Option<&str>) -> Result<(), ErrorBody> {
+        if text.trim().is_empty() {
+            return Err(err(
+                ErrorCode::EmptyMessage,
+                "the message is empty; write something to send",
+            ));
+        }
+        if text.len() > self.limits.max_message_bytes {
+            return Err(err(
+                ErrorCode::MessageTooLarge,
+                format!(
+                    "the message is {} bytes; the limit is {}. Send a shorter message, or put the content in a file and send its path",
+                    text.len(),
+                    self.limits.max_message_bytes
+                ),
+            ));
+        }
+        if in_reply_to.is_some_and(|r| r.is_empty() || r.len() > MAX_REPLY_ID_BYTES) {
+            return Err(err(
+                ErrorCode::BadRequest,
+                format!("in_reply_to must be a message id (1 to {MAX_REPLY_ID_BYTES} bytes)"),
+            ));
+        }
+        Ok(())
+    }
+
+    fn check_mailboxes(&self, recipients: &[String]) -> Result<(), ErrorBody> {
+        for r in recipients {
+            let queued = self.queued.get(r).copied().unwrap_or(0);
+            if queued >= self.limits.mailbox_limit {
+                return Err(err(
+                    ErrorCode::MailboxFull,
+                    format!(
+                        "{r} has {queued} unread messages, the most a mailbox holds; wait for {r} to read them, then send again"
+                    ),
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// An unknown-peer refusal naming the closest known names.
+    fn unknown_peer(&self, name: &str) -> ErrorBody {
+        let mut scored: Vec<(f64, &String)> = self
+            .peers
+            .keys()
+            .map(|k| (strsim::jaro_winkler(name, k), k))
+            .filter(|(s, _)| *s > 0.7)
+            .collect();
+        scored.sort_by(|a, b| b.0.total_cmp(&a.0).then(a.1.cmp(b.1)));
+        let candidates: Vec<String> = scored.into_iter().take(3).map(|(_, k)| k.clone()).collect();
+        let hint = if candidates.is_empty() {
+            "run `claude-peers peers --all` (or list_peers) to see who exists".to_string()
+        } else {
+            format!("did you mean {}?", candidates.join(", "))
+        };
+        ErrorBody {
+            code: ErrorCode::UnknownPeer,
+            message: format!("no peer is named {name:?}; {hint}"),
+            candidates,
+        }
+    }
+
+    fn send(&mut self, conn: ConnId, id: Option<u64>, s: Send) -> Option<Result<Reply, ErrorBody>> {
+        let prepared = (|| {
+            let from = self.sender_name(conn, s.from)?;
+            self.check_text(&s.text, s.in_reply_to.as_deref())?;
+            if s.to.is_empty() {
+                return Err(err(
+                    ErrorCode::BadRequest,
+                    "send needs at least one recipient in `to`",
+                ));
+            }
+            if s.to.len() > self.limits.broadcast_limit {
+                return Err(err(
+                    ErrorCode::BadRequest,
+                    format!(
+                        "{} recipients; one message goes to at most {}",
+                        s.to.len(),
+                        self.limits.broadcast_limit
+                    ),
+                ));
+            }
+            let mut recipients: Vec<String> = Vec::with_capacity(s.to.len());
+            for to in &s.to {
+                let name = PeerName::new(to)
+                    .map_err(|e| err(ErrorCode::BadName, format!("recipient: {e}")))?;
+                if !self.peers.contains_key(name.as_str()) {
+                    return Err(self.unknown_peer(name.as_str()));
+                }
+                if !recipients.iter().any(|r| r == name.as_str()) {
+                    recipients.push(name.to_string());
+                }
+            }
+            Ok((from, recipients))
+        })();
+        match prepared {
+            Ok((from, recipients)) => {
+                self.deliver_new(conn, id, from, recipients, s.text, s.in_reply_to)
+            }
+            Err(e) => Some(Err(e)),
+        }
+    }
+
+    fn broadcast(
+        &mut self,
+        conn: ConnId,
+        id: Option<u64>,
+        b: Broadcast,
+    ) -> Option<Result<Reply, ErrorBody>> {
+        let prepared = (|| {
+            let from = self.sender_name(conn, b.from)?;
+            self.check_text(&b.text, b.in_reply_to.as_deref())?;
+            let filter = self.scope_filter(conn, b.scope, &b.place)?;
+            let mut recipients: Vec<String> = self
+                .online
+                .keys()
+                .filter(|n| **n != from && filter(&self.peers[*n]))
+                .cloned()
+                .collect();
+            if recipients.is_empty() {
+                return Err(err(
+                    ErrorCode::NoRecipients,
+                    format!("no other peer is online in scope {:?}", b.scope),
+                ));
+            }
+            if recipients.len() > self.limits.broadcast_limit {
+                return Err(err(
+                    ErrorCode::BadRequest,
+                    format!(
+                        "{} peers are in scope; a broadcast reaches at most {}. Narrow the scope",
+                        recipients.len(),
+                        self.limits.broadcast_limit
+                    ),
+                ));
+            }
+            recipients.sort();
+            Ok((from, recipients))
+        })();
+        match prepared {
+            Ok((from, recipients)) => {
+                self.deliver_new(conn, id, from, recipients, b.text, b.in_reply_to)
+            }
+            Err(e) => Some(Err(e)),
+        }
+    }
+
+    /// Stores a new message for checked recipients and pushes it to those online. The
+    /// answer waits for acks from recipients that show messages as they arrive.
+    fn deliver_new(
+        &mut self,
+        conn: ConnId,
+        request_id: Option<u64>,
+        from: String,
+        recipients: Vec<String>,
+        text: String,
+        in_reply_to: Option<String>,
+    ) -> Option<Result<Reply, ErrorBody>> {
+        if let Err(e) = self.check_mailboxes(&recipients) {
+            return Some(Err(e));
+        }
+        let id = uuid::Uuid::now_v7().to_string();
+        let sent_at = now_millis();
+        let expires_at = sent_at.saturating_add(self.limits.retention.as_millis() as Millis);
+        let refs: Vec<&str> = recipients.iter().map(String::as_str).collect();
+        let new = NewMessage {
+            id: &id,
+            sender: &from,
+            text: &text,
+            in_reply_to: in_reply_to.as_deref(),
+            sent_at,
+            expires_at,
+        };
+        if let Err(e) = self.store.insert_message(&new, &refs) {
+            return Some(Err(internal(e)));
+        }
+        let mut states = Vec::with_capacity(recipients.len());
+        let mut unacked = HashSet::new();
+        for r in &recipients {
+            *self.queued.entry(r.clone()).or_default() += 1;
+            let state = match self.online.get(r).copied() {
+                Some(to_conn) => {
+                    let d = self.delivery(
+                        id.clone(),
+                        from.clone(),
+                        r,
+                        text.clone(),
+                        in_reply_to.clone(),
+                        sent_at,
+                    );
+                    self.emit(to_conn, ServerFrame::deliver(d));
+                    if self.conns[&to_conn].push {
+                        unacked.insert(r.clone());
+                        DeliveryState::Pushed
+                    } else {
+                        DeliveryState::Queued
+                    }
+                }
+                None => DeliveryState::Queued,
+            };
+            states.push(RecipientState {
+                name: r.clone(),
+                state,
+            });
+            self.log_event(LogEventKind::Sent, || LogEntry {
+                id: id.clone(),
+                from: from.clone(),
+                to: r.clone(),
+                text: text.clone(),
+                in_reply_to: in_reply_to.clone(),
+                sent_at,
+                state: DeliveryState::Queued,
+                delivered_at: None,
+            });
+        }
+        let reply = Sent {
+            message_id: id.clone(),
+            sent_at,
+            recipients: states,
+        };
+        if unacked.is_empty() || self.limits.ack_wait.is_zero() {
+            return Some(Ok(Reply::Sent(reply)));
+        }
+        self.deadlines
+            .push_back((Instant::now() + self.limits.ack_wait, id.clone()));
+        self.awaiting.insert(
+            id,
+            AwaitingAcks {
+                conn,
+                request_id,
+                reply,
+                unacked,
+            },
+        );
+        None
+    }
+
+    fn log_event(&mut self, kind: LogEventKind, entry: impl FnOnce() -> LogEntry) {
+        let subscribers: Vec<ConnId> = self
+            .conns
+            .iter()
+            .filter(|(_, c)| c.subscribed)
+            .map(|(id, _)| *id)
+            .collect();
+        if subscribers.is_empty() {
+            return;
+        }
+        let event = LogEvent {
+            kind,
+            entry: entry(),
+        };
+        for s in subscribers {
+            self.emit(s, ServerFrame::event(event.clone()));
+        }
+    }
+
+    fn ack(&mut self, conn: ConnId, a: Ack) -> Result<(), ErrorBody> {
+        let Some(name) = self.registered_name(conn).map(str::to_string) else {
+            return Err(err(
+                ErrorCode::NotRegistered,
+                "only a registered peer can ack; send register first",
+            ));
+        };
+        let now = now_millis();
+        for id in a.ids {
+            let marked = self
+                .store
+                .mark_delivered(&id, &name, now)
+                .map_err(internal)?;
+            if !marked {
+                continue;
+            }
+            if let Some(q) = self.queued.get_mut(&name) {
+                *q = q.saturating_sub(1);
+            }
+            let done = self.awaiting.get_mut(&id).is_some_and(|w| {
+                if w.unacked.remove(&name)
+                    && let Some(r) = w.reply.recipients.iter_mut().find(|r| r.name == name)
+                {
+                    r.state = DeliveryState::Delivered;
+                }
+                w.unacked.is_empty()
+            });
+            if done {
+                self.finish_awaiting(&id);
+            }
+            if self.conns.values().any(|c| c.subscribed) {
+                let entry = self.store.log_entry(&id, &name).map_err(internal)?;
+                if let Some(entry) = entry {
+                    self.log_event(LogEventKind::Delivered, || entry);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Answers a waiting send with the states as they are now.
+    fn finish_awaiting(&mut self, id: &str) {
+        let Some(mut w) = self.awaiting.remove(id) else {
+            return;
+        };
+        for r in &mut w.reply.recipients {
+            if r.state == DeliveryState::Pushed && !self.online.contains_key(&r.name) {
+                r.state = DeliveryState::Queued;
+            }
+        }
+        self.answer(w.conn, w.request_id, Ok(Reply::Sent(w.reply)));
+    }
+
+    /// A predicate for peers in `scope` as seen from `conn` (or from `place` for a
+    /// connection that did not register).
+    fn scope_filter(
+        &self,
+        conn: ConnId,
+        scope: Scope,
+        place: &Place,
+    ) -> Result<PeerFilter, ErrorBody> {
+        let me = self.registered_name(conn).and_then(|n| self.peers.get(n));
+        match scope {
+            Scope::Machine => Ok(Box::new(|_| true)),
+            Scope::Directory => {
+                let cwd = me
+                    .map(|p| p.cwd.clone())
+                    .or_else(|| place.cwd.clone())
+                    .ok_or_else(|| err(ErrorCode::BadRequest, "scope directory needs a cwd"))?;
+                Ok(Box::new(move |p| p.cwd == cwd))
+            }
+            Scope::Repo => {
+                let common = me
+                    .map(|p| p.git_common_dir.clone())
+                    .unwrap_or_else(|| place.git_common_dir.clone())
+                    .ok_or_else(|| {
+                        err(
+                            ErrorCode::BadRequest,
+                            "scope repo needs a git repository, and this session is not in one; use scope directory or machine",
+                        )
+                    })?;
+                Ok(Box::new(move |p| {
+                    p.git_common_dir.as_deref() == Some(common.as_str())
+                }))
+            }
+        }
+    }
+
+    fn peer_info(&self, p: &PeerRow) -> PeerInfo {
+        PeerInfo {
+            name: p.name.clone(),
+            online: self.online.contains_key(&p.name),
+            pid: p.pid,
+            cwd: p.cwd.clone(),
+            git_root: p.git_root.clone(),
+            git_common_dir: p.git_common_dir.clone(),
+            branch: p.branch.clone(),
+            tty: p.tty.clone(),
+            host: p.host.clone(),
+            summary: p.summary.clone(),
+            client_name: p.client_name.clone(),
+            client_version: p.client_version.clone(),
+            push: p.push,
+            first_seen: p.first_seen,
+            last_seen: p.last_seen,
+            unread: self.queued.get(&p.name).copied().unwrap_or(0),
+        }
+    }
+
+    fn list_peers(&self, conn: ConnId, l: &ListPeers) -> Result<PeerList, ErrorBody> {
+        let filter = self.scope_filter(conn, l.scope, &l.place)?;
+        let me = self.registered_name(conn);
+        let mut peers: Vec<PeerInfo> = self
+            .peers
+            .values()
+            .filter(|p| Some(p.name.as_str()) != me)
+            .filter(|p| l.include_offline || self.online.contains_key(&p.name))
+            .filter(|p| filter(p))
+            .map(|p| self.peer_info(p))
+            .collect();
+        peers.sort_by(|a, b| b.online.cmp(&a.online).then_with(|| a.name.cmp(&b.name)));
+        Ok(PeerList { peers })
+    }
+
+    fn whoami(&self, conn: ConnId) -> Result<PeerInfo, ErrorBody> {
+        self.registered_name(conn)
+            .and_then(|n| self.peers.get(n))
+            .map(|p| self.peer_info(p))
+            .ok_or_else(|| {
+                err(
+                    ErrorCode::NotRegistered,
+                    "this connection has not registered a name",
+                )
+            })
+    }
+
+    fn set_summary(&mut self, conn: ConnId, s: SetSummary) -> Result<(), ErrorBody> {
+        let Some(name) = self.registered_name(conn).map(str::to_string) else {
+            return Err(err(
+                ErrorCode::NotRegistered,
+                "only a registered peer has a summary; send register first",
+            ));
+        };
+        if s.summary.len() > MAX_SUMMARY_BYTES {
+            return Err(summary_too_long());
+        }
+        self.store
+            .set_summary(&name, &s.summary)
+            .map_err(internal)?;
+        if let Some(p) = self.peers.get_mut(&name) {
+            p.summary = s.summary;
+        }
+        Ok(())
+    }
+
+    fn status(&self) -> Status {
+        let online = self.online.len() as u64;
+        Status {
+            pid: self.info.pid,
+            version: env!("CARGO_PKG_VERSION").to_string(),
+            protocol: self.info.protocol,
+            started_at: self.info.started_at,
+            uptime_ms: self.info.started.elapsed().as_millis() as u64,
+            socket: self.info.socket.clone(),
+            database: self.info.database.clone(),
+            peers_online: online,
+            peers_offline: (self.peers.len() as u64).saturating_sub(online),
+            queued: self.queued.values().sum(),
+            connections: self.conns.len() as u64,
+        }
+    }
+
+    fn log(&self, q: LogQuery) -> Result<LogReply, ErrorBody> {
+        let limit = q.limit.unwrap_or(LOG_DEFAULT).clamp(1, LOG_MAX);
+        let messages = self.store.log(limit, q.peer.as_deref()).map_err(internal)?;
+        Ok(LogReply { messages })
+    }
+
+    fn fire_timers(&mut self) {
+        let now = Instant::now();
+        while let Some((deadline, _)) = self.deadlines.front() {
+            if *deadline > now {
+                break;
+            }
+            let (_, id) = self.deadlines.pop_front().expect("front exists");
+            self.finish_awaiting(&id);
+        }
+        if let Some(since) = self.idle_since
+            && !self.limits.idle_timeout.is_zero()
+            && now >= since + self.limits.idle_timeout
+        {
+            self.stopping
+                .get_or_insert_with(|| "idle timeout: no connections".into());
+        }
+        if now >= self.next_sweep {
+            self.next_sweep = now + SWEEP_EVERY;
+            self.sweep();
+        }
+        self.flush_effects();
+    }
+
+    fn sweep(&mut self) {
+        let now = now_millis();
+        for name in self.online.keys() {
+            if let Some(p) = self.peers.get_mut(name) {
+                p.last_seen = now;
+            }
+            let _ = self.store.touch_peer(name, now);
+        }
+        let before = now.saturating_sub(self.limits.retention.as_millis() as Millis);
+        let online = &self.online;
+        match self.store.sweep(now, before, &|n| online.contains_key(n)) {
+            Ok(swept) => {
+                if swept.messages > 0 || swept.peers > 0 {
+                    tracing::info!(
+                        messages = swept.messages,
+                        peers = swept.peers,
+                        "retention sweep"
+                    );
+                    self.reload();
+                }
+            }
+            Err(e) => tracing::error!("retention sweep failed: {e}"),
+        }
+    }
+
+    /// Tells every connection to close after what it was sent.
+    fn close_all(&mut self) {
+        let waiting: Vec<String> = self.awaiting.keys().cloned().collect();
+        for id in waiting {
+            self.finish_awaiting(&id);
+        }
+        self.flush_effects();
+        for c in self.conns.values() {
+            let _ = c.outbox.send(Outbound::Close);
+        }
+    }
+}

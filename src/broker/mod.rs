@@ -1,0 +1,182 @@
+//! `claude-peers broker`: the per-user daemon that owns the store and routes messages.
+//!
+//! Start-up: take the lock (one broker per runtime directory), clear a stale socket, bind
+//! the socket 0600, open the store, start the [`core`] thread, accept connections
+//! ([`conn`]). Shutdown (asked for, idle, SIGTERM/SIGINT): the core finishes its batch and
+//! answers, connections are closed, the socket is removed, then the lock is released.
+
+pub mod conn;
+pub mod core;
+
+use std::fs::{File, OpenOptions};
+use std::io::Write;
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use tokio::net::UnixListener;
+use tokio::sync::watch;
+
+use crate::config::Limits;
+use crate::paths::Paths;
+use crate::platform;
+use crate::protocol::{PROTOCOL_VERSION, now_millis};
+use crate::store::Store;
+use conn::ConnContext;
+use core::{BrokerInfo, Command, Core};
+
+/// How a broker run is set up.
+#[derive(Debug, Clone)]
+pub struct BrokerOptions {
+    pub paths: Paths,
+    pub limits: Limits,
+    /// The protocol version to announce; only tests set another.
+    pub protocol: u32,
+}
+
+impl BrokerOptions {
+    pub fn new(paths: Paths, limits: Limits) -> Self {
+        Self {
+            paths,
+            limits,
+            protocol: PROTOCOL_VERSION,
+        }
+    }
+}
+
+/// The exclusive lock that makes a broker the only one for its runtime directory. Held
+/// for the life of the process; the OS releases it when the process dies, however it dies.
+pub struct BrokerLock {
+    _file: File,
+}
+
+impl BrokerLock {
+    /// Takes the lock, or returns `None` when another live broker holds it.
+    pub fn acquire(paths: &Paths) -> Result<Option<Self>> {
+        let mut file = OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .mode(0o600)
+            .open(&paths.lock)
+            .with_context(|| format!("cannot open lock file {}", paths.lock.display()))?;
+        match file.try_lock() {
+            Ok(()) => {}
+            Err(std::fs::TryLockError::WouldBlock) => return Ok(None),
+            Err(std::fs::TryLockError::Error(e)) => {
+                return Err(e).with_context(|| format!("cannot lock {}", paths.lock.display()));
+            }
+        }
+        file.set_len(0)?;
+        writeln!(file, "{}", std::process::id())?;
+        Ok(Some(Self { _file: file }))
+    }
+}
+
+/// Runs a broker until it is asked to stop, goes idle, or gets SIGTERM/SIGINT.
+pub fn run(opts: BrokerOptions) -> Result<()> {
+    let paths = &opts.paths;
+    paths.prepare()?;
+    let Some(lock) = BrokerLock::acquire(paths)? else {
+        let pid = std::fs::read_to_string(&paths.lock).unwrap_or_default();
+        bail!(
+            "another broker is already running (pid {}) for {}; use `claude-peers status` to see it or `claude-peers stop` to stop it",
+            pid.trim(),
+            paths.runtime_dir.display()
+        );
+    };
+    let store = Store::open(&paths.db)?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    let result = runtime.block_on(serve(&opts, store));
+    // Connection tasks have been told to close; give them a moment to write their last frames.
+    runtime.shutdown_timeout(Duration::from_millis(500));
+    // The socket goes before the lock, so a new broker never sees a live-looking socket
+    // it does not own.
+    let _ = std::fs::remove_file(&paths.socket);
+    drop(lock);
+    result
+}
+
+async fn serve(opts: &BrokerOptions, store: Store) -> Result<()> {
+    let paths = &opts.paths;
+    // We hold the lock, so any socket file here belongs to a dead broker.
+    match std::fs::remove_file(&paths.socket) {
+        Ok(()) => tracing::info!("removed stale socket {}", paths.socket.display()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => {
+            return Err(e).context(format!(
+                "cannot remove stale socket {}",
+                paths.socket.display()
+            ));
+        }
+    }
+    let listener = UnixListener::bind(&paths.socket)
+        .with_context(|| format!("cannot listen on {}", paths.socket.display()))?;
+    std::fs::set_permissions(&paths.socket, std::fs::Permissions::from_mode(0o600))?;
+
+    let info = BrokerInfo {
+        pid: std::process::id(),
+        protocol: opts.protocol,
+        started_at: now_millis(),
+        started: Instant::now(),
+        socket: paths.socket.display().to_string(),
+        database: paths.db.display().to_string(),
+    };
+    let core = Core::new(store, opts.limits.clone(), info)?;
+    let (core_tx, core_rx) = std::sync::mpsc::channel::<Command>();
+    let (stopped_tx, mut stopped_rx) = watch::channel(false);
+    let core_thread = std::thread::Builder::new()
+        .name("core".into())
+        .spawn(move || {
+            let reason = core.run(core_rx);
+            let _ = stopped_tx.send(true);
+            reason
+        })?;
+
+    let ctx = Arc::new(ConnContext {
+        core: core_tx.clone(),
+        uid: platform::current_uid(),
+        protocol: opts.protocol,
+        pid: std::process::id(),
+        send_rate: opts.limits.send_rate,
+    });
+    tracing::info!(
+        pid = std::process::id(),
+        socket = %paths.socket.display(),
+        db = %paths.db.display(),
+        "broker started"
+    );
+
+    let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    let mut sigint = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())?;
+    let mut next_conn = 0u64;
+    loop {
+        tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok((stream, _)) => {
+                    next_conn += 1;
+                    tokio::spawn(conn::serve(stream, next_conn, ctx.clone()));
+                }
+                Err(e) => {
+                    tracing::warn!("accept failed: {e}");
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                }
+            },
+            _ = stopped_rx.changed() => break,
+            _ = sigterm.recv() => { let _ = core_tx.send(Command::Shutdown { reason: "SIGTERM".into() }); }
+            _ = sigint.recv() => { let _ = core_tx.send(Command::Shutdown { reason: "SIGINT".into() }); }
+        }
+    }
+    drop(listener);
+    let reason = tokio::task::spawn_blocking(move || core_thread.join())
+        .await?
+        .map_err(|_| anyhow::anyhow!("the core thread panicked"))?;
+    tracing::info!("broker stopped: {reason}");
+    // Let writers flush the final answers before the runtime is shut down.
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    Ok(())
+}

@@ -1,0 +1,443 @@
+//! The command line: argument definitions and the verbs for people and scripts.
+//!
+//! Every verb is a client of the broker like any other. Tables for people, `--json` for
+//! scripts; errors go to stderr in one line. Exit codes: 0 ok, 1 failure, 2 usage.
+
+pub mod table;
+
+use std::io::{Read, Write};
+use std::path::PathBuf;
+
+use anyhow::{Context, Result, bail};
+use clap::{Args, Parser, Subcommand};
+
+use crate::client::{Client, ClientError, ConnectOptions, Event};
+use crate::config::{Limits, parse_duration};
+use crate::paths::Paths;
+use crate::protocol::*;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "claude-peers",
+    version,
+    about = "Let coding-agent sessions on this machine find each other and exchange messages.",
+    long_about = None,
+)]
+pub struct Cli {
+    /// Directory for the socket, lock, database and log [default: XDG dirs or ~/.claude-peers].
+    #[arg(long, global = true, env = "CLAUDE_PEERS_HOME", value_name = "DIR")]
+    pub home: Option<PathBuf>,
+    /// Database file [default: peers.db in the state directory].
+    #[arg(long, global = true, env = "CLAUDE_PEERS_DB", value_name = "FILE")]
+    pub db: Option<PathBuf>,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the MCP channel server for one Claude Code session (stdio).
+    Serve(ServeArgs),
+    /// Run the broker in the foreground (clients start one on demand).
+    Broker(BrokerArgs),
+    /// Show the broker: pid, version, uptime, socket, database, peers, queued mail.
+    Status {
+        #[arg(long)]
+        json: bool,
+    },
+    /// List sessions.
+    Peers {
+        /// machine, directory or repo (as seen from the current directory).
+        #[arg(long, default_value = "machine")]
+        scope: Scope,
+        /// Include offline peers.
+        #[arg(long)]
+        all: bool,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Send a message to a peer ("-" reads it from stdin).
+    Send {
+        /// The recipient's name.
+        to: String,
+        /// The message text, or "-" for stdin.
+        message: String,
+        /// The name to send as.
+        #[arg(long, value_name = "NAME", default_value = "cli")]
+        from: String,
+        /// Reply to this message id.
+        #[arg(long, value_name = "ID")]
+        in_reply_to: Option<String>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show message history; -f follows new messages as they happen.
+    Log {
+        #[arg(short = 'f', long)]
+        follow: bool,
+        /// How many recent messages to show.
+        #[arg(short = 'n', long, default_value_t = 50)]
+        limit: u32,
+        /// Only messages from or to this peer.
+        #[arg(long, value_name = "NAME")]
+        peer: Option<String>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Ask the broker to shut down cleanly.
+    #[command(alias = "kill-broker")]
+    Stop,
+}
+
+#[derive(Debug, Args)]
+pub struct ServeArgs {
+    /// This session's name [default: CLAUDE_PEERS_NAME, PEER_CHANNEL_SESSION_NAME, or the directory name].
+    #[arg(long, value_name = "NAME")]
+    pub name: Option<String>,
+    /// Push messages into the session: auto (when the client declares channel support), always, never.
+    #[arg(long, env = "CLAUDE_PEERS_PUSH", default_value = "auto")]
+    pub push: String,
+}
+
+#[derive(Debug, Args)]
+pub struct BrokerArgs {
+    /// Longest message text, in bytes.
+    #[arg(long, env = "CLAUDE_PEERS_MAX_MESSAGE_BYTES", default_value_t = Limits::default().max_message_bytes)]
+    pub max_message_bytes: usize,
+    /// Most unread messages one recipient may have waiting.
+    #[arg(long, env = "CLAUDE_PEERS_MAILBOX_LIMIT", default_value_t = Limits::default().mailbox_limit)]
+    pub mailbox_limit: u64,
+    /// Sends per second per connection (bursts of twice this); 0 = unlimited.
+    #[arg(long, env = "CLAUDE_PEERS_SEND_RATE", default_value_t = Limits::default().send_rate)]
+    pub send_rate: u32,
+    /// Most recipients of one message or broadcast.
+    #[arg(long, env = "CLAUDE_PEERS_BROADCAST_LIMIT", default_value_t = Limits::default().broadcast_limit)]
+    pub broadcast_limit: usize,
+    /// How long a send waits for acks before answering "pushed".
+    #[arg(long, env = "CLAUDE_PEERS_ACK_WAIT", default_value = "250ms", value_parser = parse_duration)]
+    pub ack_wait: std::time::Duration,
+    /// Exit after this long with no connections; 0 = never.
+    #[arg(long, env = "CLAUDE_PEERS_IDLE_TIMEOUT", default_value = "30m", value_parser = parse_duration)]
+    pub idle_timeout: std::time::Duration,
+    /// Keep mail and forget offline peers after this long.
+    #[arg(long, env = "CLAUDE_PEERS_RETENTION", default_value = "7d", value_parser = parse_duration)]
+    pub retention: std::time::Duration,
+    /// Protocol version to announce (for testing handover).
+    #[arg(long, hide = true, default_value_t = PROTOCOL_VERSION)]
+    pub protocol_version: u32,
+}
+
+impl BrokerArgs {
+    pub fn limits(&self) -> Limits {
+        Limits {
+            max_message_bytes: self.max_message_bytes,
+            mailbox_limit: self.mailbox_limit,
+            send_rate: self.send_rate,
+            broadcast_limit: self.broadcast_limit,
+            ack_wait: self.ack_wait,
+            idle_timeout: self.idle_timeout,
+            retention: self.retention,
+        }
+    }
+}
+
+async fn connect(paths: &Paths, autostart: bool) -> Result<Client, ClientError> {
+    let mut opts = ConnectOptions::new("claude-peers-cli");
+    opts.autostart = autostart;
+    Client::connect(paths, &opts).await
+}
+
+fn print_json<T: serde::Serialize>(value: &T) -> Result<()> {
+    let mut out = std::io::stdout().lock();
+    serde_json::to_writer_pretty(&mut out, value)?;
+    writeln!(out)?;
+    Ok(())
+}
+
+/// Runs a client verb (everything but `serve` and `broker`).
+pub async fn run(command: Command, paths: Paths) -> Result<()> {
+    match command {
+        Command::Status { json } => status(&paths, json).await,
+        Command::Peers { scope, all, json } => peers(&paths, scope, all, json).await,
+        Command::Send {
+            to,
+            message,
+            from,
+            in_reply_to,
+            json,
+        } => send(&paths, to, message, from, in_reply_to, json).await,
+        Command::Log {
+            follow,
+            limit,
+            peer,
+            json,
+        } => log(&paths, follow, limit, peer, json).await,
+        Command::Stop => stop(&paths).await,
+        Command::Serve(_) | Command::Broker(_) => unreachable!("handled by main"),
+    }
+}
+
+async fn status(paths: &Paths, json: bool) -> Result<()> {
+    let client = match connect(paths, false).await {
+        Ok(c) => c,
+        Err(ClientError::NotRunning { socket }) => {
+            if json {
+                print_json(&serde_json::json!({ "running": false, "socket": socket }))?;
+            } else {
+                println!("broker: not running (socket {})", socket.display());
+            }
+            std::process::exit(1);
+        }
+        Err(e) => return Err(e.into()),
+    };
+    let s = client.call(StatusCall).await?;
+    if json {
+        return print_json(&s);
+    }
+    let rows = [
+        ("broker", format!("running, pid {}", s.pid)),
+        (
+            "version",
+            format!("{} (protocol {})", s.version, s.protocol),
+        ),
+        (
+            "uptime",
+            table::ago(s.started_at, now_millis()).replace(" ago", ""),
+        ),
+        ("socket", s.socket),
+        ("database", s.database),
+        (
+            "peers",
+            format!("{} online, {} offline", s.peers_online, s.peers_offline),
+        ),
+        ("queued", format!("{} unread messages", s.queued)),
+        ("connections", s.connections.to_string()),
+    ];
+    for (k, v) in rows {
+        println!("{k:<12} {v}");
+    }
+    Ok(())
+}
+
+/// Where the current directory is, for scoped requests.
+fn here() -> Place {
+    let cwd = std::env::current_dir().ok();
+    let git_common_dir = cwd
+        .as_deref()
+        .and_then(|d| crate::git::GitInfo::discover(d).common_dir);
+    Place {
+        cwd: cwd.map(|c| c.display().to_string()),
+        git_common_dir,
+    }
+}
+
+async fn peers(paths: &Paths, scope: Scope, all: bool, json: bool) -> Result<()> {
+    let client = connect(paths, true).await?;
+    let list = client
+        .call(ListPeers {
+            scope,
+            include_offline: all,
+            place: here(),
+        })
+        .await?;
+    if json {
+        return print_json(&list.peers);
+    }
+    if list.peers.is_empty() {
+        println!(
+            "no {}peers{}",
+            if all { "" } else { "online " },
+            if all {
+                ""
+            } else {
+                " (--all shows offline ones too)"
+            }
+        );
+        return Ok(());
+    }
+    let now = now_millis();
+    let rows: Vec<Vec<String>> = list
+        .peers
+        .iter()
+        .map(|p| {
+            vec![
+                p.name.clone(),
+                if p.online { "online" } else { "offline" }.to_string(),
+                table::short_path(&p.cwd),
+                p.branch.clone().unwrap_or_else(|| "-".into()),
+                if p.summary.is_empty() {
+                    "-".into()
+                } else {
+                    table::clip(&p.summary, 48)
+                },
+                if p.online {
+                    "now".into()
+                } else {
+                    table::ago(p.last_seen, now)
+                },
+                p.unread.to_string(),
+            ]
+        })
+        .collect();
+    print!(
+        "{}",
+        table::render(
+            &[
+                "NAME",
+                "STATE",
+                "DIRECTORY",
+                "BRANCH",
+                "SUMMARY",
+                "LAST SEEN",
+                "UNREAD"
+            ],
+            &rows
+        )
+    );
+    Ok(())
+}
+
+async fn send(
+    paths: &Paths,
+    to: String,
+    message: String,
+    from: String,
+    in_reply_to: Option<String>,
+    json: bool,
+) -> Result<()> {
+    let text = if message == "-" {
+        let mut s = String::new();
+        std::io::stdin()
+            .read_to_string(&mut s)
+            .context("cannot read the message from stdin")?;
+        s.trim_end_matches('\n').to_string()
+    } else {
+        message
+    };
+    let client = connect(paths, true).await?;
+    let sent = client
+        .call(Send {
+            to: vec![to],
+            text,
+            in_reply_to,
+            from: Some(from),
+        })
+        .await?;
+    if json {
+        return print_json(&sent);
+    }
+    for r in &sent.recipients {
+        let how = match r.state {
+            DeliveryState::Delivered => "delivered to",
+            DeliveryState::Pushed => "pushed to (not yet read by)",
+            DeliveryState::Queued => "queued for",
+        };
+        println!("{how} {} (message {})", r.name, sent.message_id);
+    }
+    Ok(())
+}
+
+fn print_entry(e: &LogEntry, json: bool) -> Result<()> {
+    if json {
+        let mut out = std::io::stdout().lock();
+        serde_json::to_writer(&mut out, e)?;
+        writeln!(out)?;
+        return Ok(());
+    }
+    let reply = e
+        .in_reply_to
+        .as_ref()
+        .map(|r| format!(" (re {})", table::clip(r, 13)))
+        .unwrap_or_default();
+    println!(
+        "{}  {} -> {}  [{}]{}  {}",
+        table::timestamp(e.sent_at),
+        e.from,
+        e.to,
+        e.state.as_str(),
+        reply,
+        table::clip(&e.text, 100)
+    );
+    Ok(())
+}
+
+async fn log(
+    paths: &Paths,
+    follow: bool,
+    limit: u32,
+    peer: Option<String>,
+    json: bool,
+) -> Result<()> {
+    let mut client = connect(paths, true).await?;
+    if follow {
+        // Subscribe first so nothing falls between the history and the live tail.
+        client.call(SubscribeCall).await?;
+    }
+    let history = client
+        .call(LogQuery {
+            limit: Some(limit),
+            peer: peer.clone(),
+        })
+        .await?;
+    if json && !follow {
+        return print_json(&history.messages);
+    }
+    let mut seen = std::collections::HashSet::new();
+    for e in &history.messages {
+        seen.insert((e.id.clone(), e.to.clone()));
+        print_entry(e, json)?;
+    }
+    if !follow {
+        if history.messages.is_empty() {
+            eprintln!("no messages yet");
+        }
+        return Ok(());
+    }
+    while let Some(event) = client.next_event().await {
+        if let Event::Log(ev) = event {
+            let e = ev.entry;
+            if peer.as_ref().is_some_and(|p| *p != e.from && *p != e.to) {
+                continue;
+            }
+            if ev.kind == LogEventKind::Sent && seen.contains(&(e.id.clone(), e.to.clone())) {
+                continue;
+            }
+            print_entry(&e, json)?;
+            std::io::stdout().flush()?;
+        }
+    }
+    bail!("the broker closed the connection; run `claude-peers log -f` again to keep following")
+}
+
+async fn stop(paths: &Paths) -> Result<()> {
+    let mut client = match connect(paths, false).await {
+        Ok(c) => c,
+        Err(ClientError::NotRunning { .. }) => {
+            println!("no broker is running");
+            return Ok(());
+        }
+        Err(e) => return Err(e.into()),
+    };
+    let pid = client.broker().pid;
+    client
+        .call(Shutdown {
+            reason: Some("claude-peers stop".into()),
+        })
+        .await?;
+    // The broker closes every connection once it has finished, then removes its socket
+    // and releases its lock; wait for all of that.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    let closed = tokio::time::timeout(std::time::Duration::from_secs(5), async {
+        while client.next_event().await.is_some() {}
+        crate::client::wait_socket_gone(paths, deadline).await;
+    })
+    .await;
+    if closed.is_err() || paths.socket.exists() {
+        bail!(
+            "the broker (pid {pid}) was asked to stop but is still running after 5s; see its log at {}",
+            paths.log.display()
+        );
+    }
+    println!("broker stopped (pid {pid})");
+    Ok(())
+}

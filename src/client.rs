@@ -1,0 +1,416 @@
+//! The client side of the broker protocol, shared by the CLI and `serve`: connect (starting
+//! a broker when none answers), typed calls matched by id, and a stream of events.
+
+use std::collections::HashMap;
+use std::io;
+use std::path::PathBuf;
+use std::process::Stdio;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use serde_json::value::RawValue;
+use tokio::io::{AsyncWriteExt, BufReader};
+use tokio::net::UnixStream;
+use tokio::sync::{mpsc, oneshot};
+
+use crate::paths::{PathError, Paths};
+use crate::platform;
+use crate::protocol::*;
+use crate::wire::{self, FrameReader};
+
+/// Most brokers one connect attempt starts.
+const MAX_SPAWNS: u32 = 5;
+/// How long a client waits for a broker it started to answer.
+const START_TIMEOUT: Duration = Duration::from_secs(5);
+
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    #[error(transparent)]
+    Paths(#[from] PathError),
+    #[error(
+        "no broker is running at {socket}. Start one with `claude-peers broker`, or drop --no-start"
+    )]
+    NotRunning { socket: PathBuf },
+    #[error("could not start a broker: {reason}. See its log at {log}")]
+    StartFailed { reason: String, log: PathBuf },
+    #[error("cannot connect to the broker at {socket}: {source}")]
+    Connect { socket: PathBuf, source: io::Error },
+    #[error(
+        "the socket {socket} is served by uid {uid}, not by you; refusing to talk to it. Remove it or set CLAUDE_PEERS_HOME"
+    )]
+    ForeignBroker { socket: PathBuf, uid: u32 },
+    #[error(
+        "the running broker speaks protocol {broker}, newer than this claude-peers ({ours}); use the newer claude-peers, or `claude-peers stop` first"
+    )]
+    BrokerNewer { broker: u32, ours: u32 },
+    #[error("the broker closed the connection (it may have stopped or restarted); try again")]
+    Disconnected,
+    #[error(transparent)]
+    Refused(#[from] ErrorBody),
+    #[error("the broker sent something this client cannot read: {0}")]
+    Protocol(String),
+}
+
+impl ClientError {
+    /// The broker's refusal code, when this is a refusal.
+    pub fn code(&self) -> Option<ErrorCode> {
+        match self {
+            ClientError::Refused(e) => Some(e.code),
+            _ => None,
+        }
+    }
+}
+
+/// What arrives without being asked for.
+#[derive(Debug, Clone)]
+pub enum Event {
+    Deliver(Delivery),
+    Log(LogEvent),
+}
+
+/// How to connect.
+#[derive(Debug, Clone)]
+pub struct ConnectOptions {
+    /// Sent in `hello`, e.g. `claude-peers-cli`.
+    pub client: String,
+    /// Start a broker when none answers.
+    pub autostart: bool,
+    /// The protocol version to speak; only tests set another.
+    pub protocol: u32,
+    /// The program to run as `<exe> broker` when starting one [default: this executable].
+    pub broker_exe: Option<PathBuf>,
+}
+
+impl ConnectOptions {
+    pub fn new(client: &str) -> Self {
+        Self {
+            client: client.to_string(),
+            autostart: true,
+            protocol: PROTOCOL_VERSION,
+            broker_exe: None,
+        }
+    }
+}
+
+type Pending = Arc<Mutex<HashMap<u64, oneshot::Sender<Result<Box<RawValue>, ErrorBody>>>>>;
+
+/// A connection to the broker. Calls may be made concurrently from many tasks; events
+/// are read by one owner with [`Client::next_event`].
+pub struct Client {
+    out: mpsc::UnboundedSender<Vec<u8>>,
+    pending: Pending,
+    next_id: AtomicU64,
+    events: mpsc::UnboundedReceiver<Event>,
+    hello: HelloReply,
+}
+
+impl Client {
+    /// Connects to the broker of `paths`, starting one if none answers (when allowed),
+    /// and says hello. A broker of an older protocol is asked to hand over and replaced.
+    pub async fn connect(paths: &Paths, opts: &ConnectOptions) -> Result<Self, ClientError> {
+        paths.prepare()?;
+        let deadline = Instant::now() + START_TIMEOUT;
+        let mut started: Option<std::process::Child> = None;
+        let mut spawned = 0;
+        let mut delay = Duration::from_millis(2);
+        loop {
+            match UnixStream::connect(&paths.socket).await {
+                Ok(stream) => {
+                    let uid =
+                        platform::peer_uid(&stream).map_err(|source| ClientError::Connect {
+                            socket: paths.socket.clone(),
+                            source,
+                        })?;
+                    if uid != platform::current_uid() {
+                        return Err(ClientError::ForeignBroker {
+                            socket: paths.socket.clone(),
+                            uid,
+                        });
+                    }
+                    match Self::handshake(stream, opts).await {
+                        Ok(client) if client.hello.protocol == opts.protocol => {
+                            reap(started);
+                            return Ok(client);
+                        }
+                        Ok(client) if client.hello.protocol > opts.protocol => {
+                            return Err(ClientError::BrokerNewer {
+                                broker: client.hello.protocol,
+                                ours: opts.protocol,
+                            });
+                        }
+                        Ok(mut client) => {
+                            tracing::info!(
+                                broker = client.hello.protocol,
+                                ours = opts.protocol,
+                                "asking an older broker to hand over"
+                            );
+                            let _ = client
+                                .call(Shutdown {
+                                    reason: Some("handover to a newer protocol".into()),
+                                })
+                                .await;
+                            while client.next_event().await.is_some() {}
+                            wait_socket_gone(paths, deadline).await;
+                        }
+                        // A broker that closes on us mid-hello is stopping; try again.
+                        Err(ClientError::Disconnected) => {}
+                        Err(e) => return Err(e),
+                    }
+                }
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        io::ErrorKind::NotFound | io::ErrorKind::ConnectionRefused
+                    ) =>
+                {
+                    if !opts.autostart {
+                        return Err(ClientError::NotRunning {
+                            socket: paths.socket.clone(),
+                        });
+                    }
+                    // A broker we started that has already exited lost a race for the
+                    // lock to one that was stopping; start another.
+                    if let Some(child) = started.as_mut()
+                        && child.try_wait().ok().flatten().is_some()
+                        && spawned < MAX_SPAWNS
+                    {
+                        started = None;
+                    }
+                    if started.is_none() {
+                        started = Some(spawn_broker(paths, opts.broker_exe.as_deref())?);
+                        spawned += 1;
+                    }
+                }
+                Err(source) => {
+                    return Err(ClientError::Connect {
+                        socket: paths.socket.clone(),
+                        source,
+                    });
+                }
+            }
+            if Instant::now() >= deadline {
+                reap(started);
+                return Err(ClientError::StartFailed {
+                    reason: format!(
+                        "no broker answered at {} within {}s",
+                        paths.socket.display(),
+                        START_TIMEOUT.as_secs()
+                    ),
+                    log: paths.log.clone(),
+                });
+            }
+            tokio::time::sleep(delay).await;
+            delay = (delay * 2).min(Duration::from_millis(50));
+        }
+    }
+
+    async fn handshake(stream: UnixStream, opts: &ConnectOptions) -> Result<Self, ClientError> {
+        let (read, write) = stream.into_split();
+        let (out, out_rx) = mpsc::unbounded_channel();
+        let (events_tx, events) = mpsc::unbounded_channel();
+        let pending: Pending = Arc::default();
+        tokio::spawn(write_loop(write, out_rx));
+        tokio::spawn(read_loop(read, pending.clone(), events_tx));
+        let mut client = Self {
+            out,
+            pending,
+            next_id: AtomicU64::new(1),
+            events,
+            hello: HelloReply {
+                protocol: 0,
+                broker_version: String::new(),
+                pid: 0,
+            },
+        };
+        client.hello = client
+            .call(Hello {
+                protocol: opts.protocol,
+                client: opts.client.clone(),
+                version: env!("CARGO_PKG_VERSION").to_string(),
+            })
+            .await?;
+        Ok(client)
+    }
+
+    /// What the broker said in answer to hello.
+    pub fn broker(&self) -> &HelloReply {
+        &self.hello
+    }
+
+    /// Sends a request and waits for its answer.
+    pub async fn call<C: Call>(&self, request: C) -> Result<C::Reply, ClientError> {
+        let rx = self.start(request)?;
+        let raw = rx.await.map_err(|_| ClientError::Disconnected)??;
+        serde_json::from_str(raw.get()).map_err(|e| ClientError::Protocol(e.to_string()))
+    }
+
+    /// Sends a request and returns a future of its answer, so many can be in flight.
+    pub fn start<C: Call>(
+        &self,
+        request: C,
+    ) -> Result<oneshot::Receiver<Result<Box<RawValue>, ErrorBody>>, ClientError> {
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let (tx, rx) = oneshot::channel();
+        self.pending.lock().expect("pending lock").insert(id, tx);
+        let mut buf = Vec::with_capacity(128);
+        wire::encode(
+            &ClientFrame {
+                id: Some(id),
+                request: request.into(),
+            },
+            &mut buf,
+        );
+        if self.out.send(buf).is_err() {
+            self.pending.lock().expect("pending lock").remove(&id);
+            return Err(ClientError::Disconnected);
+        }
+        Ok(rx)
+    }
+
+    /// Sends a request that wants no answer (an ack).
+    pub fn notify(&self, request: impl Into<Request>) -> Result<(), ClientError> {
+        let mut buf = Vec::with_capacity(128);
+        wire::encode(
+            &ClientFrame {
+                id: None,
+                request: request.into(),
+            },
+            &mut buf,
+        );
+        self.out.send(buf).map_err(|_| ClientError::Disconnected)
+    }
+
+    /// The next delivery or log event; `None` once the connection is closed.
+    pub async fn next_event(&mut self) -> Option<Event> {
+        self.events.recv().await
+    }
+}
+
+/// Turns a ready decoded answer into a typed reply (for [`Client::start`] users).
+pub fn decode<R: serde::de::DeserializeOwned>(
+    answer: Result<Result<Box<RawValue>, ErrorBody>, oneshot::error::RecvError>,
+) -> Result<R, ClientError> {
+    let raw = answer.map_err(|_| ClientError::Disconnected)??;
+    serde_json::from_str(raw.get()).map_err(|e| ClientError::Protocol(e.to_string()))
+}
+
+async fn write_loop(
+    mut write: tokio::net::unix::OwnedWriteHalf,
+    mut rx: mpsc::UnboundedReceiver<Vec<u8>>,
+) {
+    let mut buf = Vec::with_capacity(8192);
+    while let Some(first) = rx.recv().await {
+        buf.clear();
+        buf.extend_from_slice(&first);
+        while buf.len() < 256 * 1024 {
+            match rx.try_recv() {
+                Ok(more) => buf.extend_from_slice(&more),
+                Err(_) => break,
+            }
+        }
+        if write.write_all(&buf).await.is_err() {
+            return;
+        }
+    }
+}
+
+async fn read_loop(
+    read: tokio::net::unix::OwnedReadHalf,
+    pending: Pending,
+    events: mpsc::UnboundedSender<Event>,
+) {
+    let mut frames = FrameReader::new(BufReader::new(read), MAX_FRAME_BYTES);
+    while let Ok(Some(bytes)) = frames.next().await {
+        let frame: ServerFrame<Box<RawValue>> = match serde_json::from_slice(bytes) {
+            Ok(f) => f,
+            Err(e) => {
+                tracing::warn!("unreadable frame from the broker: {e}");
+                continue;
+            }
+        };
+        if let Some(d) = frame.deliver {
+            let _ = events.send(Event::Deliver(d));
+        } else if let Some(ev) = frame.event {
+            let _ = events.send(Event::Log(ev));
+        } else if let Some(id) = frame.id {
+            let outcome = match (frame.result, frame.error) {
+                (_, Some(e)) => Err(e),
+                (Some(r), None) => Ok(r),
+                (None, None) => Err(ErrorBody::new(ErrorCode::Internal, "empty answer")),
+            };
+            if let Some(tx) = pending.lock().expect("pending lock").remove(&id) {
+                let _ = tx.send(outcome);
+            }
+        } else if let Some(e) = frame.error {
+            // An error about the connection itself (refused, frame too large).
+            tracing::warn!("broker: {}", e.message);
+            let waiting: Vec<_> = pending.lock().expect("pending lock").drain().collect();
+            for (_, tx) in waiting {
+                let _ = tx.send(Err(e.clone()));
+            }
+        }
+    }
+    // Dropping the senders fails every waiting call with Disconnected.
+    pending.lock().expect("pending lock").clear();
+}
+
+/// Starts `claude-peers broker` detached from us, its output appended to the log file.
+fn spawn_broker(
+    paths: &Paths,
+    exe: Option<&std::path::Path>,
+) -> Result<std::process::Child, ClientError> {
+    let fail = |reason: String| ClientError::StartFailed {
+        reason,
+        log: paths.log.clone(),
+    };
+    let exe = match exe {
+        Some(exe) => exe.to_path_buf(),
+        None => std::env::current_exe()
+            .map_err(|e| fail(format!("cannot find our own executable: {e}")))?,
+    };
+    let log =
+        open_log(paths).map_err(|e| fail(format!("cannot open {}: {e}", paths.log.display())))?;
+    let mut cmd = std::process::Command::new(exe);
+    cmd.arg("broker")
+        .env("CLAUDE_PEERS_HOME", &paths.runtime_dir)
+        .env("CLAUDE_PEERS_DB", &paths.db)
+        .stdin(Stdio::null())
+        .stdout(log.try_clone().map_err(|e| fail(e.to_string()))?)
+        .stderr(log);
+    if paths.state_dir != paths.runtime_dir {
+        // The split XDG layout cannot be expressed by CLAUDE_PEERS_HOME alone.
+        cmd.env_remove("CLAUDE_PEERS_HOME");
+    }
+    platform::detach(&mut cmd);
+    cmd.spawn()
+        .map_err(|e| fail(format!("cannot run the broker: {e}")))
+}
+
+/// The broker log, opened for appending; rotated once it passes 8 MiB.
+fn open_log(paths: &Paths) -> io::Result<std::fs::File> {
+    use std::os::unix::fs::OpenOptionsExt;
+    if std::fs::metadata(&paths.log).is_ok_and(|m| m.len() > 8 << 20) {
+        let _ = std::fs::rename(&paths.log, paths.log.with_extension("log.1"));
+    }
+    std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .mode(0o600)
+        .open(&paths.log)
+}
+
+/// Waits (on another thread) for a broker we started, so it never lingers as a zombie.
+fn reap(child: Option<std::process::Child>) {
+    if let Some(mut child) = child {
+        std::thread::spawn(move || child.wait());
+    }
+}
+
+/// Waits until the broker's socket is gone (a stopping broker removes it last), or the
+/// deadline passes.
+pub async fn wait_socket_gone(paths: &Paths, deadline: Instant) {
+    while Instant::now() < deadline && paths.socket.exists() {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}

@@ -1,0 +1,121 @@
+//! Where a directory sits in git, read from the files under `.git` (no `git` process, so
+//! it costs microseconds): the work tree root, the common git directory shared by all
+//! worktrees of a repository, and the branch.
+
+use std::fs;
+use std::path::{Path, PathBuf};
+
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct GitInfo {
+    /// The top of the work tree.
+    pub root: Option<String>,
+    /// The repository's common git directory, canonical: equal for every worktree of one
+    /// repository.
+    pub common_dir: Option<String>,
+    /// The checked-out branch, or `detached@<short sha>`.
+    pub branch: Option<String>,
+}
+
+impl GitInfo {
+    /// Looks for a repository at `dir` or above it. Outside a repository all fields are
+    /// `None`.
+    pub fn discover(dir: &Path) -> Self {
+        let mut cur = Some(dir);
+        while let Some(d) = cur {
+            let dot_git = d.join(".git");
+            if let Some(git_dir) = resolve_git_dir(&dot_git) {
+                let common = common_dir(&git_dir);
+                return Self {
+                    root: Some(d.display().to_string()),
+                    common_dir: Some(
+                        fs::canonicalize(&common)
+                            .unwrap_or(common)
+                            .display()
+                            .to_string(),
+                    ),
+                    branch: branch(&git_dir),
+                };
+            }
+            cur = d.parent();
+        }
+        Self::default()
+    }
+}
+
+/// The git directory a `.git` entry stands for: itself when a directory, the target of
+/// its `gitdir:` line when a file (worktrees, submodules).
+fn resolve_git_dir(dot_git: &Path) -> Option<PathBuf> {
+    let meta = fs::metadata(dot_git).ok()?;
+    if meta.is_dir() {
+        return dot_git.join("HEAD").exists().then(|| dot_git.to_path_buf());
+    }
+    let text = fs::read_to_string(dot_git).ok()?;
+    let target = text.strip_prefix("gitdir:")?.trim();
+    let path = Path::new(target);
+    Some(if path.is_absolute() {
+        path.to_path_buf()
+    } else {
+        dot_git.parent()?.join(path)
+    })
+}
+
+/// A worktree's git directory names the shared one in its `commondir` file.
+fn common_dir(git_dir: &Path) -> PathBuf {
+    match fs::read_to_string(git_dir.join("commondir")) {
+        Ok(text) => {
+            let p = Path::new(text.trim());
+            if p.is_absolute() {
+                p.to_path_buf()
+            } else {
+                git_dir.join(p)
+            }
+        }
+        Err(_) => git_dir.to_path_buf(),
+    }
+}
+
+fn branch(git_dir: &Path) -> Option<String> {
+    let head = fs::read_to_string(git_dir.join("HEAD")).ok()?;
+    let head = head.trim();
+    match head.strip_prefix("ref:") {
+        Some(r) => {
+            let r = r.trim();
+            Some(r.strip_prefix("refs/heads/").unwrap_or(r).to_string())
+        }
+        None => Some(format!("detached@{}", &head[..head.len().min(8)])),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reads_plain_repos_and_worktrees() {
+        let tmp = tempfile::tempdir().unwrap();
+        let repo = tmp.path().join("repo");
+        let git = repo.join(".git");
+        fs::create_dir_all(git.join("worktrees/wt")).unwrap();
+        fs::write(git.join("HEAD"), "ref: refs/heads/main\n").unwrap();
+        fs::create_dir_all(repo.join("src/deep")).unwrap();
+
+        let wt = tmp.path().join("wt");
+        fs::create_dir_all(&wt).unwrap();
+        fs::write(
+            wt.join(".git"),
+            format!("gitdir: {}\n", git.join("worktrees/wt").display()),
+        )
+        .unwrap();
+        fs::write(git.join("worktrees/wt/HEAD"), "ref: refs/heads/feature/x\n").unwrap();
+        fs::write(git.join("worktrees/wt/commondir"), "../..\n").unwrap();
+
+        let a = GitInfo::discover(&repo.join("src/deep"));
+        assert_eq!(a.root.as_deref(), Some(repo.to_str().unwrap()));
+        assert_eq!(a.branch.as_deref(), Some("main"));
+        let b = GitInfo::discover(&wt);
+        assert_eq!(b.branch.as_deref(), Some("feature/x"));
+        assert_eq!(a.common_dir, b.common_dir, "worktrees share the common dir");
+        assert!(a.common_dir.is_some());
+        assert_eq!(GitInfo::discover(tmp.path()), GitInfo::default());
+    }
+}

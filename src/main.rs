@@ -1,0 +1,53 @@
+//! The `claude-peers` binary: parses arguments and hands each verb to the library.
+
+use std::process::ExitCode;
+
+use clap::Parser;
+
+use claude_peers::broker::{self, BrokerOptions};
+use claude_peers::cli::{self, Cli, Command};
+use claude_peers::paths::Paths;
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_logging(matches!(cli.command, Command::Broker(_)));
+    match run(cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            let msg = format!("{e:#}").replace('\n', " ");
+            eprintln!("claude-peers: error: {msg}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(cli: Cli) -> anyhow::Result<()> {
+    let paths = Paths::resolve(cli.home.as_deref(), cli.db.as_deref())?;
+    match cli.command {
+        Command::Broker(args) => {
+            let mut opts = BrokerOptions::new(paths, args.limits());
+            opts.protocol = args.protocol_version;
+            broker::run(opts)
+        }
+        Command::Serve(_args) => anyhow::bail!("serve is not implemented yet"),
+        command => {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?;
+            rt.block_on(cli::run(command, paths))
+        }
+    }
+}
+
+/// Logs go to stderr (the broker's stderr is its log file when started on demand); the
+/// level comes from `CLAUDE_PEERS_LOG`, default `info` for the broker and `warn` otherwise.
+fn init_logging(broker: bool) {
+    let default = if broker { "info" } else { "warn" };
+    let filter = tracing_subscriber::EnvFilter::try_from_env("CLAUDE_PEERS_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(false)
+        .init();
+}

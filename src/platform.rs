@@ -1,0 +1,74 @@
+//! Everything that differs between operating systems, in one place.
+//!
+//! Linux is the first target; macOS builds through the same std/tokio/rustix calls, with
+//! its own socket path limit.
+
+use std::io;
+use std::os::unix::process::CommandExt;
+use std::process::Command;
+
+/// Longest socket path the OS accepts, in bytes, without the terminating NUL
+/// (`sizeof(sockaddr_un.sun_path) - 1`).
+#[cfg(any(target_os = "macos", target_os = "ios", target_os = "freebsd"))]
+pub const MAX_SOCKET_PATH: usize = 103;
+#[cfg(not(any(target_os = "macos", target_os = "ios", target_os = "freebsd")))]
+pub const MAX_SOCKET_PATH: usize = 107;
+
+/// The real uid of this process.
+pub fn current_uid() -> u32 {
+    rustix::process::getuid().as_raw()
+}
+
+/// The uid of the process at the other end of a Unix socket (SO_PEERCRED on Linux,
+/// getpeereid on macOS; tokio hides the difference).
+pub fn peer_uid(stream: &tokio::net::UnixStream) -> io::Result<u32> {
+    Ok(stream.peer_cred()?.uid())
+}
+
+/// Makes `cmd` start its child in a new session, detached from our terminal and process
+/// group, so it outlives us and ignores the terminal's signals.
+pub fn detach(cmd: &mut Command) {
+    // SAFETY: setsid is async-signal-safe and touches no memory of the parent.
+    unsafe {
+        cmd.pre_exec(|| {
+            rustix::process::setsid().map_err(io::Error::from)?;
+            Ok(())
+        });
+    }
+}
+
+/// The pid of our parent process. When the parent dies we are re-parented, so a change
+/// in this value means the parent is gone.
+pub fn parent_pid() -> u32 {
+    rustix::process::getppid().map_or(1, |p| p.as_raw_nonzero().get() as u32)
+}
+
+/// Whether a process with this pid exists (signal 0).
+pub fn process_exists(pid: u32) -> bool {
+    let Some(pid) = rustix::process::Pid::from_raw(pid as i32) else {
+        return false;
+    };
+    match rustix::process::test_kill_process(pid) {
+        Ok(()) => true,
+        Err(e) => e == rustix::io::Errno::PERM,
+    }
+}
+
+/// The terminal on our stdin, if any (e.g. `/dev/pts/3`).
+pub fn tty_name() -> Option<String> {
+    let stdin = std::io::stdin();
+    if !rustix::termios::isatty(&stdin) {
+        return None;
+    }
+    rustix::termios::ttyname(&stdin, Vec::new())
+        .ok()
+        .and_then(|s| s.into_string().ok())
+}
+
+/// This machine's host name.
+pub fn host_name() -> String {
+    rustix::system::uname()
+        .nodename()
+        .to_string_lossy()
+        .into_owned()
+}

@@ -1,0 +1,552 @@
+//! The durable store: peers, messages and their per-recipient delivery state, in SQLite.
+//!
+//! Only the broker's core thread opens it. WAL journal with `synchronous=NORMAL`: a
+//! committed transaction survives the death of any process (it is in the WAL file), and
+//! only an OS crash or power loss can take the last few commits. The schema version lives
+//! in `PRAGMA user_version`; [`MIGRATIONS`] brings any older file up to date.
+//!
+//! A message has one row in `messages` and one row per recipient in `deliveries`, whose
+//! `state` is 0 (queued: not yet acked by the recipient) or 1 (delivered).
+
+use std::collections::HashMap;
+use std::path::Path;
+
+use rusqlite::{Connection, OptionalExtension, params};
+
+use crate::protocol::{DeliveryState, LogEntry, Millis};
+
+/// Schema steps; entry `i` moves `user_version` from `i` to `i + 1`.
+const MIGRATIONS: &[&str] = &[r#"
+CREATE TABLE peers (
+    name TEXT PRIMARY KEY NOT NULL,
+    pid INTEGER NOT NULL DEFAULT 0,
+    cwd TEXT NOT NULL,
+    git_root TEXT,
+    git_common_dir TEXT,
+    branch TEXT,
+    tty TEXT,
+    host TEXT,
+    summary TEXT NOT NULL DEFAULT '',
+    client_name TEXT,
+    client_version TEXT,
+    push INTEGER NOT NULL DEFAULT 0,
+    first_seen INTEGER NOT NULL,
+    last_seen INTEGER NOT NULL
+);
+CREATE TABLE messages (
+    id TEXT PRIMARY KEY NOT NULL,
+    sender TEXT NOT NULL,
+    text TEXT NOT NULL,
+    in_reply_to TEXT,
+    sent_at INTEGER NOT NULL,
+    expires_at INTEGER NOT NULL
+);
+CREATE INDEX messages_expires ON messages(expires_at);
+CREATE INDEX messages_sender ON messages(sender, id);
+CREATE TABLE deliveries (
+    message_id TEXT NOT NULL,
+    recipient TEXT NOT NULL,
+    state INTEGER NOT NULL DEFAULT 0,
+    delivered_at INTEGER,
+    PRIMARY KEY (recipient, message_id)
+) WITHOUT ROWID;
+CREATE INDEX deliveries_message ON deliveries(message_id);
+CREATE INDEX deliveries_queued ON deliveries(recipient, message_id) WHERE state = 0;
+"#];
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error(
+        "database {path}: {source}. Check that the file is yours and not damaged, or point CLAUDE_PEERS_DB elsewhere"
+    )]
+    Open {
+        path: String,
+        source: rusqlite::Error,
+    },
+    #[error(
+        "database {path} has schema version {found}, newer than this claude-peers knows ({known}); upgrade claude-peers"
+    )]
+    TooNew {
+        path: String,
+        found: i64,
+        known: i64,
+    },
+    #[error("database error: {0}")]
+    Sql(#[from] rusqlite::Error),
+}
+
+/// A peer's stored record.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct PeerRow {
+    pub name: String,
+    pub pid: u32,
+    pub cwd: String,
+    pub git_root: Option<String>,
+    pub git_common_dir: Option<String>,
+    pub branch: Option<String>,
+    pub tty: Option<String>,
+    pub host: Option<String>,
+    pub summary: String,
+    pub client_name: Option<String>,
+    pub client_version: Option<String>,
+    pub push: bool,
+    pub first_seen: Millis,
+    pub last_seen: Millis,
+}
+
+/// A stored message waiting for one recipient.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PendingRow {
+    pub id: String,
+    pub sender: String,
+    pub text: String,
+    pub in_reply_to: Option<String>,
+    pub sent_at: Millis,
+}
+
+/// A new message to write.
+#[derive(Debug, Clone)]
+pub struct NewMessage<'a> {
+    pub id: &'a str,
+    pub sender: &'a str,
+    pub text: &'a str,
+    pub in_reply_to: Option<&'a str>,
+    pub sent_at: Millis,
+    pub expires_at: Millis,
+}
+
+/// What a retention sweep removed.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Swept {
+    pub messages: u64,
+    pub peers: u64,
+}
+
+pub struct Store {
+    conn: Connection,
+}
+
+impl Store {
+    /// Opens (creating if needed) the database at `path` and brings its schema up to date.
+    pub fn open(path: &Path) -> Result<Self, StoreError> {
+        let shown = path.display().to_string();
+        let open_err = |source| StoreError::Open {
+            path: shown.clone(),
+            source,
+        };
+        let conn = Connection::open(path).map_err(open_err)?;
+        // Mail is private: the database (and the WAL files SQLite derives from it) 0600.
+        {
+            use std::os::unix::fs::PermissionsExt;
+            let _ = std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600));
+        }
+        // A locked database is an error after a short wait, never a hang.
+        conn.busy_timeout(std::time::Duration::from_secs(2))
+            .map_err(open_err)?;
+        conn.pragma_update(None, "journal_mode", "WAL")
+            .map_err(open_err)?;
+        conn.pragma_update(None, "synchronous", "NORMAL")
+            .map_err(open_err)?;
+        conn.pragma_update(None, "temp_store", "MEMORY")
+            .map_err(open_err)?;
+        let mut store = Self { conn };
+        store.migrate(&shown)?;
+        Ok(store)
+    }
+
+    fn migrate(&mut self, shown: &str) -> Result<(), StoreError> {
+        let version: i64 = self
+            .conn
+            .pragma_query_value(None, "user_version", |r| r.get(0))
+            .map_err(|source| StoreError::Open {
+                path: shown.to_string(),
+                source,
+            })?;
+        let known = MIGRATIONS.len() as i64;
+        if version > known {
+            return Err(StoreError::TooNew {
+                path: shown.to_string(),
+                found: version,
+                known,
+            });
+        }
+        for (i, step) in MIGRATIONS.iter().enumerate().skip(version as usize) {
+            let tx = self.conn.transaction()?;
+            tx.execute_batch(step)?;
+            tx.pragma_update(None, "user_version", (i + 1) as i64)?;
+            tx.commit()?;
+        }
+        Ok(())
+    }
+
+    /// Starts a write transaction. The core groups everything it handles in one wake-up
+    /// into one transaction, so many sends share one commit.
+    pub fn begin(&self) -> Result<(), StoreError> {
+        self.conn.execute_batch("BEGIN IMMEDIATE")?;
+        Ok(())
+    }
+
+    pub fn commit(&self) -> Result<(), StoreError> {
+        self.conn.execute_batch("COMMIT")?;
+        Ok(())
+    }
+
+    pub fn rollback(&self) {
+        if !self.conn.is_autocommit() {
+            let _ = self.conn.execute_batch("ROLLBACK");
+        }
+    }
+
+    pub fn load_peers(&self) -> Result<Vec<PeerRow>, StoreError> {
+        let mut stmt = self.conn.prepare(
+            "SELECT name, pid, cwd, git_root, git_common_dir, branch, tty, host, summary,
+                    client_name, client_version, push, first_seen, last_seen FROM peers",
+        )?;
+        let rows = stmt.query_map([], |r| {
+            Ok(PeerRow {
+                name: r.get(0)?,
+                pid: r.get(1)?,
+                cwd: r.get(2)?,
+                git_root: r.get(3)?,
+                git_common_dir: r.get(4)?,
+                branch: r.get(5)?,
+                tty: r.get(6)?,
+                host: r.get(7)?,
+                summary: r.get(8)?,
+                client_name: r.get(9)?,
+                client_version: r.get(10)?,
+                push: r.get(11)?,
+                first_seen: r.get(12)?,
+                last_seen: r.get(13)?,
+            })
+        })?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    pub fn upsert_peer(&self, p: &PeerRow) -> Result<(), StoreError> {
+        self.conn
+            .prepare_cached(
+                "INSERT INTO peers (name, pid, cwd, git_root, git_common_dir, branch, tty, host,
+                    summary, client_name, client_version, push, first_seen, last_seen)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14)
+                 ON CONFLICT(name) DO UPDATE SET pid = ?2, cwd = ?3, git_root = ?4,
+                    git_common_dir = ?5, branch = ?6, tty = ?7, host = ?8, summary = ?9,
+                    client_name = ?10, client_version = ?11, push = ?12, last_seen = ?14",
+            )?
+            .execute(params![
+                p.name,
+                p.pid,
+                p.cwd,
+                p.git_root,
+                p.git_common_dir,
+                p.branch,
+                p.tty,
+                p.host,
+                p.summary,
+                p.client_name,
+                p.client_version,
+                p.push,
+                p.first_seen,
+                p.last_seen
+            ])?;
+        Ok(())
+    }
+
+    pub fn touch_peer(&self, name: &str, last_seen: Millis) -> Result<(), StoreError> {
+        self.conn
+            .prepare_cached("UPDATE peers SET last_seen = ?2 WHERE name = ?1")?
+            .execute(params![name, last_seen])?;
+        Ok(())
+    }
+
+    pub fn set_summary(&self, name: &str, summary: &str) -> Result<(), StoreError> {
+        self.conn
+            .prepare_cached("UPDATE peers SET summary = ?2 WHERE name = ?1")?
+            .execute(params![name, summary])?;
+        Ok(())
+    }
+
+    /// Writes a message and a queued delivery for each recipient.
+    pub fn insert_message(
+        &self,
+        m: &NewMessage<'_>,
+        recipients: &[&str],
+    ) -> Result<(), StoreError> {
+        self.conn
+            .prepare_cached(
+                "INSERT INTO messages (id, sender, text, in_reply_to, sent_at, expires_at)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+            )?
+            .execute(params![
+                m.id,
+                m.sender,
+                m.text,
+                m.in_reply_to,
+                m.sent_at,
+                m.expires_at
+            ])?;
+        let mut stmt = self.conn.prepare_cached(
+            "INSERT INTO deliveries (message_id, recipient, state) VALUES (?1, ?2, 0)",
+        )?;
+        for r in recipients {
+            stmt.execute(params![m.id, r])?;
+        }
+        Ok(())
+    }
+
+    /// Marks one delivery acked. Returns false when there was nothing queued to mark
+    /// (unknown id, another recipient's message, or already delivered).
+    pub fn mark_delivered(
+        &self,
+        id: &str,
+        recipient: &str,
+        at: Millis,
+    ) -> Result<bool, StoreError> {
+        let n = self
+            .conn
+            .prepare_cached(
+                "UPDATE deliveries SET state = 1, delivered_at = ?3
+                 WHERE recipient = ?2 AND message_id = ?1 AND state = 0",
+            )?
+            .execute(params![id, recipient, at])?;
+        Ok(n == 1)
+    }
+
+    /// Queued messages for `recipient`, oldest first.
+    pub fn pending_for(&self, recipient: &str) -> Result<Vec<PendingRow>, StoreError> {
+        let mut stmt = self.conn.prepare_cached(
+            "SELECT m.id, m.sender, m.text, m.in_reply_to, m.sent_at
+             FROM deliveries d JOIN messages m ON m.id = d.message_id
+             WHERE d.recipient = ?1 AND d.state = 0 ORDER BY d.message_id",
+        )?;
+        let rows = stmt.query_map([recipient], |r| {
+            Ok(PendingRow {
+                id: r.get(0)?,
+                sender: r.get(1)?,
+                text: r.get(2)?,
+                in_reply_to: r.get(3)?,
+                sent_at: r.get(4)?,
+            })
+        })?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    /// Number of queued deliveries per recipient.
+    pub fn queued_counts(&self) -> Result<HashMap<String, u64>, StoreError> {
+        let mut stmt = self.conn.prepare(
+            "SELECT recipient, COUNT(*) FROM deliveries WHERE state = 0 GROUP BY recipient",
+        )?;
+        let rows = stmt.query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, u64>(1)?)))?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    /// The newest `limit` deliveries, optionally only those from or to `peer`, returned
+    /// oldest first.
+    pub fn log(&self, limit: u32, peer: Option<&str>) -> Result<Vec<LogEntry>, StoreError> {
+        let map = log_row;
+        const COLS: &str = "m.id, m.sender, d.recipient, m.text, m.in_reply_to, m.sent_at, d.state, d.delivered_at";
+        let mut out: Vec<LogEntry> = match peer {
+            None => {
+                let sql = format!(
+                    "SELECT {COLS} FROM messages m JOIN deliveries d ON d.message_id = m.id
+                     ORDER BY m.id DESC, d.recipient LIMIT ?1"
+                );
+                let mut stmt = self.conn.prepare_cached(&sql)?;
+                stmt.query_map([limit], map)?.collect::<Result<_, _>>()?
+            }
+            Some(peer) => {
+                // Two indexed halves (sent by, sent to), merged; each is bounded by `limit`.
+                let sql = format!(
+                    "SELECT * FROM (
+                       SELECT {COLS} FROM messages m JOIN deliveries d ON d.message_id = m.id
+                       WHERE m.sender = ?1 ORDER BY m.id DESC LIMIT ?2)
+                     UNION
+                     SELECT * FROM (
+                       SELECT {COLS} FROM deliveries d JOIN messages m ON m.id = d.message_id
+                       WHERE d.recipient = ?1 ORDER BY d.message_id DESC LIMIT ?2)
+                     ORDER BY 1 DESC, 3 LIMIT ?2"
+                );
+                let mut stmt = self.conn.prepare_cached(&sql)?;
+                stmt.query_map(params![peer, limit], map)?
+                    .collect::<Result<_, _>>()?
+            }
+        };
+        out.reverse();
+        Ok(out)
+    }
+
+    /// One message to one recipient, as history.
+    pub fn log_entry(&self, id: &str, recipient: &str) -> Result<Option<LogEntry>, StoreError> {
+        Ok(self
+            .conn
+            .prepare_cached(
+                "SELECT m.id, m.sender, d.recipient, m.text, m.in_reply_to, m.sent_at, d.state,
+                        d.delivered_at
+                 FROM deliveries d JOIN messages m ON m.id = d.message_id
+                 WHERE d.recipient = ?2 AND d.message_id = ?1",
+            )?
+            .query_row([id, recipient], log_row)
+            .optional()?)
+    }
+
+    /// Whether a message with this id exists.
+    pub fn message_exists(&self, id: &str) -> Result<bool, StoreError> {
+        Ok(self
+            .conn
+            .prepare_cached("SELECT 1 FROM messages WHERE id = ?1")?
+            .query_row([id], |_| Ok(()))
+            .optional()?
+            .is_some())
+    }
+
+    /// Removes expired messages (delivered or not) and peers last seen before
+    /// `peers_before` that have no queued mail, except those in `keep`.
+    pub fn sweep(
+        &self,
+        now: Millis,
+        peers_before: Millis,
+        keep: &dyn Fn(&str) -> bool,
+    ) -> Result<Swept, StoreError> {
+        self.conn.execute(
+            "DELETE FROM deliveries WHERE message_id IN
+               (SELECT id FROM messages WHERE expires_at <= ?1)",
+            [now],
+        )?;
+        let messages =
+            self.conn
+                .execute("DELETE FROM messages WHERE expires_at <= ?1", [now])? as u64;
+        let stale: Vec<String> = {
+            let mut stmt = self.conn.prepare(
+                "SELECT name FROM peers WHERE last_seen < ?1 AND NOT EXISTS
+                   (SELECT 1 FROM deliveries d WHERE d.recipient = peers.name AND d.state = 0)",
+            )?;
+            stmt.query_map([peers_before], |r| r.get(0))?
+                .collect::<Result<_, _>>()?
+        };
+        let mut peers = 0;
+        for name in stale.iter().filter(|n| !keep(n)) {
+            peers += self
+                .conn
+                .execute("DELETE FROM peers WHERE name = ?1", [name])? as u64;
+        }
+        Ok(Swept { messages, peers })
+    }
+}
+
+/// Reads a row of the columns `id, sender, recipient, text, in_reply_to, sent_at, state,
+/// delivered_at`.
+fn log_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<LogEntry> {
+    let state: i64 = r.get(6)?;
+    Ok(LogEntry {
+        id: r.get(0)?,
+        from: r.get(1)?,
+        to: r.get(2)?,
+        text: r.get(3)?,
+        in_reply_to: r.get(4)?,
+        sent_at: r.get(5)?,
+        state: if state == 1 {
+            DeliveryState::Delivered
+        } else {
+            DeliveryState::Queued
+        },
+        delivered_at: r.get(7)?,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn store() -> (tempfile::TempDir, Store) {
+        let dir = tempfile::tempdir().unwrap();
+        let s = Store::open(&dir.path().join("t.db")).unwrap();
+        (dir, s)
+    }
+
+    fn msg<'a>(id: &'a str, text: &'a str, sent_at: Millis) -> NewMessage<'a> {
+        NewMessage {
+            id,
+            sender: "a",
+            text,
+            in_reply_to: None,
+            sent_at,
+            expires_at: sent_at + 1000,
+        }
+    }
+
+    #[test]
+    fn delivery_state_moves_once() {
+        let (_d, s) = store();
+        s.insert_message(&msg("m1", "hi", 10), &["b", "c"]).unwrap();
+        assert_eq!(s.pending_for("b").unwrap().len(), 1);
+        assert_eq!(s.queued_counts().unwrap()["c"], 1);
+        assert!(s.mark_delivered("m1", "b", 11).unwrap());
+        assert!(
+            !s.mark_delivered("m1", "b", 12).unwrap(),
+            "second ack changes nothing"
+        );
+        assert!(!s.mark_delivered("m1", "x", 12).unwrap(), "not x's message");
+        assert!(s.pending_for("b").unwrap().is_empty());
+        assert_eq!(s.pending_for("c").unwrap()[0].text, "hi");
+        let log = s.log(10, None).unwrap();
+        assert_eq!(log.len(), 2);
+        assert_eq!(
+            log.iter()
+                .filter(|e| e.state == DeliveryState::Delivered)
+                .count(),
+            1
+        );
+        assert_eq!(s.log(10, Some("c")).unwrap().len(), 1);
+        assert_eq!(s.log(10, Some("a")).unwrap().len(), 2);
+    }
+
+    #[test]
+    fn sweep_expires_mail_and_forgets_idle_peers() {
+        let (_d, s) = store();
+        for name in ["old", "busy", "online"] {
+            s.upsert_peer(&PeerRow {
+                name: name.into(),
+                cwd: "/".into(),
+                first_seen: 0,
+                last_seen: 0,
+                ..Default::default()
+            })
+            .unwrap();
+        }
+        s.insert_message(&msg("m1", "expired", 0), &["old"])
+            .unwrap();
+        s.insert_message(&msg("m2", "fresh", 5000), &["busy"])
+            .unwrap();
+        let swept = s.sweep(2000, 100, &|n| n == "online").unwrap();
+        assert_eq!(
+            swept,
+            Swept {
+                messages: 1,
+                peers: 1
+            }
+        );
+        let names: Vec<_> = s
+            .load_peers()
+            .unwrap()
+            .into_iter()
+            .map(|p| p.name)
+            .collect();
+        assert!(names.contains(&"busy".to_string()) && names.contains(&"online".to_string()));
+        assert_eq!(s.pending_for("busy").unwrap().len(), 1);
+    }
+
+    #[test]
+    fn reopening_keeps_data_and_schema() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("t.db");
+        Store::open(&path)
+            .unwrap()
+            .insert_message(&msg("m1", "x", 1), &["b"])
+            .unwrap();
+        let s = Store::open(&path).unwrap();
+        assert!(s.message_exists("m1").unwrap());
+        s.conn.pragma_update(None, "user_version", 99).unwrap();
+        drop(s);
+        assert!(matches!(Store::open(&path), Err(StoreError::TooNew { .. })));
+    }
+}
