@@ -1,0 +1,629 @@
+//! The broker through its protocol: real broker processes, real sockets, real SQLite files.
+
+mod common;
+
+use std::collections::HashSet;
+use std::time::Duration;
+
+use claude_peers::client::decode;
+use claude_peers::protocol::*;
+use common::*;
+
+fn send(to: &str, text: &str) -> Send {
+    Send {
+        to: vec![to.into()],
+        text: text.into(),
+        in_reply_to: None,
+        from: None,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn round_trip_between_two_clients() {
+    let home = Home::new();
+    let _b = home.broker(&["--ack-wait", "5s"]);
+    let (a, a_name) = home.peer("alice", "/work/a").await;
+    let (mut b, b_name) = home.peer("bob", "/work/b").await;
+    assert_eq!((a_name.as_str(), b_name.as_str()), ("alice", "bob"));
+    a.call(SetSummary {
+        summary: "refactoring the parser".into(),
+    })
+    .await
+    .unwrap();
+
+    let answer = a.start(send("bob", "what are you editing?")).unwrap();
+    let d = next_delivery(&mut b).await;
+    assert_eq!(d.from, "alice");
+    assert_eq!(d.to, "bob");
+    assert_eq!(d.text, "what are you editing?");
+    assert_eq!(d.from_cwd.as_deref(), Some("/work/a"));
+    assert_eq!(d.from_summary.as_deref(), Some("refactoring the parser"));
+    b.notify(Ack {
+        ids: vec![d.id.clone()],
+    })
+    .unwrap();
+    let sent: Sent = decode(answer.await).unwrap();
+    assert_eq!(sent.message_id, d.id);
+    assert_eq!(sent.recipients.len(), 1);
+    assert_eq!(sent.recipients[0].state, DeliveryState::Delivered);
+
+    // A threaded reply travels back the same way.
+    let reply = b
+        .start(Send {
+            in_reply_to: Some(d.id.clone()),
+            ..send("alice", "parser.rs")
+        })
+        .unwrap();
+    let mut a = a;
+    let r = next_delivery(&mut a).await;
+    assert_eq!(r.in_reply_to.as_deref(), Some(d.id.as_str()));
+    a.notify(Ack { ids: vec![r.id] }).unwrap();
+    let sent: Sent = decode(reply.await).unwrap();
+    assert_eq!(sent.recipients[0].state, DeliveryState::Delivered);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn unacked_push_answers_pushed_after_the_wait() {
+    let home = Home::new();
+    let _b = home.broker(&["--ack-wait", "50ms"]);
+    let (a, _) = home.peer("alice", "/a").await;
+    let (mut b, _) = home.peer("bob", "/b").await;
+    let sent = a.call(send("bob", "hi")).await.unwrap();
+    assert_eq!(sent.recipients[0].state, DeliveryState::Pushed);
+    assert_eq!(next_delivery(&mut b).await.id, sent.message_id);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn offline_mail_is_delivered_on_reconnect() {
+    let home = Home::new();
+    let _b = home.broker(&[]);
+    let (a, _) = home.peer("alice", "/a").await;
+    let (b, _) = home.peer("bob", "/b").await;
+    drop(b);
+    // Wait until the broker has seen bob go.
+    let c = home.client().await;
+    for _ in 0..200 {
+        let peers = c.call(ListPeers::default()).await.unwrap().peers;
+        if !peers.iter().any(|p| p.name == "bob") {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let sent = a.call(send("bob", "are you there?")).await.unwrap();
+    assert_eq!(sent.recipients[0].state, DeliveryState::Queued);
+
+    let mut b = home.client().await;
+    let reg = b.call(register("bob", "/b")).await.unwrap();
+    assert_eq!(reg.name, "bob");
+    assert!(reg.reclaimed);
+    assert_eq!(reg.queued, 1);
+    let d = next_delivery(&mut b).await;
+    assert_eq!(
+        (d.id.as_str(), d.text.as_str()),
+        (sent.message_id.as_str(), "are you there?")
+    );
+    b.call(Ack { ids: vec![d.id] }).await.unwrap();
+    let me = b.call(WhoamiCall).await.unwrap();
+    assert_eq!(me.unread, 0);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn unacked_message_is_redelivered_once() {
+    let home = Home::new();
+    let _b = home.broker(&[]);
+    let (a, _) = home.peer("alice", "/a").await;
+    let (mut b, _) = home.peer("bob", "/b").await;
+    let sent = a.call(send("bob", "ack me")).await.unwrap();
+    let first = next_delivery(&mut b).await;
+    assert_eq!(first.id, sent.message_id);
+    drop(b); // gone before acking
+
+    let mut b = home.client().await;
+    let reg = b.call(register("bob", "/b")).await.unwrap();
+    assert_eq!(reg.queued, 1);
+    let again = next_delivery(&mut b).await;
+    assert_eq!(again, first);
+    b.call(Ack {
+        ids: vec![again.id.clone()],
+    })
+    .await
+    .unwrap();
+    // A second ack of the same id changes nothing and is not an error.
+    b.call(Ack {
+        ids: vec![again.id],
+    })
+    .await
+    .unwrap();
+    assert_no_delivery(&mut b, Duration::from_millis(200)).await;
+    drop(b);
+
+    let mut b = home.client().await;
+    let reg = b.call(register("bob", "/b")).await.unwrap();
+    assert_eq!(reg.queued, 0);
+    assert_no_delivery(&mut b, Duration::from_millis(200)).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn kill_9_of_the_broker_loses_no_answered_send() {
+    let home = Home::new();
+    let mut broker = home.broker(&["--send-rate", "0"]);
+    let (a, _) = home.peer("alice", "/a").await;
+    let (mut b, _) = home.peer("bob", "/b").await;
+
+    // Sends in flight when the broker dies: those answered must survive.
+    let mut answered = HashSet::new();
+    let mut acked = HashSet::new();
+    let mut waiting = Vec::new();
+    for i in 0..300 {
+        waiting.push(a.start(send("bob", &format!("m{i}"))).unwrap());
+    }
+    // Bob reads and acks part of it.
+    for _ in 0..50 {
+        let d = next_delivery(&mut b).await;
+        b.notify(Ack {
+            ids: vec![d.id.clone()],
+        })
+        .unwrap();
+        acked.insert(d.id);
+    }
+    // The first hundred are answered (acked ones at once, the rest after the ack wait);
+    // the rest are in flight when the broker dies.
+    let mut waiting = waiting.into_iter();
+    for w in waiting.by_ref().take(100) {
+        answered.insert(decode::<Sent>(w.await).unwrap().message_id);
+    }
+    broker.kill9();
+    for w in waiting {
+        match decode::<Sent>(w.await) {
+            Ok(s) => {
+                answered.insert(s.message_id);
+            }
+            Err(e) => assert!(
+                matches!(e, claude_peers::client::ClientError::Disconnected),
+                "{e}"
+            ),
+        }
+    }
+    assert!(answered.len() >= 100, "{} answered", answered.len());
+    drop((a, b));
+
+    let _broker = home.broker(&["--send-rate", "0"]);
+    let (a, _) = home.peer("alice", "/a").await;
+    let (mut b, _) = home.peer("bob", "/b").await;
+    let mut received = HashSet::new();
+    let expected: HashSet<_> = answered.difference(&acked).cloned().collect();
+    // Every answered send not yet acked arrives, each once. (Sends stored but not yet
+    // answered when the broker died may arrive too: the sender was told nothing.)
+    while !expected.is_subset(&received) {
+        let d = next_delivery(&mut b).await;
+        assert!(
+            !acked.contains(&d.id),
+            "{} was acked before the crash",
+            d.id
+        );
+        assert!(received.insert(d.id.clone()), "{} delivered twice", d.id);
+        b.notify(Ack { ids: vec![d.id] }).unwrap();
+    }
+    // The clients carry on with the new broker.
+    let sent = a.call(send("bob", "after restart")).await.unwrap();
+    loop {
+        let d = next_delivery(&mut b).await;
+        assert!(received.insert(d.id.clone()), "{} delivered twice", d.id);
+        if d.id == sent.message_id {
+            break;
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn names_collide_and_are_reclaimed() {
+    let home = Home::new();
+    let _b = home.broker(&[]);
+    let (web1, n1) = home.peer("web", "/x").await;
+    let (_web2, n2) = home.peer("web", "/y").await;
+    let (_web3, n3) = home.peer("web", "/z").await;
+    assert_eq!(
+        (n1.as_str(), n2.as_str(), n3.as_str()),
+        ("web", "web-2", "web-3")
+    );
+
+    drop(web1);
+    let c = home.client().await;
+    for _ in 0..200 {
+        let peers = c.call(ListPeers::default()).await.unwrap().peers;
+        if !peers.iter().any(|p| p.name == "web") {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    // Offline "web" belongs to /x: another directory does not take it...
+    let (other, n) = home.peer("web", "/elsewhere").await;
+    assert_eq!(n, "web-4");
+    drop(other);
+    // ...but the same directory does, and so does an explicit name.
+    let back = home.client().await;
+    let reg = back.call(register("web", "/x")).await.unwrap();
+    assert_eq!((reg.name.as_str(), reg.reclaimed), ("web", true));
+    drop(back);
+    for _ in 0..200 {
+        let peers = c.call(ListPeers::default()).await.unwrap().peers;
+        if !peers.iter().any(|p| p.name == "web") {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let explicit = home.client().await;
+    let reg = explicit
+        .call(Register {
+            explicit: true,
+            ..register("web", "/anywhere")
+        })
+        .await
+        .unwrap();
+    assert_eq!((reg.name.as_str(), reg.reclaimed), ("web", true));
+
+    // Listing changes nothing: twice the same answer.
+    let l1 = c
+        .call(ListPeers {
+            include_offline: true,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let l2 = c
+        .call(ListPeers {
+            include_offline: true,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    assert_eq!(
+        serde_json::to_value(&l1.peers).unwrap(),
+        serde_json::to_value(&l2.peers).unwrap()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn scopes_select_directory_and_repo() {
+    let home = Home::new();
+    let _b = home.broker(&[]);
+    let c = home.client().await;
+    let at = |name: &str, cwd: &str, common: Option<&str>| Register {
+        git_common_dir: common.map(str::to_string),
+        ..register(name, cwd)
+    };
+    let (mut keep, mut names) = (Vec::new(), Vec::new());
+    for r in [
+        at("main", "/src/app", Some("/src/app/.git")),
+        at("wt", "/src/app-wt", Some("/src/app/.git")),
+        at("same-dir", "/src/app", None),
+        at("other", "/src/lib", Some("/src/lib/.git")),
+    ] {
+        let cl = home.client().await;
+        names.push(cl.call(r).await.unwrap().name);
+        keep.push(cl);
+    }
+    let list = |scope, cwd: &str, common: Option<&str>| ListPeers {
+        scope,
+        include_offline: false,
+        place: Place {
+            cwd: Some(cwd.into()),
+            git_common_dir: common.map(str::to_string),
+        },
+    };
+    let names_of = |l: PeerList| l.peers.into_iter().map(|p| p.name).collect::<Vec<_>>();
+    let repo = c
+        .call(list(Scope::Repo, "/x", Some("/src/app/.git")))
+        .await
+        .unwrap();
+    assert_eq!(names_of(repo), ["main", "wt"]);
+    let dir = c
+        .call(list(Scope::Directory, "/src/app", None))
+        .await
+        .unwrap();
+    assert_eq!(names_of(dir), ["main", "same-dir"]);
+    let all = c.call(list(Scope::Machine, "/", None)).await.unwrap();
+    assert_eq!(all.peers.len(), 4);
+    let err = c.call(list(Scope::Repo, "/", None)).await.unwrap_err();
+    assert_eq!(err.code(), Some(ErrorCode::BadRequest));
+
+    // A broadcast reaches everyone in scope but the sender, with a state for each.
+    let sent = keep[0]
+        .call(Broadcast {
+            scope: Scope::Repo,
+            text: "I changed the API, rebase".into(),
+            in_reply_to: None,
+            from: None,
+            place: Place::default(),
+        })
+        .await
+        .unwrap();
+    let to: Vec<_> = sent.recipients.iter().map(|r| r.name.as_str()).collect();
+    assert_eq!(to, ["wt"]);
+    let d = next_delivery(&mut keep[1]).await;
+    assert_eq!(d.text, "I changed the API, rebase");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn refusals_are_clear_and_lose_nothing() {
+    let home = Home::new();
+    let _b = home.broker(&["--mailbox-limit", "3", "--send-rate", "5"]);
+    let (a, _) = home.peer("alice", "/a").await;
+    let (b, _) = home.peer("bob", "/b").await;
+    drop(b);
+
+    let refuse = |r: Result<Sent, claude_peers::client::ClientError>| {
+        let e = r.unwrap_err();
+        (e.code().unwrap(), e.to_string())
+    };
+    let (code, msg) = refuse(a.call(send("bobb", "hi")).await);
+    assert_eq!(code, ErrorCode::UnknownPeer);
+    assert!(msg.contains("did you mean bob"), "{msg}");
+    let (code, msg) = refuse(a.call(send("bob", &"x".repeat(64 * 1024 + 1))).await);
+    assert_eq!(code, ErrorCode::MessageTooLarge);
+    assert!(
+        msg.contains("65537 bytes") && msg.contains("65536"),
+        "{msg}"
+    );
+    assert_eq!(
+        refuse(a.call(send("bob", "  ")).await).0,
+        ErrorCode::EmptyMessage
+    );
+    assert_eq!(
+        refuse(a.call(send("../etc", "x")).await).0,
+        ErrorCode::BadName
+    );
+    // Rate limit: a burst of 10 passes, then refusals that say to slow down.
+    // (Mailbox of 3 fills first; count both kinds.)
+    let mut codes = Vec::new();
+    for i in 0..12 {
+        match a.call(send("bob", &format!("m{i}"))).await {
+            Ok(_) => codes.push(None),
+            Err(e) => codes.push(e.code()),
+        }
+    }
+    assert_eq!(codes.iter().filter(|c| c.is_none()).count(), 3, "{codes:?}");
+    assert!(codes.contains(&Some(ErrorCode::MailboxFull)), "{codes:?}");
+    assert!(codes.contains(&Some(ErrorCode::RateLimited)), "{codes:?}");
+
+    // Nothing queued was lost: bob gets exactly the three accepted messages.
+    let mut b = home.client().await;
+    let reg = b.call(register("bob", "/b")).await.unwrap();
+    assert_eq!(reg.queued, 3);
+    for i in 0..3 {
+        assert_eq!(next_delivery(&mut b).await.text, format!("m{i}"));
+    }
+}
+
+#[test]
+fn bad_frames_get_errors_and_the_connection_survives() {
+    let home = Home::new();
+    let _b = home.broker(&[]);
+    let mut r = Raw::connect(&home.paths.socket);
+    let v = r.call(r#"{"id":1,"op":"status"}"#);
+    assert_eq!(error_code(&v), Some("hello_required"));
+    assert_eq!(v["id"], 1);
+    let v = r.call(r#"{"id":2,"op":"hello","protocol":1,"client":"raw","version":"0"}"#);
+    assert_eq!(v["result"]["protocol"], 1);
+
+    let cases: &[(&[u8], &str)] = &[
+        (b"this is not json\n", "bad_frame"),
+        (b"[1,2,3]\n", "bad_frame"),
+        (b"{\"id\":3,\"op\":\"fly\"}\n", "unknown_op"),
+        (
+            b"{\"id\":4,\"op\":\"send\",\"to\":\"bob\"}\n",
+            "bad_request",
+        ),
+        (
+            b"{\"id\":5,\"op\":\"send\",\"to\":[1],\"text\":\"x\"}\n",
+            "bad_request",
+        ),
+        (b"{\"id\":6}\n", "bad_request"),
+        (b"{\"id\":\"seven\",\"op\":\"status\"}\n", "bad_request"),
+        (b"\xff\xfe{}\n", "bad_frame"),
+        (b"{\"id\":8,\"op\":\"whoami\"}\n", "not_registered"),
+        (
+            b"{\"id\":9,\"op\":\"register\",\"name\":\"a/b\",\"cwd\":\"/\"}\n",
+            "bad_name",
+        ),
+        (
+            b"{\"id\":10,\"op\":\"hello\",\"protocol\":1,\"client\":\"x\",\"version\":\"0\"}\n",
+            "bad_request",
+        ),
+    ];
+    for (frame, code) in cases {
+        r.send_bytes(frame);
+        let v = r.recv().expect("an answer");
+        assert_eq!(
+            error_code(&v),
+            Some(*code),
+            "{}: {v}",
+            String::from_utf8_lossy(frame)
+        );
+        assert!(
+            v["error"]["message"]
+                .as_str()
+                .is_some_and(|m| !m.is_empty()),
+            "{v}"
+        );
+    }
+    // Still usable after all that.
+    let v = r.call(r#"{"id":11,"op":"status"}"#);
+    assert_eq!(v["id"], 11);
+    assert!(v["result"]["pid"].is_u64(), "{v}");
+
+    // An oversized frame is refused and the connection closed; the broker stays up.
+    let mut big = vec![b'x'; MAX_FRAME_BYTES + 10];
+    big.push(b'\n');
+    let _ = r.stream.write_all_ignoring_reset(&big);
+    let v = r.recv().expect("an answer before closing");
+    assert_eq!(error_code(&v), Some("frame_too_large"));
+    assert!(r.recv().is_none(), "connection closed");
+    let mut again = Raw::greeted(&home.paths.socket);
+    assert!(again.call(r#"{"id":1,"op":"status"}"#)["result"].is_object());
+}
+
+trait WriteAllIgnoringReset {
+    fn write_all_ignoring_reset(&mut self, data: &[u8]) -> std::io::Result<()>;
+}
+
+impl WriteAllIgnoringReset for std::os::unix::net::UnixStream {
+    /// The broker may close while we are still writing an oversized frame.
+    fn write_all_ignoring_reset(&mut self, data: &[u8]) -> std::io::Result<()> {
+        use std::io::Write;
+        match self.write_all(data) {
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::BrokenPipe | std::io::ErrorKind::ConnectionReset
+                ) =>
+            {
+                Ok(())
+            }
+            other => other,
+        }
+    }
+}
+
+/// When this test binary is re-run as another user, this "test" is the foreign client:
+/// it connects to the socket named in the environment and prints the first frame.
+#[test]
+fn foreign_client_helper() {
+    let Ok(socket) = std::env::var("CP_FOREIGN_SOCKET") else {
+        return;
+    };
+    let mut r = Raw::connect(std::path::Path::new(&socket));
+    // The broker may refuse before we get to write.
+    let _ = r.stream.write_all_ignoring_reset(
+        b"{\"id\":1,\"op\":\"hello\",\"protocol\":1,\"client\":\"intruder\",\"version\":\"0\"}\n",
+    );
+    println!("FRAME {}", serde_json::to_string(&r.recv()).unwrap());
+}
+
+#[test]
+fn a_foreign_uid_is_refused_even_with_open_permissions() {
+    if claude_peers::platform::current_uid() != 0 {
+        eprintln!("skipped: needs root to run a client under another uid");
+        return;
+    }
+    use std::os::unix::fs::PermissionsExt;
+    use std::os::unix::process::CommandExt;
+    let home = Home::new();
+    let _b = home.broker(&[]);
+    // Open everything up, as a careless chmod would.
+    for p in [home.dir.path(), home.root()] {
+        std::fs::set_permissions(p, std::fs::Permissions::from_mode(0o777)).unwrap();
+    }
+    std::fs::set_permissions(&home.paths.socket, std::fs::Permissions::from_mode(0o666)).unwrap();
+    let exe = std::env::current_exe().unwrap();
+    let out = std::process::Command::new(exe)
+        .args([
+            "--exact",
+            "foreign_client_helper",
+            "--nocapture",
+            "--test-threads=1",
+        ])
+        .env("CP_FOREIGN_SOCKET", &home.paths.socket)
+        .uid(65534)
+        .gid(65534)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let frame = stdout
+        .lines()
+        .find_map(|l| l.split_once("FRAME ").map(|(_, f)| f))
+        .unwrap_or_else(|| {
+            panic!(
+                "helper printed no frame: {stdout} {}",
+                String::from_utf8_lossy(&out.stderr)
+            )
+        });
+    let v: serde_json::Value = serde_json::from_str(frame).unwrap();
+    assert_eq!(error_code(&v), Some("forbidden"), "{v}");
+    wait_for(
+        || {
+            home.broker_output()
+                .contains("refused a connection from another user")
+        },
+        "the refusal in the broker log",
+    );
+    // The broker still serves its own user.
+    let mut mine = Raw::greeted(&home.paths.socket);
+    assert!(mine.call(r#"{"id":1,"op":"status"}"#)["result"].is_object());
+}
+
+#[test]
+fn ten_racing_autostarts_give_one_broker() {
+    let home = Home::new();
+    let children: Vec<_> = (0..10)
+        .map(|_| {
+            home.cmd()
+                .args(["peers", "--json"])
+                .stdout(std::process::Stdio::piped())
+                .stderr(std::process::Stdio::piped())
+                .spawn()
+                .unwrap()
+        })
+        .collect();
+    for c in children {
+        let out = c.wait_with_output().unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "[]");
+    }
+    let log = home.broker_output();
+    assert_eq!(log.matches("broker started").count(), 1, "{log}");
+    let status: serde_json::Value =
+        serde_json::from_slice(&home.run(&["status", "--json"]).stdout).unwrap();
+    let pid = status["pid"].as_u64().unwrap() as u32;
+    let lock = std::fs::read_to_string(&home.paths.lock).unwrap();
+    assert_eq!(lock.trim(), pid.to_string());
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_older_broker_hands_over_to_a_newer_client() {
+    let home = Home::new();
+    let mut old = home.broker(&["--protocol-version", "0"]);
+    let old_pid = old.pid();
+    let mut opts = home.connect_options();
+    opts.autostart = true;
+    let c = claude_peers::client::Client::connect(&home.paths, &opts)
+        .await
+        .unwrap();
+    assert_eq!(c.broker().protocol, PROTOCOL_VERSION);
+    assert_ne!(c.broker().pid, old_pid);
+    assert!(
+        old.wait_exit(Duration::from_secs(5)),
+        "old broker exits cleanly"
+    );
+}
+
+#[test]
+fn idle_broker_exits_by_itself() {
+    let home = Home::new();
+    let mut b = home.broker(&["--idle-timeout", "300ms"]);
+    {
+        let mut r = Raw::greeted(&home.paths.socket);
+        assert!(r.call(r#"{"id":1,"op":"status"}"#)["result"].is_object());
+    }
+    assert!(b.wait_exit(Duration::from_secs(5)));
+    assert!(!home.paths.socket.exists(), "socket removed on exit");
+}
+
+#[test]
+fn sigterm_stops_cleanly() {
+    let home = Home::new();
+    let mut b = home.broker(&[]);
+    let out = home.run(&["send", "nobody", "x"]);
+    assert_eq!(out.status.code(), Some(1));
+    rustix::process::kill_process(
+        rustix::process::Pid::from_raw(b.pid() as i32).unwrap(),
+        rustix::process::Signal::TERM,
+    )
+    .unwrap();
+    assert!(b.wait_exit(Duration::from_secs(5)));
+    assert!(!home.paths.socket.exists());
+}

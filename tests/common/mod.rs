@@ -1,0 +1,248 @@
+//! Test support: a private claude-peers home per test, the real binary, real brokers, and
+//! a raw socket client for frame-level tests.
+
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use claude_peers::client::{Client, ConnectOptions, Event};
+use claude_peers::paths::Paths;
+use claude_peers::protocol::{Delivery, Register};
+use serde_json::Value;
+
+pub const BIN: &str = env!("CARGO_BIN_EXE_claude-peers");
+
+/// A fresh CLAUDE_PEERS_HOME. Dropping it stops whatever broker runs there.
+pub struct Home {
+    pub dir: tempfile::TempDir,
+    pub paths: Paths,
+}
+
+impl Home {
+    pub fn new() -> Self {
+        // Under /tmp, short, so the socket path fits the OS limit.
+        let dir = tempfile::Builder::new()
+            .prefix("cp-")
+            .tempdir_in("/tmp")
+            .unwrap();
+        let paths = Paths::resolve(Some(&dir.path().join("h")), None).unwrap();
+        Self { dir, paths }
+    }
+
+    pub fn root(&self) -> &Path {
+        &self.paths.runtime_dir
+    }
+
+    /// The real binary, with this home and nothing inherited from the caller's own
+    /// claude-peers settings.
+    pub fn cmd(&self) -> Command {
+        let mut cmd = Command::new(BIN);
+        for (k, _) in std::env::vars() {
+            if k.starts_with("CLAUDE_PEERS_") || k == "PEER_CHANNEL_SESSION_NAME" {
+                cmd.env_remove(k);
+            }
+        }
+        cmd.env("CLAUDE_PEERS_HOME", self.root())
+            // A broker a test forgets to stop goes away by itself.
+            .env("CLAUDE_PEERS_IDLE_TIMEOUT", "20s")
+            .stdin(Stdio::null());
+        cmd
+    }
+
+    /// Runs the binary with `args` and returns its output.
+    pub fn run(&self, args: &[&str]) -> Output {
+        self.cmd().args(args).output().unwrap()
+    }
+
+    /// Starts `claude-peers broker` in the foreground as our child and waits for it.
+    pub fn broker(&self, args: &[&str]) -> Broker {
+        let child = self
+            .cmd()
+            .arg("broker")
+            .args(args)
+            .stdout(Stdio::null())
+            .stderr(Stdio::from(
+                std::fs::OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(self.dir.path().join("broker.stderr"))
+                    .unwrap(),
+            ))
+            .spawn()
+            .unwrap();
+        let b = Broker { child };
+        wait_for(
+            || UnixStream::connect(&self.paths.socket).is_ok(),
+            "broker socket",
+        );
+        b
+    }
+
+    /// What the brokers of this home wrote to stderr (foreground) or the log (auto-started).
+    pub fn broker_output(&self) -> String {
+        let a = std::fs::read_to_string(self.dir.path().join("broker.stderr")).unwrap_or_default();
+        let b = std::fs::read_to_string(&self.paths.log).unwrap_or_default();
+        a + &b
+    }
+
+    pub fn connect_options(&self) -> ConnectOptions {
+        let mut opts = ConnectOptions::new("test");
+        opts.broker_exe = Some(PathBuf::from(BIN));
+        opts.autostart = false;
+        opts
+    }
+
+    /// A client connection to the running broker.
+    pub async fn client(&self) -> Client {
+        Client::connect(&self.paths, &self.connect_options())
+            .await
+            .unwrap()
+    }
+
+    /// A client registered as `name` from directory `cwd`, showing messages as they come.
+    pub async fn peer(&self, name: &str, cwd: &str) -> (Client, String) {
+        let c = self.client().await;
+        let reg = c.call(register(name, cwd)).await.unwrap();
+        (c, reg.name)
+    }
+}
+
+impl Drop for Home {
+    fn drop(&mut self) {
+        if self.paths.socket.exists() {
+            let _ = self.cmd().arg("stop").output();
+        }
+    }
+}
+
+pub fn register(name: &str, cwd: &str) -> Register {
+    Register {
+        name: name.into(),
+        cwd: cwd.into(),
+        pid: std::process::id(),
+        push: true,
+        ..Default::default()
+    }
+}
+
+/// A broker we started; killed when dropped.
+pub struct Broker {
+    pub child: Child,
+}
+
+impl Broker {
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// `kill -9`, and reap.
+    pub fn kill9(&mut self) {
+        self.child.kill().unwrap();
+        self.child.wait().unwrap();
+    }
+
+    /// Waits for the broker to exit by itself and returns whether it exited cleanly.
+    pub fn wait_exit(&mut self, within: Duration) -> bool {
+        let deadline = Instant::now() + within;
+        while Instant::now() < deadline {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return status.success();
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        panic!("broker still running after {within:?}");
+    }
+}
+
+impl Drop for Broker {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Polls `cond` for up to 10 s.
+pub fn wait_for(mut cond: impl FnMut() -> bool, what: &str) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !cond() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+/// The next delivery on `c`, failing after 5 s.
+pub async fn next_delivery(c: &mut Client) -> Delivery {
+    loop {
+        match tokio::time::timeout(Duration::from_secs(5), c.next_event()).await {
+            Ok(Some(Event::Deliver(d))) => return d,
+            Ok(Some(_)) => continue,
+            Ok(None) => panic!("connection closed while waiting for a delivery"),
+            Err(_) => panic!("no delivery within 5s"),
+        }
+    }
+}
+
+/// Asserts that nothing is delivered on `c` for `quiet`.
+pub async fn assert_no_delivery(c: &mut Client, quiet: Duration) {
+    if let Ok(Some(Event::Deliver(d))) = tokio::time::timeout(quiet, c.next_event()).await {
+        panic!("unexpected delivery: {d:?}");
+    }
+}
+
+/// A frame-level client on a plain blocking socket.
+pub struct Raw {
+    pub stream: UnixStream,
+    reader: BufReader<UnixStream>,
+}
+
+impl Raw {
+    pub fn connect(socket: &Path) -> Self {
+        let stream = UnixStream::connect(socket).unwrap();
+        stream
+            .set_read_timeout(Some(Duration::from_secs(5)))
+            .unwrap();
+        let reader = BufReader::new(stream.try_clone().unwrap());
+        Self { stream, reader }
+    }
+
+    /// Connects and says hello.
+    pub fn greeted(socket: &Path) -> Self {
+        let mut r = Self::connect(socket);
+        let v = r.call(r#"{"id":0,"op":"hello","protocol":1,"client":"raw","version":"0"}"#);
+        assert!(v.get("result").is_some(), "hello failed: {v}");
+        r
+    }
+
+    pub fn send_bytes(&mut self, bytes: &[u8]) {
+        self.stream.write_all(bytes).unwrap();
+    }
+
+    pub fn send(&mut self, line: &str) {
+        self.send_bytes(format!("{line}\n").as_bytes());
+    }
+
+    /// The next frame, or `None` at end of stream.
+    pub fn recv(&mut self) -> Option<Value> {
+        let mut line = String::new();
+        match self.reader.read_line(&mut line) {
+            Ok(0) => None,
+            Ok(_) => Some(serde_json::from_str(&line).unwrap()),
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => None,
+            Err(e) => panic!("read failed: {e}"),
+        }
+    }
+
+    pub fn call(&mut self, line: &str) -> Value {
+        self.send(line);
+        self.recv().expect("an answer")
+    }
+}
+
+/// The `error.code` of a frame, if it is an error.
+pub fn error_code(v: &Value) -> Option<&str> {
+    v.pointer("/error/code").and_then(Value::as_str)
+}
