@@ -10,7 +10,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use serde_json::value::RawValue;
-use tokio::io::{AsyncWriteExt, BufReader};
+use tokio::io::BufReader;
 use tokio::net::UnixStream;
 use tokio::sync::{mpsc, oneshot};
 
@@ -98,7 +98,7 @@ type Pending = Arc<Mutex<HashMap<u64, oneshot::Sender<Result<Box<RawValue>, Erro
 /// A connection to the broker. Calls may be made concurrently from many tasks; events
 /// are read by one owner with [`Client::next_event`].
 pub struct Client {
-    out: mpsc::UnboundedSender<Vec<u8>>,
+    out: Arc<Outgoing>,
     pending: Pending,
     next_id: AtomicU64,
     events: mpsc::UnboundedReceiver<Event>,
@@ -207,10 +207,14 @@ impl Client {
 
     async fn handshake(stream: UnixStream, opts: &ConnectOptions) -> Result<Self, ClientError> {
         let (read, write) = stream.into_split();
-        let (out, out_rx) = mpsc::unbounded_channel();
+        let out = Arc::new(Outgoing {
+            socket: write,
+            state: Mutex::new(OutState::default()),
+            wake: Arc::new(tokio::sync::Notify::new()),
+        });
         let (events_tx, events) = mpsc::unbounded_channel();
         let pending: Pending = Arc::default();
-        tokio::spawn(write_loop(write, out_rx));
+        tokio::spawn(flush_loop(Arc::downgrade(&out), out.wake.clone()));
         tokio::spawn(read_loop(read, pending.clone(), events_tx));
         let mut client = Self {
             out,
@@ -261,7 +265,7 @@ impl Client {
             },
             &mut buf,
         );
-        if self.out.send(buf).is_err() {
+        if self.out.send(&buf).is_err() {
             self.pending.lock().expect("pending lock").remove(&id);
             return Err(ClientError::Disconnected);
         }
@@ -278,7 +282,12 @@ impl Client {
             },
             &mut buf,
         );
-        self.out.send(buf).map_err(|_| ClientError::Disconnected)
+        self.out.send(&buf).map_err(|_| ClientError::Disconnected)
+    }
+
+    /// A delivery or log event that has already arrived, without waiting.
+    pub fn try_next_event(&mut self) -> Option<Event> {
+        self.events.try_recv().ok()
     }
 
     /// The next delivery or log event; `None` once the connection is closed.
@@ -295,23 +304,96 @@ pub fn decode<R: serde::de::DeserializeOwned>(
     serde_json::from_str(raw.get()).map_err(|e| ClientError::Protocol(e.to_string()))
 }
 
-async fn write_loop(
-    mut write: tokio::net::unix::OwnedWriteHalf,
-    mut rx: mpsc::UnboundedReceiver<Vec<u8>>,
-) {
-    let mut buf = Vec::with_capacity(8192);
-    while let Some(first) = rx.recv().await {
-        buf.clear();
-        buf.extend_from_slice(&first);
-        while buf.len() < 256 * 1024 {
-            match rx.try_recv() {
-                Ok(more) => buf.extend_from_slice(&more),
-                Err(_) => break,
-            }
+/// The sending half of a connection. A frame is written straight from the caller when
+/// nothing is queued (no task hand-off on the common path); whatever the socket does not
+/// take at once is queued, in order, for [`flush_loop`].
+struct Outgoing {
+    socket: tokio::net::unix::OwnedWriteHalf,
+    state: Mutex<OutState>,
+    wake: Arc<tokio::sync::Notify>,
+}
+
+#[derive(Default)]
+struct OutState {
+    queued: Vec<u8>,
+    /// `flush_loop` owns the socket's writing until `queued` is empty.
+    flushing: bool,
+    closed: bool,
+}
+
+impl Outgoing {
+    fn send(&self, frame: &[u8]) -> Result<(), ()> {
+        let mut st = self.state.lock().expect("outgoing lock");
+        if st.closed {
+            return Err(());
         }
-        if write.write_all(&buf).await.is_err() {
+        if st.flushing {
+            st.queued.extend_from_slice(frame);
+            return Ok(());
+        }
+        let written = match self.socket.try_write(frame) {
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => 0,
+            Err(_) => {
+                st.closed = true;
+                return Err(());
+            }
+        };
+        if written < frame.len() {
+            st.queued.extend_from_slice(&frame[written..]);
+            st.flushing = true;
+            self.wake.notify_one();
+        }
+        Ok(())
+    }
+}
+
+/// Writes what [`Outgoing::send`] queued. Holds the connection only while writing, so
+/// dropping the [`Client`] closes it.
+async fn flush_loop(out: std::sync::Weak<Outgoing>, wake: Arc<tokio::sync::Notify>) {
+    let mut chunk = Vec::new();
+    loop {
+        wake.notified().await;
+        let Some(out) = out.upgrade() else {
+            return;
+        };
+        loop {
+            {
+                let mut st = out.state.lock().expect("outgoing lock");
+                if st.queued.is_empty() {
+                    st.flushing = false;
+                    break;
+                }
+                std::mem::swap(&mut chunk, &mut st.queued);
+            }
+            let mut at = 0;
+            while at < chunk.len() {
+                let wrote = match out.socket.writable().await {
+                    Ok(()) => out.socket.try_write(&chunk[at..]),
+                    Err(e) => Err(e),
+                };
+                match wrote {
+                    Ok(n) => at += n,
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                    Err(_) => {
+                        out.state.lock().expect("outgoing lock").closed = true;
+                        return;
+                    }
+                }
+            }
+            chunk.clear();
+        }
+        if out.state.lock().expect("outgoing lock").closed {
             return;
         }
+    }
+}
+
+impl Drop for Client {
+    fn drop(&mut self) {
+        // Let the flush loop finish what is queued, then end and let go of the connection.
+        self.out.state.lock().expect("outgoing lock").closed = true;
+        self.out.wake.notify_one();
     }
 }
 

@@ -2,15 +2,14 @@
 //! (`hello`, malformed frames, rate limits) and hands every other request to the core.
 //! A writer task sends the core's frames back, many per write when they queue up.
 
-use std::sync::Arc;
-use std::sync::mpsc::Sender;
+use std::rc::Rc;
 use std::time::Instant;
 
 use serde::Deserialize;
 use tokio::io::{AsyncWriteExt, BufReader};
 use tokio::net::UnixStream;
 use tokio::net::unix::OwnedWriteHalf;
-use tokio::sync::mpsc::{UnboundedReceiver, unbounded_channel};
+use tokio::sync::mpsc::{UnboundedReceiver, UnboundedSender, unbounded_channel};
 
 use super::core::{Command, ConnId, Outbound, Outbox};
 use crate::platform;
@@ -19,7 +18,7 @@ use crate::wire::{self, FrameReader, ReadError};
 
 /// What every connection needs to know of its broker.
 pub struct ConnContext {
-    pub core: Sender<Command>,
+    pub core: UnboundedSender<Command>,
     pub uid: u32,
     pub protocol: u32,
     pub pid: u32,
@@ -68,10 +67,10 @@ fn error_frame(id: Option<u64>, code: ErrorCode, message: impl Into<String>) -> 
 }
 
 /// Serves one accepted connection until it closes.
-pub async fn serve(stream: UnixStream, conn: ConnId, ctx: Arc<ConnContext>) {
+pub async fn serve(stream: UnixStream, conn: ConnId, ctx: Rc<ConnContext>) {
     let (read, write) = stream.into_split();
     let (outbox, rx) = unbounded_channel();
-    let writer = tokio::spawn(write_frames(write, rx));
+    let writer = tokio::task::spawn_local(write_frames(write, rx));
     match platform::peer_uid(read.as_ref()) {
         Ok(uid) if uid == ctx.uid => {}
         other => {

@@ -1,19 +1,20 @@
-//! The broker's core: the one thread that owns the store and the table of who is online.
+//! The broker's core: the one task that owns the store and the table of who is online.
 //!
-//! Connection tasks turn frames into [`Command`]s; the core handles them in arrival order.
+//! The broker is single-threaded (a current-thread runtime), so handing a command from a
+//! connection task to the core costs no thread wake-up. Connection tasks turn frames into
+//! [`Command`]s; the core handles them in arrival order.
 //! Everything it takes in one wake-up is written in one SQLite transaction (group commit),
 //! and only after that commit does anything leave: answers, deliveries, log events. So a
 //! send answered with success is always on disk first, and a recipient never sees a
 //! message the store does not hold.
 //!
 //! Timers (sends waiting for acks, idle exit, retention sweeps) are deadlines checked
-//! between batches; the core sleeps in `recv_timeout` until the next one.
+//! between batches; the core sleeps until the next one or the next command.
 
 use std::collections::{HashMap, HashSet, VecDeque};
-use std::sync::mpsc::{Receiver, RecvTimeoutError};
 use std::time::{Duration, Instant};
 
-use tokio::sync::mpsc::UnboundedSender;
+use tokio::sync::mpsc::{UnboundedReceiver, UnboundedSender};
 
 use crate::config::Limits;
 use crate::names::PeerName;
@@ -143,19 +144,18 @@ impl Core {
 
     /// Runs until shutdown is asked for, the idle timeout passes, or every sender is gone.
     /// Returns why it stopped.
-    pub fn run(mut self, rx: Receiver<Command>) -> String {
+    pub async fn run(mut self, mut rx: UnboundedReceiver<Command>) -> String {
         let mut batch = Vec::with_capacity(64);
         loop {
-            let timeout = self
-                .next_deadline()
-                .saturating_duration_since(Instant::now());
-            match rx.recv_timeout(timeout) {
-                Ok(cmd) => batch.push(cmd),
-                Err(RecvTimeoutError::Timeout) => {}
-                Err(RecvTimeoutError::Disconnected) => {
-                    self.stopping
-                        .get_or_insert_with(|| "listener closed".into());
-                }
+            let deadline = tokio::time::Instant::from_std(self.next_deadline());
+            tokio::select! {
+                cmd = rx.recv() => match cmd {
+                    Some(cmd) => batch.push(cmd),
+                    None => {
+                        self.stopping.get_or_insert_with(|| "listener closed".into());
+                    }
+                },
+                _ = tokio::time::sleep_until(deadline) => {}
             }
             while batch.len() < MAX_BATCH {
                 match rx.try_recv() {

@@ -11,12 +11,11 @@ pub mod core;
 use std::fs::{File, OpenOptions};
 use std::io::Write;
 use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
-use std::sync::Arc;
+use std::rc::Rc;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 use tokio::net::UnixListener;
-use tokio::sync::watch;
 
 use crate::config::Limits;
 use crate::paths::Paths;
@@ -87,11 +86,13 @@ pub fn run(opts: BrokerOptions) -> Result<()> {
         );
     };
     let store = Store::open(&paths.db)?;
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
+    // One thread: connection tasks and the core hand work to each other without waking
+    // other threads.
+    let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
-    let result = runtime.block_on(serve(&opts, store));
+    let local = tokio::task::LocalSet::new();
+    let result = local.block_on(&runtime, serve(&opts, store));
     // Connection tasks have been told to close; give them a moment to write their last frames.
     runtime.shutdown_timeout(Duration::from_millis(500));
     // The socket goes before the lock, so a new broker never sees a live-looking socket
@@ -127,17 +128,10 @@ async fn serve(opts: &BrokerOptions, store: Store) -> Result<()> {
         database: paths.db.display().to_string(),
     };
     let core = Core::new(store, opts.limits.clone(), info)?;
-    let (core_tx, core_rx) = std::sync::mpsc::channel::<Command>();
-    let (stopped_tx, mut stopped_rx) = watch::channel(false);
-    let core_thread = std::thread::Builder::new()
-        .name("core".into())
-        .spawn(move || {
-            let reason = core.run(core_rx);
-            let _ = stopped_tx.send(true);
-            reason
-        })?;
+    let (core_tx, core_rx) = tokio::sync::mpsc::unbounded_channel::<Command>();
+    let mut core_task = tokio::task::spawn_local(core.run(core_rx));
 
-    let ctx = Arc::new(ConnContext {
+    let ctx = Rc::new(ConnContext {
         core: core_tx.clone(),
         uid: platform::current_uid(),
         protocol: opts.protocol,
@@ -159,23 +153,23 @@ async fn serve(opts: &BrokerOptions, store: Store) -> Result<()> {
             accepted = listener.accept() => match accepted {
                 Ok((stream, _)) => {
                     next_conn += 1;
-                    tokio::spawn(conn::serve(stream, next_conn, ctx.clone()));
+                    tokio::task::spawn_local(conn::serve(stream, next_conn, ctx.clone()));
                 }
                 Err(e) => {
                     tracing::warn!("accept failed: {e}");
                     tokio::time::sleep(Duration::from_millis(10)).await;
                 }
             },
-            _ = stopped_rx.changed() => break,
+            reason = &mut core_task => {
+                let reason = reason.map_err(|_| anyhow::anyhow!("the broker core panicked"))?;
+                tracing::info!("broker stopped: {reason}");
+                break;
+            }
             _ = sigterm.recv() => { let _ = core_tx.send(Command::Shutdown { reason: "SIGTERM".into() }); }
             _ = sigint.recv() => { let _ = core_tx.send(Command::Shutdown { reason: "SIGINT".into() }); }
         }
     }
     drop(listener);
-    let reason = tokio::task::spawn_blocking(move || core_thread.join())
-        .await?
-        .map_err(|_| anyhow::anyhow!("the core thread panicked"))?;
-    tracing::info!("broker stopped: {reason}");
     // Let writers flush the final answers before the runtime is shut down.
     tokio::time::sleep(Duration::from_millis(20)).await;
     Ok(())
