@@ -515,8 +515,12 @@ fn a_foreign_uid_is_refused_even_with_open_permissions() {
         std::fs::set_permissions(p, std::fs::Permissions::from_mode(0o777)).unwrap();
     }
     std::fs::set_permissions(&home.paths.socket, std::fs::Permissions::from_mode(0o666)).unwrap();
-    let exe = std::env::current_exe().unwrap();
-    let out = std::process::Command::new(exe)
+    // A copy of this test binary that the other uid can surely execute, wherever the
+    // checkout lives.
+    let exe = home.dir.path().join("foreign-client");
+    std::fs::copy(std::env::current_exe().unwrap(), &exe).unwrap();
+    std::fs::set_permissions(&exe, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let out = std::process::Command::new(&exe)
         .args([
             "--exact",
             "foreign_client_helper",
