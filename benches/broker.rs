@@ -183,7 +183,7 @@ async fn throughput(rows: &mut Vec<Row>) {
     let a = broker.peer("a").await;
     let _acker = spawn_acker(&broker, "b");
     const N: usize = 100_000;
-    const WINDOW: usize = 2000;
+    const WINDOW: usize = 5000;
     let text = "y".repeat(100);
     let t = Instant::now();
     let mut inflight = std::collections::VecDeque::with_capacity(WINDOW);

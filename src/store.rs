@@ -7,6 +7,11 @@
 //!
 //! A message has one row in `messages` and one row per recipient in `deliveries`, whose
 //! `state` is 0 (queued: not yet acked by the recipient) or 1 (delivered).
+//!
+//! The schema is lean on purpose: every index costs a page write per send, and page
+//! writes are what a send costs. Message ids are UUIDv7, so id order is time order: the
+//! primary key serves history (`log`) and retention (an id range) without more indexes.
+//! The only secondary index holds the queued deliveries, for redelivery on reconnect.
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -40,19 +45,20 @@ CREATE TABLE messages (
     in_reply_to TEXT,
     sent_at INTEGER NOT NULL,
     expires_at INTEGER NOT NULL
-);
-CREATE INDEX messages_expires ON messages(expires_at);
-CREATE INDEX messages_sender ON messages(sender, id);
+) WITHOUT ROWID;
 CREATE TABLE deliveries (
     message_id TEXT NOT NULL,
     recipient TEXT NOT NULL,
     state INTEGER NOT NULL DEFAULT 0,
     delivered_at INTEGER,
-    PRIMARY KEY (recipient, message_id)
+    PRIMARY KEY (message_id, recipient)
 ) WITHOUT ROWID;
-CREATE INDEX deliveries_message ON deliveries(message_id);
 CREATE INDEX deliveries_queued ON deliveries(recipient, message_id) WHERE state = 0;
 "#];
+
+/// WAL size (in pages) past which the checkpointer makes writers wait so the WAL can
+/// start over: about 16 MiB.
+const WAL_RESTART_PAGES: i64 = 4096;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -149,14 +155,57 @@ impl Store {
             .map_err(open_err)?;
         conn.pragma_update(None, "temp_store", "MEMORY")
             .map_err(open_err)?;
-        // SQLite's own checkpoint every 1000 WAL pages keeps the WAL small and in the page
-        // cache. (A checkpoint thread beside the writer never completes under steady load,
-        // so the WAL grows without bound and every write gets slower: measured.)
-        conn.pragma_update(None, "wal_autocheckpoint", 1000)
+        // Checkpoints (which fsync) run on their own thread, see
+        // [`Store::spawn_checkpointer`]: a commit is then a few writes to the WAL, never a
+        // wait for the disk.
+        conn.pragma_update(None, "wal_autocheckpoint", 0)
             .map_err(open_err)?;
         let mut store = Self { conn };
         store.migrate(&shown)?;
         Ok(store)
+    }
+
+    /// Starts the thread that copies the WAL back into the database: a passive
+    /// checkpoint every 50 ms, which never blocks the writer; and when steady writing has
+    /// kept those from finishing and the WAL has passed [`WAL_RESTART_PAGES`], a restart
+    /// checkpoint, which briefly holds writers so the WAL can start over small. Ends when
+    /// `stop` is dropped.
+    pub fn spawn_checkpointer(
+        path: &Path,
+        stop: std::sync::mpsc::Receiver<()>,
+    ) -> Result<std::thread::JoinHandle<()>, StoreError> {
+        let conn = Connection::open(path).map_err(|source| StoreError::Open {
+            path: path.display().to_string(),
+            source,
+        })?;
+        conn.busy_timeout(std::time::Duration::from_secs(2))?;
+        let handle = std::thread::Builder::new()
+            .name("checkpoint".into())
+            .spawn(move || {
+                let every = std::time::Duration::from_millis(50);
+                while let Err(std::sync::mpsc::RecvTimeoutError::Timeout) = stop.recv_timeout(every)
+                {
+                    let checkpoint = |mode: &str| {
+                        conn.query_row(&format!("PRAGMA wal_checkpoint({mode})"), [], |r| {
+                            r.get::<_, i64>(1)
+                        })
+                    };
+                    match checkpoint("PASSIVE") {
+                        Ok(pages) if pages > WAL_RESTART_PAGES => {
+                            if let Err(e) = checkpoint("RESTART") {
+                                tracing::warn!("checkpoint failed: {e}");
+                            }
+                        }
+                        Ok(_) => {}
+                        Err(e) => tracing::warn!("checkpoint failed: {e}"),
+                    }
+                }
+            })
+            .map_err(|e| StoreError::Open {
+                path: path.display().to_string(),
+                source: rusqlite::Error::ToSqlConversionFailure(Box::new(e)),
+            })?;
+        Ok(handle)
     }
 
     fn migrate(&mut self, shown: &str) -> Result<(), StoreError> {
@@ -360,16 +409,13 @@ impl Store {
                 stmt.query_map([limit], map)?.collect::<Result<_, _>>()?
             }
             Some(peer) => {
-                // Two indexed halves (sent by, sent to), merged; each is bounded by `limit`.
+                // Newest first until `limit` rows involve the peer: fast for active peers;
+                // a peer silent for long costs a longer scan (no sender index, to keep
+                // sends cheap).
                 let sql = format!(
-                    "SELECT * FROM (
-                       SELECT {COLS} FROM messages m JOIN deliveries d ON d.message_id = m.id
-                       WHERE m.sender = ?1 ORDER BY m.id DESC LIMIT ?2)
-                     UNION
-                     SELECT * FROM (
-                       SELECT {COLS} FROM deliveries d JOIN messages m ON m.id = d.message_id
-                       WHERE d.recipient = ?1 ORDER BY d.message_id DESC LIMIT ?2)
-                     ORDER BY 1 DESC, 3 LIMIT ?2"
+                    "SELECT {COLS} FROM messages m JOIN deliveries d ON d.message_id = m.id
+                     WHERE m.sender = ?1 OR d.recipient = ?1
+                     ORDER BY m.id DESC, d.recipient LIMIT ?2"
                 );
                 let mut stmt = self.conn.prepare_cached(&sql)?;
                 stmt.query_map(params![peer, limit], map)?
@@ -404,22 +450,26 @@ impl Store {
             .is_some())
     }
 
-    /// Removes expired messages (delivered or not) and peers last seen before
-    /// `peers_before` that have no queued mail, except those in `keep`.
+    /// Removes messages sent before `sent_before` whose expiry has passed (delivered or
+    /// not), and peers last seen before `peers_before` that have no queued mail, except
+    /// those `keep` names.
     pub fn sweep(
         &self,
         now: Millis,
+        sent_before: Millis,
         peers_before: Millis,
         keep: &dyn Fn(&str) -> bool,
     ) -> Result<Swept, StoreError> {
+        let cutoff = id_floor(sent_before);
         self.conn.execute(
             "DELETE FROM deliveries WHERE message_id IN
-               (SELECT id FROM messages WHERE expires_at <= ?1)",
-            [now],
+               (SELECT id FROM messages WHERE id < ?1 AND expires_at <= ?2)",
+            params![cutoff, now],
         )?;
-        let messages =
-            self.conn
-                .execute("DELETE FROM messages WHERE expires_at <= ?1", [now])? as u64;
+        let messages = self.conn.execute(
+            "DELETE FROM messages WHERE id < ?1 AND expires_at <= ?2",
+            params![cutoff, now],
+        )? as u64;
         let stale: Vec<String> = {
             let mut stmt = self.conn.prepare(
                 "SELECT name FROM peers WHERE last_seen < ?1 AND NOT EXISTS
@@ -436,6 +486,13 @@ impl Store {
         }
         Ok(Swept { messages, peers })
     }
+}
+
+/// The smallest UUIDv7 string of a message sent at `ms`: ids sort by time, so every
+/// message sent earlier has a smaller id.
+fn id_floor(ms: Millis) -> String {
+    let ms = ms.max(0) as u64;
+    format!("{:08x}-{:04x}", (ms >> 16) & 0xffff_ffff, ms & 0xffff)
 }
 
 /// Reads a row of the columns `id, sender, recipient, text, in_reply_to, sent_at, state,
@@ -466,6 +523,25 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let s = Store::open(&dir.path().join("t.db")).unwrap();
         (dir, s)
+    }
+
+    #[test]
+    fn id_floor_orders_like_uuid_v7() {
+        let at = 1_700_000_000_123;
+        let earlier = uuid::Uuid::new_v7(uuid::Timestamp::from_unix(
+            uuid::NoContext,
+            (at / 1000 - 1) as u64,
+            0,
+        ))
+        .to_string();
+        let later = uuid::Uuid::new_v7(uuid::Timestamp::from_unix(
+            uuid::NoContext,
+            (at / 1000 + 1) as u64,
+            0,
+        ))
+        .to_string();
+        assert!(earlier < id_floor(at), "{earlier} < {}", id_floor(at));
+        assert!(later > id_floor(at), "{later} > {}", id_floor(at));
     }
 
     fn msg<'a>(id: &'a str, text: &'a str, sent_at: Millis) -> NewMessage<'a> {
@@ -518,11 +594,13 @@ mod tests {
             })
             .unwrap();
         }
-        s.insert_message(&msg("m1", "expired", 0), &["old"])
+        let old_id = format!("{}-7000-8000-000000000001", id_floor(0));
+        let fresh_id = format!("{}-7000-8000-000000000002", id_floor(5000));
+        s.insert_message(&msg(&old_id, "expired", 0), &["old"])
             .unwrap();
-        s.insert_message(&msg("m2", "fresh", 5000), &["busy"])
+        s.insert_message(&msg(&fresh_id, "fresh", 5000), &["busy"])
             .unwrap();
-        let swept = s.sweep(2000, 100, &|n| n == "online").unwrap();
+        let swept = s.sweep(2000, 2000, 100, &|n| n == "online").unwrap();
         assert_eq!(
             swept,
             Swept {

@@ -992,7 +992,10 @@ impl Core {
         }
         let before = now.saturating_sub(self.limits.retention.as_millis() as Millis);
         let online = &self.online;
-        match self.store.sweep(now, before, &|n| online.contains_key(n)) {
+        match self
+            .store
+            .sweep(now, before, before, &|n| online.contains_key(n))
+        {
             Ok(swept) => {
                 if swept.messages > 0 || swept.peers > 0 {
                     tracing::info!(

@@ -86,8 +86,10 @@ pub fn run(opts: BrokerOptions) -> Result<()> {
         );
     };
     let store = Store::open(&paths.db)?;
+    let (stop_checkpoints, checkpoint_rx) = std::sync::mpsc::channel();
+    let checkpointer = Store::spawn_checkpointer(&paths.db, checkpoint_rx)?;
     // One thread: connection tasks and the core hand work to each other without waking
-    // other threads.
+    // other threads. SQLite's fsyncs happen on the checkpoint thread.
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
@@ -95,6 +97,8 @@ pub fn run(opts: BrokerOptions) -> Result<()> {
     let result = local.block_on(&runtime, serve(&opts, store));
     // Connection tasks have been told to close; give them a moment to write their last frames.
     runtime.shutdown_timeout(Duration::from_millis(500));
+    drop(stop_checkpoints);
+    let _ = checkpointer.join();
     // The socket goes before the lock, so a new broker never sees a live-looking socket
     // it does not own.
     let _ = std::fs::remove_file(&paths.socket);
