@@ -285,6 +285,13 @@ impl Client {
         self.out.send(&buf).map_err(|_| ClientError::Disconnected)
     }
 
+    /// Takes the event stream out, so the client can be shared for calls while one task
+    /// reads events. Afterwards [`Client::next_event`] returns `None`.
+    pub fn take_events(&mut self) -> mpsc::UnboundedReceiver<Event> {
+        let (_, empty) = mpsc::unbounded_channel();
+        std::mem::replace(&mut self.events, empty)
+    }
+
     /// A delivery or log event that has already arrived, without waiting.
     pub fn try_next_event(&mut self) -> Option<Event> {
         self.events.try_recv().ok()

@@ -5,7 +5,8 @@
 //! - [`broker`]: the per-user daemon. It owns the SQLite [`store`], knows who is online (an
 //!   open connection), and routes, queues and redelivers messages over a private Unix
 //!   socket. Clients start it on demand.
-//! - `serve` (issue 3): the MCP stdio server Claude Code runs per session.
+//! - [`serve`]: the MCP stdio server Claude Code runs per session; pushes deliveries
+//!   into the session as channel events.
 //! - [`cli`]: `status`, `peers`, `send`, `log`, `stop` for people and scripts.
 //!
 //! Shared pieces: [`protocol`] (the wire types, one definition for both ends), [`wire`]
@@ -25,5 +26,6 @@ pub mod names;
 pub mod paths;
 pub mod platform;
 pub mod protocol;
+pub mod serve;
 pub mod store;
 pub mod wire;

@@ -34,7 +34,18 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             opts.protocol = args.protocol_version;
             broker::run(opts)
         }
-        Command::Serve(_args) => anyhow::bail!("serve is not implemented yet"),
+        Command::Serve(args) => {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?;
+            rt.block_on(claude_peers::serve::run(
+                paths,
+                args.name.as_deref(),
+                args.push,
+            ))?;
+            // Do not wait for background tasks (the broker connection): the session is over.
+            std::process::exit(0)
+        }
         command => {
             let rt = tokio::runtime::Builder::new_current_thread()
                 .enable_all()

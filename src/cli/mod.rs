@@ -96,7 +96,7 @@ pub struct ServeArgs {
     pub name: Option<String>,
     /// Push messages into the session: auto (when the client declares channel support), always, never.
     #[arg(long, env = "CLAUDE_PEERS_PUSH", default_value = "auto")]
-    pub push: String,
+    pub push: crate::serve::PushMode,
 }
 
 #[derive(Debug, Args)]

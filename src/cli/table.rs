@@ -68,6 +68,13 @@ pub fn timestamp(ms: Millis) -> String {
         .unwrap_or_else(|_| ms.to_string())
 }
 
+/// A timestamp as RFC 3339 in UTC, to the millisecond.
+pub fn timestamp_rfc3339(ms: Millis) -> String {
+    jiff::Timestamp::from_millisecond(ms)
+        .map(|t| t.to_string())
+        .unwrap_or_else(|_| ms.to_string())
+}
+
 /// `path` with the home directory shown as `~`.
 pub fn short_path(path: &str) -> String {
     match std::env::var("HOME") {
