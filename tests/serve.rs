@@ -1,0 +1,506 @@
+//! `claude-peers serve` driven as Claude Code drives it: the real binary over stdio, with
+//! rmcp's client.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::io::{BufRead, BufReader, Write};
+use std::path::Path;
+use std::process::Stdio;
+use std::time::Duration;
+
+use common::*;
+use rmcp::model::{
+    CallToolRequestParams, CallToolResult, ClientCapabilities, ClientConfig, CustomNotification,
+    Implementation, JsonObject, ProtocolVersion,
+};
+use rmcp::service::{NotificationContext, RoleClient, RunningService};
+use rmcp::transport::TokioChildProcess;
+use rmcp::{ClientHandler, ServiceExt};
+use serde_json::{Value, json};
+use tokio::sync::mpsc;
+
+/// A test MCP client: declares the channel capability (or not) and collects channel events.
+struct TestClient {
+    channel: bool,
+    events: mpsc::UnboundedSender<Value>,
+}
+
+impl ClientHandler for TestClient {
+    fn get_info(&self) -> ClientConfig {
+        let mut caps = ClientCapabilities::default();
+        if self.channel {
+            let mut exp = BTreeMap::new();
+            exp.insert("claude/channel".to_string(), JsonObject::new());
+            caps = ClientCapabilities::builder()
+                .enable_experimental_with(exp)
+                .build();
+        }
+        ClientConfig::new(caps, Implementation::new("test-claude", "1.0"))
+            .with_protocol_version(ProtocolVersion::V_2025_11_25)
+    }
+
+    async fn on_custom_notification(
+        &self,
+        n: CustomNotification,
+        _c: NotificationContext<RoleClient>,
+    ) {
+        if n.method == "notifications/claude/channel" {
+            let _ = self.events.send(n.params.unwrap_or(Value::Null));
+        }
+    }
+}
+
+struct Session {
+    service: RunningService<RoleClient, TestClient>,
+    events: mpsc::UnboundedReceiver<Value>,
+}
+
+impl Home {
+    fn serve_cmd(
+        &self,
+        name: &str,
+        cwd: &Path,
+        extra_env: &[(&str, &str)],
+    ) -> tokio::process::Command {
+        let std_cmd = self.cmd();
+        let mut cmd = tokio::process::Command::from(std_cmd);
+        cmd.arg("serve")
+            .current_dir(cwd)
+            .env("CLAUDE_PEERS_NAME", name)
+            .stderr(Stdio::null());
+        for (k, v) in extra_env {
+            cmd.env(k, v);
+        }
+        cmd
+    }
+
+    async fn session(&self, name: &str, channel: bool) -> Session {
+        self.session_in(name, channel, self.dir.path(), &[]).await
+    }
+
+    async fn session_in(
+        &self,
+        name: &str,
+        channel: bool,
+        cwd: &Path,
+        env: &[(&str, &str)],
+    ) -> Session {
+        let (tx, events) = mpsc::unbounded_channel();
+        let transport = TokioChildProcess::new(self.serve_cmd(name, cwd, env)).unwrap();
+        let service = TestClient {
+            channel,
+            events: tx,
+        }
+        .serve(transport)
+        .await
+        .unwrap();
+        Session { service, events }
+    }
+}
+
+impl Session {
+    async fn call(&self, tool: &str, args: Value) -> CallToolResult {
+        let args = args.as_object().cloned().unwrap_or_default();
+        self.service
+            .call_tool(CallToolRequestParams::new(tool.to_string()).with_arguments(args))
+            .await
+            .unwrap()
+    }
+
+    /// Calls a tool that must succeed and returns its structured content.
+    async fn ok(&self, tool: &str, args: Value) -> Value {
+        let r = self.call(tool, args).await;
+        assert_eq!(r.is_error, Some(false), "{tool} failed: {r:?}");
+        r.structured_content.expect("structured content")
+    }
+
+    async fn whoami_when_ready(&self) -> Value {
+        // The first tool call waits for the broker connection.
+        self.ok("whoami", json!({})).await
+    }
+
+    async fn next_event(&mut self) -> Value {
+        tokio::time::timeout(Duration::from_secs(5), self.events.recv())
+            .await
+            .expect("a channel event within 5s")
+            .expect("event stream open")
+    }
+
+    async fn no_event(&mut self, quiet: Duration) {
+        if let Ok(Some(v)) = tokio::time::timeout(quiet, self.events.recv()).await {
+            panic!("unexpected channel event: {v}");
+        }
+    }
+}
+
+fn text_of(r: &CallToolResult) -> String {
+    r.content
+        .iter()
+        .filter_map(|c| c.as_text().map(|t| t.text.clone()))
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+#[test]
+fn discover_probe_then_initialize_handshake() {
+    let home = Home::new();
+    let mut child = home
+        .cmd()
+        .arg("serve")
+        .env("CLAUDE_PEERS_NAME", "probe")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut stdin = child.stdin.take().unwrap();
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    let mut send = |v: Value| writeln!(stdin, "{v}").unwrap();
+    send(
+        json!({"jsonrpc":"2.0","id":1,"method":"server/discover","params":{"_meta":{
+        "io.modelcontextprotocol/protocolVersion":"2025-11-25",
+        "io.modelcontextprotocol/clientCapabilities":{},
+        "io.modelcontextprotocol/clientInfo":{"name":"claude-code","version":"2"}}}}),
+    );
+    let v: Value = serde_json::from_str(&lines.next().unwrap().unwrap()).unwrap();
+    assert_eq!(v["id"], 1);
+    assert_eq!(v["error"]["code"], -32601, "{v}");
+    send(
+        json!({"jsonrpc":"2.0","id":2,"method":"initialize","params":{
+        "protocolVersion":"2025-11-25",
+        "capabilities":{"experimental":{"claude/channel":{}}},
+        "clientInfo":{"name":"claude-code","version":"2"}}}),
+    );
+    let v: Value = serde_json::from_str(&lines.next().unwrap().unwrap()).unwrap();
+    let r = &v["result"];
+    assert_eq!(r["protocolVersion"], "2025-11-25");
+    assert_eq!(r["serverInfo"]["name"], "claude-peers");
+    assert_eq!(
+        r["capabilities"]["experimental"]["claude/channel"],
+        json!({})
+    );
+    assert!(r["capabilities"]["tools"].is_object());
+    let instructions = r["instructions"].as_str().unwrap();
+    for must in [
+        "probe",
+        "send_message",
+        "SendMessage",
+        "in_reply_to",
+        "message_id",
+        "untrusted",
+    ] {
+        assert!(instructions.contains(must), "instructions lack {must:?}");
+    }
+    drop(stdin);
+    assert!(child.wait().unwrap().success(), "stdin closed: clean exit");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn tools_have_input_and_output_schemas() {
+    let home = Home::new();
+    let s = home.session("schemas", true).await;
+    let tools = s.service.list_all_tools().await.unwrap();
+    let mut names: Vec<_> = tools.iter().map(|t| t.name.to_string()).collect();
+    names.sort();
+    assert_eq!(
+        names,
+        [
+            "broadcast",
+            "check_messages",
+            "list_peers",
+            "list_sessions",
+            "send_message",
+            "set_summary",
+            "whoami"
+        ]
+    );
+    for t in &tools {
+        assert!(t.output_schema.is_some(), "{} has no output schema", t.name);
+        assert_eq!(t.input_schema["type"], "object", "{}", t.name);
+        assert!(t.description.as_ref().is_some_and(|d| !d.is_empty()));
+    }
+    let send = tools.iter().find(|t| t.name == "send_message").unwrap();
+    let props = send.input_schema["properties"].as_object().unwrap();
+    for p in ["to", "to_id", "message", "in_reply_to"] {
+        assert!(props.contains_key(p), "send_message lacks {p}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn two_sessions_exchange_a_message_and_a_threaded_reply() {
+    let home = Home::new();
+    let mut a = home.session("alice", true).await;
+    let mut b = home.session("bob", true).await;
+    assert_eq!(a.whoami_when_ready().await["name"], "alice");
+    assert_eq!(b.whoami_when_ready().await["name"], "bob");
+    a.ok("set_summary", json!({"summary": "fixing the login bug"}))
+        .await;
+
+    let sent = a
+        .ok(
+            "send_message",
+            json!({"to": "bob", "message": "what are you editing?"}),
+        )
+        .await;
+    let id = sent["message_id"].as_str().unwrap().to_string();
+    assert_eq!(sent["recipients"][0]["name"], "bob");
+    let ev = b.next_event().await;
+    assert_eq!(ev["content"], "what are you editing?");
+    let meta = ev["meta"].as_object().unwrap();
+    assert_eq!(meta["from"], "alice");
+    assert_eq!(meta["message_id"], id.as_str());
+    assert_eq!(meta["reply_tool"], "send_message");
+    assert_eq!(meta["from_summary"], "fixing the login bug");
+    assert_eq!(meta["from_cwd"], home.dir.path().display().to_string());
+    assert!(meta["sent_at"].as_str().unwrap().ends_with('Z'));
+    assert!(!meta.contains_key("in_reply_to"));
+    for (k, v) in meta {
+        assert!(
+            k.chars().all(|c| c.is_ascii_alphanumeric() || c == '_'),
+            "meta key {k}"
+        );
+        assert!(v.is_string(), "meta {k} is not a string");
+    }
+
+    // Reply with the other spelling of the recipient argument.
+    let reply = b
+        .ok(
+            "send_message",
+            json!({"to_id": "alice", "message": "auth.rs", "in_reply_to": id}),
+        )
+        .await;
+    let ev = a.next_event().await;
+    assert_eq!(ev["content"], "auth.rs");
+    assert_eq!(ev["meta"]["in_reply_to"], id.as_str());
+    assert_eq!(ev["meta"]["message_id"], reply["message_id"]);
+    assert_eq!(reply["recipients"][0]["state"], "delivered");
+    a.no_event(Duration::from_millis(200)).await;
+    b.no_event(Duration::from_millis(10)).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn repo_scope_spans_worktrees() {
+    let home = Home::new();
+    let repo = home.dir.path().join("repo");
+    std::fs::create_dir(&repo).unwrap();
+    let git = |args: &[&str], dir: &Path| {
+        let out = std::process::Command::new("git")
+            .args([
+                "-c",
+                "user.name=t",
+                "-c",
+                "user.email=t@t",
+                "-c",
+                "init.defaultBranch=main",
+            ])
+            .args(args)
+            .current_dir(dir)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "git {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    git(&["init", "-q"], &repo);
+    git(&["commit", "-q", "--allow-empty", "-m", "init"], &repo);
+    let wt = home.dir.path().join("wt");
+    git(
+        &[
+            "worktree",
+            "add",
+            "-q",
+            "-b",
+            "feature",
+            wt.to_str().unwrap(),
+        ],
+        &repo,
+    );
+    let elsewhere = home.dir.path().join("elsewhere");
+    std::fs::create_dir(&elsewhere).unwrap();
+
+    let main = home.session_in("main", true, &repo, &[]).await;
+    let side = home.session_in("side", true, &wt, &[]).await;
+    let other = home.session_in("other", true, &elsewhere, &[]).await;
+    for s in [&main, &side, &other] {
+        s.whoami_when_ready().await;
+    }
+    let me = main.ok("whoami", json!({})).await;
+    assert_eq!(me["branch"], "main");
+    let peers = main.ok("list_peers", json!({"scope": "repo"})).await;
+    let names: Vec<_> = peers["peers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p["name"].clone())
+        .collect();
+    assert_eq!(names, [json!("side")]);
+    assert_eq!(peers["peers"][0]["branch"], "feature");
+    let all = main.ok("list_peers", json!({})).await;
+    assert_eq!(all["peers"].as_array().unwrap().len(), 2);
+    let sessions = other.ok("list_sessions", json!({})).await;
+    assert_eq!(sessions["peers"].as_array().unwrap().len(), 2);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn without_the_channel_capability_mail_waits_for_check_messages() {
+    let home = Home::new();
+    let a = home.session("alice", true).await;
+    let mut b = home.session("bob", false).await;
+    assert_eq!(b.whoami_when_ready().await["delivery"], "poll");
+    a.whoami_when_ready().await;
+    let sent = a
+        .ok("send_message", json!({"to": "bob", "message": "ping"}))
+        .await;
+    assert_eq!(sent["recipients"][0]["state"], "queued");
+    b.no_event(Duration::from_millis(300)).await;
+
+    let r = b.call("whoami", json!({})).await;
+    assert!(
+        text_of(&r).contains("1 unread peer message"),
+        "{}",
+        text_of(&r)
+    );
+    let got = b.ok("check_messages", json!({})).await;
+    let msgs = got["messages"].as_array().unwrap();
+    assert_eq!(msgs.len(), 1);
+    assert_eq!(msgs[0]["text"], "ping");
+    assert_eq!(msgs[0]["from"], "alice");
+    assert_eq!(msgs[0]["message_id"], sent["message_id"]);
+    let again = b.ok("check_messages", json!({})).await;
+    assert_eq!(again["messages"], json!([]), "read once only");
+    let r = b.call("whoami", json!({})).await;
+    assert!(!text_of(&r).contains("unread"), "{}", text_of(&r));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn push_mode_never_forces_polling() {
+    let home = Home::new();
+    let b = home
+        .session_in(
+            "bob",
+            true,
+            home.dir.path(),
+            &[("CLAUDE_PEERS_PUSH", "never")],
+        )
+        .await;
+    assert_eq!(b.whoami_when_ready().await["delivery"], "poll");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn bad_tool_input_is_a_clear_tool_error() {
+    let home = Home::new();
+    let a = home.session("alice", true).await;
+    a.whoami_when_ready().await;
+    let r = a
+        .call("send_message", json!({"message": "to nobody"}))
+        .await;
+    assert_eq!(r.is_error, Some(true));
+    assert!(text_of(&r).contains("needs `to`"), "{}", text_of(&r));
+    let r = a.call("send_message", json!({"to": "bob"})).await;
+    assert_eq!(r.is_error, Some(true));
+    assert!(text_of(&r).contains("message"), "{}", text_of(&r));
+    let r = a
+        .call("send_message", json!({"to": "bob", "message": 42}))
+        .await;
+    assert_eq!(r.is_error, Some(true));
+    assert!(text_of(&r).contains("invalid type"), "{}", text_of(&r));
+    let r = a.call("list_peers", json!({"scope": "galaxy"})).await;
+    assert_eq!(r.is_error, Some(true));
+    let r = a
+        .call(
+            "send_message",
+            json!({"to": "nobody-here", "message": "hi"}),
+        )
+        .await;
+    assert_eq!(r.is_error, Some(true));
+    assert!(text_of(&r).contains("no peer is named"), "{}", text_of(&r));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn broker_killed_mid_session_loses_and_doubles_nothing() {
+    let home = Home::new();
+    let mut a = home.session("alice", true).await;
+    let mut b = home.session("bob", true).await;
+    a.whoami_when_ready().await;
+    b.whoami_when_ready().await;
+    let first = a
+        .ok("send_message", json!({"to": "bob", "message": "before"}))
+        .await;
+    assert_eq!(
+        b.next_event().await["meta"]["message_id"],
+        first["message_id"]
+    );
+
+    // kill -9 the auto-started broker.
+    let pid: i32 = std::fs::read_to_string(&home.paths.lock)
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    rustix::process::kill_process(
+        rustix::process::Pid::from_raw(pid).unwrap(),
+        rustix::process::Signal::KILL,
+    )
+    .unwrap();
+    wait_for(
+        || !claude_peers::platform::process_exists(pid as u32),
+        "broker death",
+    );
+
+    // Tools wait for the reconnect (a new broker is started), then work as before, under
+    // the same names.
+    let after = a
+        .ok("send_message", json!({"to": "bob", "message": "after"}))
+        .await;
+    let ev = b.next_event().await;
+    assert_eq!(ev["content"], "after");
+    assert_eq!(ev["meta"]["message_id"], after["message_id"]);
+    assert_eq!(b.ok("whoami", json!({})).await["name"], "bob");
+    let back = b
+        .ok("send_message", json!({"to": "alice", "message": "got it"}))
+        .await;
+    assert_eq!(
+        a.next_event().await["meta"]["message_id"],
+        back["message_id"]
+    );
+    b.no_event(Duration::from_millis(300)).await;
+    a.no_event(Duration::from_millis(10)).await;
+}
+
+#[test]
+fn stdin_closed_means_exit() {
+    let home = Home::new();
+    let mut child = home
+        .cmd()
+        .arg("serve")
+        .env("CLAUDE_PEERS_NAME", "quitter")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut stdin = child.stdin.take().unwrap();
+    writeln!(
+        stdin,
+        "{}",
+        json!({"jsonrpc":"2.0","id":1,"method":"initialize","params":{"protocolVersion":"2025-11-25","capabilities":{},"clientInfo":{"name":"t","version":"1"}}})
+    )
+    .unwrap();
+    std::thread::sleep(Duration::from_millis(200));
+    drop(stdin);
+    let deadline = std::time::Instant::now() + Duration::from_secs(1);
+    loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            assert!(status.success());
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "serve still running 1s after stdin closed"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
