@@ -1,0 +1,205 @@
+//! End-to-end benchmarks of `claude-peers serve`: real serve processes (release build)
+//! driven by rmcp's client over stdio, a real broker, messages persisted on the way.
+//! Prints one table. Run with `cargo bench --bench serve`.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::process::Stdio;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use rmcp::model::{
+    CallToolRequestParams, ClientCapabilities, ClientConfig, CustomNotification, Implementation,
+    JsonObject, ProtocolVersion,
+};
+use rmcp::service::{NotificationContext, RoleClient, RunningService};
+use rmcp::transport::TokioChildProcess;
+use rmcp::{ClientHandler, ServiceExt};
+use serde_json::json;
+use tokio::sync::mpsc;
+
+const BIN: &str = env!("CARGO_BIN_EXE_claude-peers");
+
+struct Channel {
+    events: mpsc::UnboundedSender<Instant>,
+}
+
+impl ClientHandler for Channel {
+    fn get_info(&self) -> ClientConfig {
+        let mut exp = BTreeMap::new();
+        exp.insert("claude/channel".to_string(), JsonObject::new());
+        ClientConfig::new(
+            ClientCapabilities::builder().enable_experimental_with(exp).build(),
+            Implementation::new("bench", "1"),
+        )
+        .with_protocol_version(ProtocolVersion::V_2025_11_25)
+    }
+
+    async fn on_custom_notification(&self, _n: CustomNotification, _c: NotificationContext<RoleClient>) {
+        let _ = self.events.send(Instant::now());
+    }
+}
+
+struct Env {
+    dir: tempfile::TempDir,
+}
+
+impl Env {
+    fn new() -> Self {
+        Self {
+            dir: tempfile::Builder::new().prefix("cps-").tempdir_in("/tmp").unwrap(),
+        }
+    }
+
+    fn home(&self) -> PathBuf {
+        self.dir.path().join("h")
+    }
+
+    fn command(&self, name: &str) -> tokio::process::Command {
+        let mut cmd = tokio::process::Command::new(BIN);
+        cmd.arg("serve")
+            .env("CLAUDE_PEERS_HOME", self.home())
+            .env("CLAUDE_PEERS_NAME", name)
+            .env("CLAUDE_PEERS_SEND_RATE", "0")
+            .env("CLAUDE_PEERS_LOG", "warn")
+            .current_dir(self.dir.path())
+            .stderr(Stdio::null());
+        cmd
+    }
+
+    /// A session; returns once initialize is answered, with its pid and event stream.
+    async fn session(&self, name: &str) -> (RunningService<RoleClient, Channel>, u32, mpsc::UnboundedReceiver<Instant>) {
+        let (tx, rx) = mpsc::unbounded_channel();
+        let transport = TokioChildProcess::new(self.command(name)).unwrap();
+        let pid = transport.id().unwrap();
+        let s = Channel { events: tx }.serve(transport).await.unwrap();
+        (s, pid, rx)
+    }
+
+    fn stop(&self) {
+        let _ = std::process::Command::new(BIN)
+            .arg("stop")
+            .env("CLAUDE_PEERS_HOME", self.home())
+            .output();
+    }
+}
+
+impl Drop for Env {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+fn send_args(to: &str, text: &str) -> CallToolRequestParams {
+    CallToolRequestParams::new("send_message")
+        .with_arguments(json!({"to": to, "message": text}).as_object().unwrap().clone())
+}
+
+fn percentile(sorted: &[Duration], p: f64) -> Duration {
+    sorted[((sorted.len() as f64 - 1.0) * p).round() as usize]
+}
+
+fn us(d: Duration) -> String {
+    format!("{:.0} us", d.as_secs_f64() * 1e6)
+}
+
+fn rss_mb(pid: u32) -> f64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
+        .unwrap_or(0.0)
+        / 1024.0
+}
+
+async fn wait_ready(s: &RunningService<RoleClient, Channel>) {
+    let r = s
+        .call_tool(CallToolRequestParams::new("whoami"))
+        .await
+        .unwrap();
+    assert_eq!(r.is_error, Some(false), "{r:?}");
+}
+
+#[tokio::main(flavor = "multi_thread", worker_threads = 2)]
+async fn main() {
+    let mut rows: Vec<(&str, &str, String)> = Vec::new();
+
+    // Spawn -> initialize answered, with no broker (the first session starts one) and
+    // with a running broker.
+    let env = Env::new();
+    let t = Instant::now();
+    let (first, _, _) = env.session("first").await;
+    let cold = t.elapsed();
+    wait_ready(&first).await;
+    let mut warm = Vec::new();
+    for i in 0..20 {
+        let t = Instant::now();
+        let (s, _, _) = env.session(&format!("w{i}")).await;
+        warm.push(t.elapsed());
+        let _ = s.cancel().await;
+    }
+    warm.sort();
+    let _ = first.cancel().await;
+    drop(env);
+
+    let env = Env::new();
+    let (a, a_pid, _) = env.session("a").await;
+    let (b, b_pid, mut b_events) = env.session("b").await;
+    wait_ready(&a).await;
+    wait_ready(&b).await;
+    let text = "x".repeat(100);
+    for _ in 0..300 {
+        a.call_tool(send_args("b", &text)).await.unwrap();
+        b_events.recv().await.unwrap();
+    }
+    let mut lat = Vec::with_capacity(3000);
+    for _ in 0..3000 {
+        let t = Instant::now();
+        let call = a.call_tool(send_args("b", &text));
+        let (r, seen) = tokio::join!(call, b_events.recv());
+        assert_eq!(r.unwrap().is_error, Some(false));
+        lat.push(seen.unwrap().duration_since(t));
+    }
+    lat.sort();
+
+    // Many sends in flight.
+    const N: usize = 20_000;
+    const IN_FLIGHT: usize = 64;
+    let a = Arc::new(a);
+    let t = Instant::now();
+    let sender = {
+        let a = a.clone();
+        tokio::spawn(async move {
+            let sem = Arc::new(tokio::sync::Semaphore::new(IN_FLIGHT));
+            for _ in 0..N {
+                let permit = sem.clone().acquire_owned().await.unwrap();
+                let a = a.clone();
+                tokio::spawn(async move {
+                    let r = a.call_tool(send_args("b", "y")).await.unwrap();
+                    assert_eq!(r.is_error, Some(false), "{r:?}");
+                    drop(permit);
+                });
+            }
+        })
+    };
+    for _ in 0..N {
+        b_events.recv().await.unwrap();
+    }
+    let rate = N as f64 / t.elapsed().as_secs_f64();
+    sender.await.unwrap();
+    let rss_a = rss_mb(a_pid);
+    let rss_b = rss_mb(b_pid);
+
+    rows.push(("send_message in A -> channel event in B, p50", "<= 300 us", us(percentile(&lat, 0.5))));
+    rows.push(("send_message in A -> channel event in B, p99", "<= 2 ms", us(percentile(&lat, 0.99))));
+    rows.push(("messages/s, 64 sends in flight", ">= 5,000", format!("{rate:.0}")));
+    rows.push(("serve RSS after the runs (sender / receiver)", "<= 10 MB", format!("{rss_a:.1} / {rss_b:.1} MB")));
+    rows.push(("spawn -> initialize answered, broker running, p50", "<= 50 ms", format!("{:.1} ms", percentile(&warm, 0.5).as_secs_f64() * 1e3)));
+    rows.push(("spawn -> initialize answered, no broker yet", "<= 150 ms", format!("{:.1} ms", cold.as_secs_f64() * 1e3)));
+    println!();
+    println!("{:<52} {:<12} measured", "figure (end to end through serve)", "target");
+    for (f, t, m) in rows {
+        println!("{f:<52} {t:<12} {m}");
+    }
+}
