@@ -8,10 +8,6 @@ use claude_peers::broker::{self, BrokerOptions};
 use claude_peers::cli::{self, Cli, Command};
 use claude_peers::paths::Paths;
 
-/// The broker allocates a little for every frame; mimalloc makes that measurably cheaper
-/// than the system allocator (see the README's Performance section).
-#[global_allocator]
-static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
