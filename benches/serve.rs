@@ -29,13 +29,19 @@ impl ClientHandler for Channel {
         let mut exp = BTreeMap::new();
         exp.insert("claude/channel".to_string(), JsonObject::new());
         ClientConfig::new(
-            ClientCapabilities::builder().enable_experimental_with(exp).build(),
+            ClientCapabilities::builder()
+                .enable_experimental_with(exp)
+                .build(),
             Implementation::new("bench", "1"),
         )
         .with_protocol_version(ProtocolVersion::V_2025_11_25)
     }
 
-    async fn on_custom_notification(&self, _n: CustomNotification, _c: NotificationContext<RoleClient>) {
+    async fn on_custom_notification(
+        &self,
+        _n: CustomNotification,
+        _c: NotificationContext<RoleClient>,
+    ) {
         let _ = self.events.send(Instant::now());
     }
 }
@@ -47,7 +53,10 @@ struct Env {
 impl Env {
     fn new() -> Self {
         Self {
-            dir: tempfile::Builder::new().prefix("cps-").tempdir_in("/tmp").unwrap(),
+            dir: tempfile::Builder::new()
+                .prefix("cps-")
+                .tempdir_in("/tmp")
+                .unwrap(),
         }
     }
 
@@ -68,7 +77,14 @@ impl Env {
     }
 
     /// A session; returns once initialize is answered, with its pid and event stream.
-    async fn session(&self, name: &str) -> (RunningService<RoleClient, Channel>, u32, mpsc::UnboundedReceiver<Instant>) {
+    async fn session(
+        &self,
+        name: &str,
+    ) -> (
+        RunningService<RoleClient, Channel>,
+        u32,
+        mpsc::UnboundedReceiver<Instant>,
+    ) {
         let (tx, rx) = mpsc::unbounded_channel();
         let transport = TokioChildProcess::new(self.command(name)).unwrap();
         let pid = transport.id().unwrap();
@@ -91,8 +107,12 @@ impl Drop for Env {
 }
 
 fn send_args(to: &str, text: &str) -> CallToolRequestParams {
-    CallToolRequestParams::new("send_message")
-        .with_arguments(json!({"to": to, "message": text}).as_object().unwrap().clone())
+    CallToolRequestParams::new("send_message").with_arguments(
+        json!({"to": to, "message": text})
+            .as_object()
+            .unwrap()
+            .clone(),
+    )
 }
 
 fn percentile(sorted: &[Duration], p: f64) -> Duration {
@@ -191,14 +211,41 @@ async fn main() {
     let rss_a = rss_mb(a_pid);
     let rss_b = rss_mb(b_pid);
 
-    rows.push(("send_message in A -> channel event in B, p50", "<= 300 us", us(percentile(&lat, 0.5))));
-    rows.push(("send_message in A -> channel event in B, p99", "<= 2 ms", us(percentile(&lat, 0.99))));
-    rows.push(("messages/s, 64 sends in flight", ">= 5,000", format!("{rate:.0}")));
-    rows.push(("serve RSS after the runs (sender / receiver)", "<= 10 MB", format!("{rss_a:.1} / {rss_b:.1} MB")));
-    rows.push(("spawn -> initialize answered, broker running, p50", "<= 50 ms", format!("{:.1} ms", percentile(&warm, 0.5).as_secs_f64() * 1e3)));
-    rows.push(("spawn -> initialize answered, no broker yet", "<= 150 ms", format!("{:.1} ms", cold.as_secs_f64() * 1e3)));
+    rows.push((
+        "send_message in A -> channel event in B, p50",
+        "<= 300 us",
+        us(percentile(&lat, 0.5)),
+    ));
+    rows.push((
+        "send_message in A -> channel event in B, p99",
+        "<= 2 ms",
+        us(percentile(&lat, 0.99)),
+    ));
+    rows.push((
+        "messages/s, 64 sends in flight",
+        ">= 5,000",
+        format!("{rate:.0}"),
+    ));
+    rows.push((
+        "serve RSS after the runs (sender / receiver)",
+        "<= 10 MB",
+        format!("{rss_a:.1} / {rss_b:.1} MB"),
+    ));
+    rows.push((
+        "spawn -> initialize answered, broker running, p50",
+        "<= 50 ms",
+        format!("{:.1} ms", percentile(&warm, 0.5).as_secs_f64() * 1e3),
+    ));
+    rows.push((
+        "spawn -> initialize answered, no broker yet",
+        "<= 150 ms",
+        format!("{:.1} ms", cold.as_secs_f64() * 1e3),
+    ));
     println!();
-    println!("{:<52} {:<12} measured", "figure (end to end through serve)", "target");
+    println!(
+        "{:<52} {:<12} measured",
+        "figure (end to end through serve)", "target"
+    );
     for (f, t, m) in rows {
         println!("{f:<52} {t:<12} {m}");
     }

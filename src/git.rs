@@ -42,6 +42,62 @@ impl GitInfo {
     }
 }
 
+/// A one-line description of what is going on in the repository at `dir`, made from
+/// local git alone: repository and branch, the last commit subjects, the files changed
+/// but not committed. `None` outside a repository or when `git` is not installed.
+pub fn default_summary(dir: &Path, info: &GitInfo) -> Option<String> {
+    let root = info.root.as_deref()?;
+    let repo = Path::new(root)
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_else(|| root.to_string());
+    let git = |args: &[&str]| -> Option<String> {
+        let out = std::process::Command::new("git")
+            .arg("-C")
+            .arg(dir)
+            .args(args)
+            .stdin(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .output()
+            .ok()?;
+        out.status
+            .success()
+            .then(|| String::from_utf8_lossy(&out.stdout).into_owned())
+    };
+    let mut summary = repo;
+    if let Some(branch) = &info.branch {
+        summary.push_str(&format!(" on {branch}"));
+    }
+    let subjects: Vec<String> = git(&["log", "-3", "--format=%s"])
+        .unwrap_or_default()
+        .lines()
+        .map(|l| l.chars().take(60).collect())
+        .collect();
+    if !subjects.is_empty() {
+        summary.push_str(&format!("; recent commits: {}", subjects.join(" | ")));
+    }
+    let changed: Vec<String> = git(&["status", "--porcelain", "--untracked-files=no"])
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| l.get(3..))
+        .map(str::to_string)
+        .collect();
+    if !changed.is_empty() {
+        let shown = changed
+            .iter()
+            .take(5)
+            .cloned()
+            .collect::<Vec<_>>()
+            .join(", ");
+        let more = changed.len().saturating_sub(5);
+        summary.push_str(&format!("; changed: {shown}"));
+        if more > 0 {
+            summary.push_str(&format!(" and {more} more"));
+        }
+    }
+    Some(summary)
+}
+
 /// The git directory a `.git` entry stands for: itself when a directory, the target of
 /// its `gitdir:` line when a file (worktrees, submodules).
 fn resolve_git_dir(dot_git: &Path) -> Option<PathBuf> {

@@ -8,7 +8,6 @@ use claude_peers::broker::{self, BrokerOptions};
 use claude_peers::cli::{self, Cli, Command};
 use claude_peers::paths::Paths;
 
-
 fn main() -> ExitCode {
     let cli = Cli::parse();
     init_logging(matches!(cli.command, Command::Broker(_)));

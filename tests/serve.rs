@@ -329,6 +329,11 @@ async fn repo_scope_spans_worktrees() {
     }
     let me = main.ok("whoami", json!({})).await;
     assert_eq!(me["branch"], "main");
+    // The default summary comes from local git.
+    assert_eq!(me["summary"], "repo on main; recent commits: init");
+    main.ok("set_summary", json!({"summary": "reviewing"}))
+        .await;
+    assert_eq!(main.ok("whoami", json!({})).await["summary"], "reviewing");
     let peers = main.ok("list_peers", json!({"scope": "repo"})).await;
     let names: Vec<_> = peers["peers"]
         .as_array()
@@ -500,6 +505,48 @@ fn stdin_closed_means_exit() {
         assert!(
             std::time::Instant::now() < deadline,
             "serve still running 1s after stdin closed"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// Whether `pid` is a live process (not gone, not a zombie awaiting its reaper).
+fn alive(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|s| s.rsplit_once(") ").map(|(_, rest)| !rest.starts_with('Z')))
+        .unwrap_or(false)
+}
+
+#[test]
+fn parent_death_means_exit() {
+    let home = Home::new();
+    // A shell starts serve in the background (stdin stays open: ours), prints its pid,
+    // then waits; killing the shell orphans serve.
+    let script = format!("{BIN} serve </dev/stdin & echo $!; exec sleep 30");
+    let mut sh = std::process::Command::new("sh")
+        .args(["-c", &script])
+        .env("CLAUDE_PEERS_HOME", home.root())
+        .env("CLAUDE_PEERS_NAME", "orphan")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut out = BufReader::new(sh.stdout.take().unwrap());
+    let mut line = String::new();
+    out.read_line(&mut line).unwrap();
+    let serve_pid: u32 = line.trim().parse().unwrap();
+    wait_for(|| alive(serve_pid), "serve start");
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(alive(serve_pid), "serve runs while its parent does");
+    sh.kill().unwrap();
+    sh.wait().unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(1);
+    while alive(serve_pid) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "serve outlived its parent by 1s"
         );
         std::thread::sleep(Duration::from_millis(10));
     }

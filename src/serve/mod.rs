@@ -113,6 +113,7 @@ impl Session {
             tty: platform::tty_name(),
             pid: std::process::id(),
             host: Some(platform::host_name()),
+            // Filled from git by the connection task, off the start-up path.
             summary: None,
             client_name: None,
             client_version: None,
@@ -147,6 +148,11 @@ impl Session {
         }
     }
 
+    /// Remembers a summary set by the model, so a re-registration keeps it.
+    pub fn remember_summary(&self, summary: &str) {
+        self.identity.lock().expect("identity lock").summary = Some(summary.to_string());
+    }
+
     pub fn name(&self) -> Option<String> {
         self.name.lock().expect("name lock").clone()
     }
@@ -175,6 +181,25 @@ impl Session {
     /// Keeps the broker connection alive: connect (starting a broker if needed), register,
     /// handle deliveries; on loss, back off and do it again under the same name.
     async fn connection_loop(self: Arc<Self>) {
+        let (cwd, git) = {
+            let id = self.identity.lock().expect("identity lock");
+            let git = GitInfo {
+                root: id.git_root.clone(),
+                common_dir: id.git_common_dir.clone(),
+                branch: id.branch.clone(),
+            };
+            (std::path::PathBuf::from(&id.cwd), git)
+        };
+        let summary = tokio::task::spawn_blocking(move || crate::git::default_summary(&cwd, &git))
+            .await
+            .ok()
+            .flatten();
+        {
+            let mut id = self.identity.lock().expect("identity lock");
+            if id.summary.is_none() {
+                id.summary = summary;
+            }
+        }
         let mut backoff = Duration::from_millis(20);
         loop {
             match self.connect_once().await {

@@ -379,6 +379,7 @@ impl PeersServer {
             })
             .await
             .map_err(|e| e.to_string())?;
+        self.session.remember_summary(&args.summary);
         Ok(Json(SummaryOut {
             summary: args.summary,
             notice: self.notice(),
