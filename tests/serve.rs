@@ -523,7 +523,8 @@ fn parent_death_means_exit() {
     let home = Home::new();
     // A shell starts serve in the background (stdin stays open: ours), prints its pid,
     // then waits; killing the shell orphans serve.
-    let script = format!("{BIN} serve </dev/stdin & echo $!; exec sleep 30");
+    // (A background job's stdin is /dev/null unless redirected; fd 3 keeps ours.)
+    let script = format!("exec 3<&0; {BIN} serve <&3 & echo $!; exec sleep 30");
     let mut sh = std::process::Command::new("sh")
         .args(["-c", &script])
         .env("CLAUDE_PEERS_HOME", home.root())
@@ -533,6 +534,8 @@ fn parent_death_means_exit() {
         .stderr(Stdio::null())
         .spawn()
         .unwrap();
+    // Held open to the end: serve must notice its parent's death, not an EOF.
+    let _stdin = sh.stdin.take().unwrap();
     let mut out = BufReader::new(sh.stdout.take().unwrap());
     let mut line = String::new();
     out.read_line(&mut line).unwrap();

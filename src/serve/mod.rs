@@ -291,11 +291,9 @@ pub async fn run(paths: Paths, name: Option<&str>, push: PushMode) -> Result<()>
     let session = Session::new(paths, name)?;
     let server = tools::PeersServer::new(session.clone(), push);
     let parent = platform::parent_pid();
-    let service = server.serve(stdio()).await?;
-    *session.peer.lock().expect("peer lock") = Some(service.peer().clone());
-    tokio::spawn(session.clone().connection_loop());
     tokio::spawn(async move {
-        // Claude Code may die without closing our stdin; do not outlive it.
+        // Claude Code may die without closing our stdin; do not outlive it, whether or
+        // not the MCP handshake has happened.
         loop {
             tokio::time::sleep(Duration::from_millis(250)).await;
             if platform::parent_pid() != parent {
@@ -304,6 +302,9 @@ pub async fn run(paths: Paths, name: Option<&str>, push: PushMode) -> Result<()>
             }
         }
     });
+    let service = server.serve(stdio()).await?;
+    *session.peer.lock().expect("peer lock") = Some(service.peer().clone());
+    tokio::spawn(session.clone().connection_loop());
     let reason = service.waiting().await;
     tracing::info!("MCP session ended: {reason:?}");
     Ok(())
