@@ -31,7 +31,8 @@ pub fn now_millis() -> Millis {
 /// A frame from a client.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct ClientFrame {
-    /// Present when the client wants an answer; echoed in it.
+    /// Echoed in the answer. Every request is answered (without `id` when it had none),
+    /// except an `ack` without `id`, which gets no answer at all.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub id: Option<u64>,
     #[serde(flatten)]
@@ -42,7 +43,8 @@ pub struct ClientFrame {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(tag = "op", rename_all = "snake_case")]
 pub enum Request {
-    /// Must come first. Answered with [`HelloReply`] or `protocol_mismatch`.
+    /// Must come first. Always answered with [`HelloReply`], which carries the broker's
+    /// protocol version; after a hello of another version only `shutdown` is accepted.
     Hello(Hello),
     /// Claims a name and makes this connection that peer's mailbox. Answered with
     /// [`Registered`]; then every unacked message for the name is delivered.
@@ -194,8 +196,9 @@ pub struct Register {
     pub client_name: Option<String>,
     #[serde(default)]
     pub client_version: Option<String>,
-    /// The client shows deliveries as they arrive (and acks them). Otherwise they wait
-    /// to be read, and senders are told `queued`.
+    /// The client shows deliveries as they arrive (and acks them), so a send waits
+    /// briefly for the ack. Otherwise the client still gets `deliver` frames but holds
+    /// them until its reader asks, and senders are told `queued` at once.
     #[serde(default)]
     pub push: bool,
 }
@@ -441,8 +444,8 @@ pub enum LogEventKind {
 }
 
 /// Every frame the broker writes. Exactly one of `result`, `error`, `deliver` and `event`
-/// is set; `id` is set on `result` and on `error` (null when the request had none or
-/// could not be read). The broker writes `ServerFrame<Reply>`; clients read
+/// is set; `id` is present on `result` and `error` when the request had one that could
+/// be read, and absent otherwise. The broker writes `ServerFrame<Reply>`; clients read
 /// `ServerFrame<Box<RawValue>>` and decode the result by the type they asked for.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct ServerFrame<R> {
@@ -547,8 +550,9 @@ pub enum ErrorCode {
     /// A peer name that breaks the naming rules.
     BadName,
     UnknownPeer,
-    /// Message text over the configured limit, or empty.
+    /// Message text over the configured limit.
     MessageTooLarge,
+    /// Message text empty or only whitespace.
     EmptyMessage,
     /// The recipient has too much unread mail.
     MailboxFull,
@@ -556,7 +560,7 @@ pub enum ErrorCode {
     RateLimited,
     /// The request needs a registered connection.
     NotRegistered,
-    /// `hello` first, and only once.
+    /// A request before `hello`. (A second `hello` is `bad_request`.)
     HelloRequired,
     ProtocolMismatch,
     /// The connecting process belongs to another user.

@@ -114,6 +114,14 @@ async fn peers_send_and_log() {
     assert!(["delivered", "pushed"].contains(&v["recipients"][0]["state"].as_str().unwrap()));
     let d = next_delivery(&mut bob).await;
     assert_eq!(d.from, "ops");
+    // The CLI cannot borrow a session's name.
+    let o = home.run(&["send", "bob", "hi", "--from", "bob"]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(
+        stderr(&o).contains("is the name of a session"),
+        "{}",
+        stderr(&o)
+    );
 
     let mut child = home
         .cmd()

@@ -102,6 +102,8 @@ pub struct Core {
     deadlines: VecDeque<(Instant, String)>,
     /// Output of the current batch, released after its commit.
     effects: Vec<(ConnId, Outbound)>,
+    /// Sends of the current batch that wait for acks: dropped if its commit fails.
+    awaiting_in_batch: Vec<String>,
     idle_since: Option<Instant>,
     next_sweep: Instant,
     stopping: Option<String>,
@@ -135,6 +137,7 @@ impl Core {
             awaiting: HashMap::new(),
             deadlines: VecDeque::new(),
             effects: Vec::new(),
+            awaiting_in_batch: Vec::new(),
             idle_since: Some(now),
             // First sweep soon after start, to clear what expired while we were down.
             next_sweep: now + Duration::from_secs(1),
@@ -189,6 +192,7 @@ impl Core {
         if let Err(e) = self.store.begin() {
             tracing::error!("cannot start a transaction: {e}");
         }
+        self.awaiting_in_batch.clear();
         for cmd in batch.drain(..) {
             self.handle(cmd);
         }
@@ -220,8 +224,21 @@ impl Core {
                 self.effects.push((conn, out));
             }
         }
-        self.awaiting.clear();
-        self.deadlines.clear();
+        // Sends of this batch were not stored: their waits end here (their answers are
+        // errors above). Waits from earlier, committed batches go on.
+        for id in self.awaiting_in_batch.drain(..) {
+            if let Some(w) = self.awaiting.remove(&id) {
+                self.effects.push((
+                    w.conn,
+                    Outbound::Frame(Box::new(ServerFrame::error(
+                        w.request_id,
+                        err(ErrorCode::Internal, message.clone()),
+                    ))),
+                ));
+            }
+        }
+        self.deadlines
+            .retain(|(_, id)| self.awaiting.contains_key(id));
     }
 
     /// Rebuilds the mirrors from the store after a failed commit.
@@ -517,12 +534,20 @@ impl Core {
         if let Some(name) = self.registered_name(conn) {
             return Ok(name.to_string());
         }
-        match from {
+        let name = match from {
             Some(f) => PeerName::new(&f)
                 .map(|n| n.to_string())
-                .map_err(|e| err(ErrorCode::BadName, format!("sender: {e}"))),
-            None => Ok("cli".to_string()),
+                .map_err(|e| err(ErrorCode::BadName, format!("sender: {e}")))?,
+            None => "cli".to_string(),
+        };
+        // A session's name is its own: sending as it would borrow its identity and context.
+        if self.peers.contains_key(&name) {
+            return Err(err(
+                ErrorCode::BadName,
+                format!("{name} is the name of a session; send as another name (--from)"),
+            ));
         }
+        Ok(name)
     }
 
     fn check_text(&self, text: &str, in_reply_to: Option<&str>) -> Result<(), ErrorBody> {
@@ -750,6 +775,7 @@ impl Core {
         }
         self.deadlines
             .push_back((Instant::now() + self.limits.ack_wait, id.clone()));
+        self.awaiting_in_batch.push(id.clone());
         self.awaiting.insert(
             id,
             AwaitingAcks {

@@ -18,7 +18,7 @@ use std::time::Duration;
 use anyhow::Result;
 use rmcp::model::{CustomNotification, ServerNotification};
 use rmcp::service::{Peer, RoleServer};
-use rmcp::{ServiceExt, transport::stdio};
+use rmcp::{ServiceExt, transport::stdio_pipes};
 use tokio::sync::{Notify, watch};
 
 use crate::client::{Client, ClientError, ConnectOptions, Event};
@@ -302,7 +302,9 @@ pub async fn run(paths: Paths, name: Option<&str>, push: PushMode) -> Result<()>
             }
         }
     });
-    let service = server.serve(stdio()).await?;
+    // Non-blocking pipes on the reactor when stdin/stdout are pipes (as under Claude Code):
+    // no hand-off to tokio's blocking pool for every line read or written.
+    let service = server.serve(stdio_pipes()).await?;
     *session.peer.lock().expect("peer lock") = Some(service.peer().clone());
     tokio::spawn(session.clone().connection_loop());
     let reason = service.waiting().await;
