@@ -68,6 +68,8 @@ impl Home {
         cmd.arg("serve")
             .current_dir(cwd)
             .env("CLAUDE_PEERS_NAME", name)
+            // rmcp's child transport shows the child's stderr; keep test output quiet.
+            .env("CLAUDE_PEERS_LOG", "error")
             .stderr(Stdio::null());
         for (k, v) in extra_env {
             cmd.env(k, v);
