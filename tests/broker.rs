@@ -80,15 +80,8 @@ async fn offline_mail_is_delivered_on_reconnect() {
     let (a, _) = home.peer("alice", "/a").await;
     let (b, _) = home.peer("bob", "/b").await;
     drop(b);
-    // Wait until the broker has seen bob go.
     let c = home.client().await;
-    for _ in 0..200 {
-        let peers = c.call(ListPeers::default()).await.unwrap().peers;
-        if !peers.iter().any(|p| p.name == "bob") {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
+    wait_offline(&c, "bob").await;
     let sent = a.call(send("bob", "are you there?")).await.unwrap();
     assert_eq!(sent.recipients[0].state, DeliveryState::Queued);
 
@@ -229,13 +222,7 @@ async fn names_collide_and_are_reclaimed() {
 
     drop(web1);
     let c = home.client().await;
-    for _ in 0..200 {
-        let peers = c.call(ListPeers::default()).await.unwrap().peers;
-        if !peers.iter().any(|p| p.name == "web") {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
+    wait_offline(&c, "web").await;
     // Offline "web" belongs to /x: another directory does not take it...
     let (other, n) = home.peer("web", "/elsewhere").await;
     assert_eq!(n, "web-4");
@@ -245,13 +232,7 @@ async fn names_collide_and_are_reclaimed() {
     let reg = back.call(register("web", "/x")).await.unwrap();
     assert_eq!((reg.name.as_str(), reg.reclaimed), ("web", true));
     drop(back);
-    for _ in 0..200 {
-        let peers = c.call(ListPeers::default()).await.unwrap().peers;
-        if !peers.iter().any(|p| p.name == "web") {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
+    wait_offline(&c, "web").await;
     let explicit = home.client().await;
     let reg = explicit
         .call(Register {

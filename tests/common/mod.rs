@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use claude_peers::client::{Client, ConnectOptions, Event};
 use claude_peers::paths::Paths;
-use claude_peers::protocol::{Delivery, Register};
+use claude_peers::protocol::{Delivery, ListPeers, Register};
 use serde_json::Value;
 
 pub const BIN: &str = env!("CARGO_BIN_EXE_claude-peers");
@@ -183,6 +183,20 @@ pub async fn next_delivery(c: &mut Client) -> Delivery {
             Ok(None) => panic!("connection closed while waiting for a delivery"),
             Err(_) => panic!("no delivery within 5s"),
         }
+    }
+}
+
+/// Waits until the broker no longer lists `name` as online (it has seen the connection
+/// close), failing after 10 s.
+pub async fn wait_offline(c: &Client, name: &str) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let peers = c.call(ListPeers::default()).await.unwrap().peers;
+        if !peers.iter().any(|p| p.name == name) {
+            return;
+        }
+        assert!(Instant::now() < deadline, "{name} still online after 10s");
+        tokio::time::sleep(Duration::from_millis(5)).await;
     }
 }
 
