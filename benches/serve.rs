@@ -141,7 +141,9 @@ async fn wait_ready(s: &RunningService<RoleClient, Channel>) {
     assert_eq!(r.is_error, Some(false), "{r:?}");
 }
 
-#[tokio::main(flavor = "multi_thread", worker_threads = 2)]
+// One thread for the harness, like Claude Code's own event loop: the figures then
+// measure claude-peers, not wake-ups between the harness's worker threads.
+#[tokio::main(flavor = "current_thread")]
 async fn main() {
     let mut rows: Vec<(&str, &str, String)> = Vec::new();
 
