@@ -70,7 +70,9 @@ impl Env {
             .env("CLAUDE_PEERS_HOME", self.home())
             .env("CLAUDE_PEERS_NAME", name)
             .env("CLAUDE_PEERS_SEND_RATE", "0")
-            .env("CLAUDE_PEERS_LOG", "warn")
+            .env("CLAUDE_PEERS_LOG", "error")
+            // A broker a session restarts after the final stop goes away soon by itself.
+            .env("CLAUDE_PEERS_IDLE_TIMEOUT", "5s")
             .current_dir(self.dir.path())
             .stderr(Stdio::null());
         cmd
@@ -212,6 +214,12 @@ async fn main() {
     sender.await.unwrap();
     let rss_a = rss_mb(a_pid);
     let rss_b = rss_mb(b_pid);
+    // End the sessions before the broker, or they would reconnect and start a new one.
+    if let Ok(a) = Arc::try_unwrap(a) {
+        let _ = a.cancel().await;
+    }
+    let _ = b.cancel().await;
+    drop(env);
 
     rows.push((
         "send_message in A -> channel event in B, p50",
