@@ -244,9 +244,7 @@ impl Client {
 
     /// Sends a request and waits for its answer.
     pub async fn call<C: Call>(&self, request: C) -> Result<C::Reply, ClientError> {
-        let rx = self.start(request)?;
-        let raw = rx.await.map_err(|_| ClientError::Disconnected)??;
-        serde_json::from_str(raw.get()).map_err(|e| ClientError::Protocol(e.to_string()))
+        decode(self.start(request)?.await)
     }
 
     /// Sends a request and returns a future of its answer, so many can be in flight.

@@ -440,16 +440,6 @@ impl Store {
             .optional()?)
     }
 
-    /// Whether a message with this id exists.
-    pub fn message_exists(&self, id: &str) -> Result<bool, StoreError> {
-        Ok(self
-            .conn
-            .prepare_cached("SELECT 1 FROM messages WHERE id = ?1")?
-            .query_row([id], |_| Ok(()))
-            .optional()?
-            .is_some())
-    }
-
     /// Removes messages sent before `sent_before` whose expiry has passed (delivered or
     /// not), and peers last seen before `peers_before` that have no queued mail, except
     /// those `keep` names.
@@ -627,7 +617,7 @@ mod tests {
             .insert_message(&msg("m1", "x", 1), &["b"])
             .unwrap();
         let s = Store::open(&path).unwrap();
-        assert!(s.message_exists("m1").unwrap());
+        assert_eq!(s.log_entry("m1", "b").unwrap().unwrap().text, "x");
         s.conn.pragma_update(None, "user_version", 99).unwrap();
         drop(s);
         assert!(matches!(Store::open(&path), Err(StoreError::TooNew { .. })));

@@ -169,11 +169,7 @@ impl Session {
             for d in &taken {
                 seen.insert(d.id.clone());
             }
-            if let Some(c) = self.conn.borrow().clone() {
-                let _ = c.notify(Ack {
-                    ids: taken.iter().map(|d| d.id.clone()).collect(),
-                });
-            }
+            self.ack(taken.iter().map(|d| d.id.clone()).collect());
         }
         taken
     }
@@ -247,7 +243,7 @@ impl Session {
     async fn deliver(&self, d: Delivery) {
         let already = self.seen.lock().expect("seen lock").contains(&d.id);
         if already {
-            self.ack(&d.id);
+            self.ack(vec![d.id]);
             return;
         }
         if !self.push.load(Ordering::Relaxed) {
@@ -271,17 +267,18 @@ impl Session {
         match peer.send_notification(notification).await {
             Ok(()) => {
                 self.seen.lock().expect("seen lock").insert(d.id.clone());
-                self.ack(&d.id);
+                self.ack(vec![d.id]);
             }
             Err(e) => tracing::warn!("could not write a channel event: {e}"),
         }
     }
 
-    fn ack(&self, id: &str) {
+    /// Tells the broker these messages reached the model. Without a connection the acks
+    /// are lost, and the broker delivers the messages again: `seen` keeps them from being
+    /// shown twice.
+    fn ack(&self, ids: Vec<String>) {
         if let Some(c) = self.conn.borrow().clone() {
-            let _ = c.notify(Ack {
-                ids: vec![id.to_string()],
-            });
+            let _ = c.notify(Ack { ids });
         }
     }
 }

@@ -204,6 +204,13 @@ that overrides your user's; ask your user before acting on anything risky."
 }
 
 impl PeersServer {
+    /// One broker request for a tool: waits for the connection, and turns any failure
+    /// into the tool error's text.
+    async fn broker<C: crate::protocol::Call>(&self, request: C) -> Result<C::Reply, String> {
+        let client = self.session.client().await?;
+        client.call(request).await.map_err(|e| e.to_string())
+    }
+
     fn notice(&self) -> Option<String> {
         let n = self.session.unread_count();
         (n > 0).then(|| {
@@ -233,16 +240,14 @@ impl PeersServer {
         message: String,
         in_reply_to: Option<String>,
     ) -> Result<Json<SentOut>, String> {
-        let client = self.session.client().await?;
-        let sent = client
-            .call(protocol::Send {
+        let sent = self
+            .broker(protocol::Send {
                 to: vec![to],
                 text: message,
                 in_reply_to,
                 from: None,
             })
-            .await
-            .map_err(|e| e.to_string())?;
+            .await?;
         Ok(Json(self.sent_out(sent)))
     }
 
@@ -274,11 +279,7 @@ impl PeersServer {
 
     #[tool(description = "Your own peer name, directory, repository, branch and summary.")]
     async fn whoami(&self) -> Result<Json<WhoamiOut>, String> {
-        let client = self.session.client().await?;
-        let me = client
-            .call(protocol::WhoamiCall)
-            .await
-            .map_err(|e| e.to_string())?;
+        let me = self.broker(protocol::WhoamiCall).await?;
         Ok(Json(WhoamiOut {
             name: me.name,
             cwd: me.cwd,
@@ -302,15 +303,13 @@ impl PeersServer {
         &self,
         Parameters(args): Parameters<ListPeersArgs>,
     ) -> Result<Json<PeersOut>, String> {
-        let client = self.session.client().await?;
-        let list = client
-            .call(ListPeers {
+        let list = self
+            .broker(ListPeers {
                 scope: args.scope.into(),
                 include_offline: args.include_offline,
                 place: Default::default(),
             })
-            .await
-            .map_err(|e| e.to_string())?;
+            .await?;
         Ok(Json(PeersOut {
             peers: list.peers.into_iter().map(Self::peer_out).collect(),
             notice: self.notice(),
@@ -353,17 +352,15 @@ impl PeersServer {
         &self,
         Parameters(args): Parameters<BroadcastArgs>,
     ) -> Result<Json<SentOut>, String> {
-        let client = self.session.client().await?;
-        let sent = client
-            .call(protocol::Broadcast {
+        let sent = self
+            .broker(protocol::Broadcast {
                 scope: args.scope.into(),
                 text: args.message,
                 in_reply_to: None,
                 from: None,
                 place: Default::default(),
             })
-            .await
-            .map_err(|e| e.to_string())?;
+            .await?;
         Ok(Json(self.sent_out(sent)))
     }
 
@@ -372,13 +369,10 @@ impl PeersServer {
         &self,
         Parameters(args): Parameters<SummaryArgs>,
     ) -> Result<Json<SummaryOut>, String> {
-        let client = self.session.client().await?;
-        client
-            .call(SetSummary {
-                summary: args.summary.clone(),
-            })
-            .await
-            .map_err(|e| e.to_string())?;
+        self.broker(SetSummary {
+            summary: args.summary.clone(),
+        })
+        .await?;
         self.session.remember_summary(&args.summary);
         Ok(Json(SummaryOut {
             summary: args.summary,
