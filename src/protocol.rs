@@ -169,6 +169,7 @@ pub struct HelloReply {
 
 /// A session's identity and context.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct Register {
     /// The name wanted. Taken by an online peer: the broker picks `name-2`, `name-3`, ….
     pub name: String,
@@ -213,6 +214,7 @@ pub struct Registered {
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct Send {
     pub to: Vec<String>,
     pub text: String,
@@ -249,16 +251,8 @@ impl std::str::FromStr for Scope {
     }
 }
 
-/// Where "here" is, for scoped requests from connections that did not register.
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
-pub struct Place {
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub cwd: Option<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub git_common_dir: Option<String>,
-}
-
 #[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct Broadcast {
     pub scope: Scope,
     pub text: String,
@@ -266,31 +260,42 @@ pub struct Broadcast {
     pub in_reply_to: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub from: Option<String>,
-    #[serde(default, flatten)]
-    pub place: Place,
+    /// Where "here" is for the `directory` and `repo` scopes, for connections that did not
+    /// register; a registered connection always uses its own record.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cwd: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub git_common_dir: Option<String>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct Ack {
     pub ids: Vec<String>,
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct ListPeers {
     #[serde(default)]
     pub scope: Scope,
     #[serde(default)]
     pub include_offline: bool,
-    #[serde(default, flatten)]
-    pub place: Place,
+    /// As for [`Broadcast`].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cwd: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub git_common_dir: Option<String>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct SetSummary {
     pub summary: String,
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct LogQuery {
     /// At most this many entries, the newest (default 50, at most 1000).
     #[serde(default)]

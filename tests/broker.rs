@@ -287,10 +287,8 @@ async fn scopes_select_directory_and_repo() {
     let list = |scope, cwd: &str, common: Option<&str>| ListPeers {
         scope,
         include_offline: false,
-        place: Place {
-            cwd: Some(cwd.into()),
-            git_common_dir: common.map(str::to_string),
-        },
+        cwd: Some(cwd.into()),
+        git_common_dir: common.map(str::to_string),
     };
     let names_of = |l: PeerList| l.peers.into_iter().map(|p| p.name).collect::<Vec<_>>();
     let repo = c
@@ -315,7 +313,8 @@ async fn scopes_select_directory_and_repo() {
             text: "I changed the API, rebase".into(),
             in_reply_to: None,
             from: None,
-            place: Place::default(),
+            cwd: None,
+            git_common_dir: None,
         })
         .await
         .unwrap();

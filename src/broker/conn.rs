@@ -5,13 +5,14 @@
 use std::rc::Rc;
 use std::time::Instant;
 
-use serde::Deserialize;
 use tokio::io::{AsyncWriteExt, BufReader};
 use tokio::net::UnixStream;
 use tokio::net::unix::OwnedWriteHalf;
 use tokio::sync::mpsc::{UnboundedReceiver, UnboundedSender, unbounded_channel};
 
 use super::core::{Command, ConnId, Outbound, Outbox};
+use super::frame;
+use crate::config::Limits;
 use crate::platform;
 use crate::protocol::*;
 use crate::wire::{self, FrameReader, ReadError};
@@ -22,8 +23,8 @@ pub struct ConnContext {
     pub uid: u32,
     pub protocol: u32,
     pub pid: u32,
-    /// Sends per second per connection; 0 = unlimited.
-    pub send_rate: u32,
+    /// Sizes checked before a request reaches the core; `send_rate` is enforced here too.
+    pub limits: Limits,
 }
 
 /// Token bucket for sends: `rate` per second, bursts up to `2 * rate`.
@@ -105,15 +106,6 @@ pub async fn serve(stream: UnixStream, conn: ConnId, ctx: Rc<ConnContext>) {
     let _ = writer.await;
 }
 
-/// Just enough of a frame to answer it when the rest does not parse.
-#[derive(Deserialize)]
-struct FrameHead {
-    #[serde(default)]
-    id: Option<serde_json::Value>,
-    #[serde(default)]
-    op: Option<serde_json::Value>,
-}
-
 async fn read_frames(
     read: tokio::net::unix::OwnedReadHalf,
     conn: ConnId,
@@ -123,7 +115,7 @@ async fn read_frames(
     let mut frames = FrameReader::new(BufReader::new(read), MAX_FRAME_BYTES);
     let mut greeted = false;
     let mut mismatched = false;
-    let mut rate = RateLimit::new(ctx.send_rate);
+    let mut rate = RateLimit::new(ctx.limits.send_rate);
     loop {
         let bytes = match frames.next().await {
             Ok(Some(b)) => b,
@@ -143,17 +135,21 @@ async fn read_frames(
                 return;
             }
         };
-        if bytes.iter().all(u8::is_ascii_whitespace) {
-            continue;
-        }
-        let frame: ClientFrame = match serde_json::from_slice(bytes) {
-            Ok(f) => f,
-            Err(e) => {
-                let _ = outbox.send(explain_bad_frame(bytes, &e));
+        let frame = match frame::decode(bytes) {
+            Ok(Some(f)) => f,
+            Ok(None) => continue,
+            Err(bad) => {
+                let _ = outbox.send(Outbound::Frame(Box::new(ServerFrame::error(
+                    bad.id, bad.error,
+                ))));
                 continue;
             }
         };
         let id = frame.id;
+        if let Err(e) = frame::validate(&frame.request, &ctx.limits) {
+            let _ = outbox.send(Outbound::Frame(Box::new(ServerFrame::error(id, e))));
+            continue;
+        }
         match frame.request {
             Request::Hello(h) => {
                 if greeted {
@@ -203,7 +199,7 @@ async fn read_frames(
                     ErrorCode::RateLimited,
                     format!(
                         "more than {} sends per second on this connection; slow down and retry in a moment",
-                        ctx.send_rate
+                        ctx.limits.send_rate
                     ),
                 ));
                 continue;
@@ -226,42 +222,6 @@ async fn read_frames(
             ));
             return;
         }
-    }
-}
-
-/// The error frame for a frame that did not parse: bad JSON, unknown op, or a known op
-/// with bad fields. Answers with the frame's id when it can be read.
-fn explain_bad_frame(bytes: &[u8], e: &serde_json::Error) -> Outbound {
-    let Ok(text) = std::str::from_utf8(bytes) else {
-        return error_frame(
-            None,
-            ErrorCode::BadFrame,
-            "frame is not valid UTF-8; frames are JSON text",
-        );
-    };
-    let Ok(head) = serde_json::from_str::<FrameHead>(text) else {
-        return error_frame(
-            None,
-            ErrorCode::BadFrame,
-            format!("frame is not a JSON object: {e}"),
-        );
-    };
-    let id = head.id.as_ref().and_then(serde_json::Value::as_u64);
-    if head.id.is_some() && id.is_none() {
-        return error_frame(
-            None,
-            ErrorCode::BadRequest,
-            "id must be a non-negative integer",
-        );
-    }
-    match head.op {
-        Some(serde_json::Value::String(op)) if !Request::OPS.contains(&op.as_str()) => error_frame(
-            id,
-            ErrorCode::UnknownOp,
-            format!("unknown op {op:?}; known ops: {}", Request::OPS.join(", ")),
-        ),
-        None => error_frame(id, ErrorCode::BadRequest, "frame has no op"),
-        Some(_) => error_frame(id, ErrorCode::BadRequest, format!("bad request: {e}")),
     }
 }
 

@@ -390,18 +390,6 @@ impl Core {
             ));
         }
         let wanted = PeerName::new(&r.name).map_err(|e| err(ErrorCode::BadName, e.to_string()))?;
-        if r.cwd.is_empty() {
-            return Err(err(
-                ErrorCode::BadRequest,
-                "register needs the session's cwd",
-            ));
-        }
-        if r.summary
-            .as_ref()
-            .is_some_and(|s| s.len() > MAX_SUMMARY_BYTES)
-        {
-            return Err(summary_too_long());
-        }
         // The wanted name, or the first free or reclaimable `name-N`.
         let mut n = 1;
         let (name, reclaimed) = loop {
@@ -462,20 +450,9 @@ impl Core {
 /// Selects peers in a scope.
 type PeerFilter = Box<dyn Fn(&PeerRow) -> bool>;
 
-/// Longest summary accepted, in bytes.
-pub const MAX_SUMMARY_BYTES: usize = 4096;
-/// Longest `in_reply_to`, in bytes.
-const MAX_REPLY_ID_BYTES: usize = 128;
 /// Default and largest `log` sizes.
 const LOG_DEFAULT: u32 = 50;
 const LOG_MAX: u32 = 1000;
-
-fn summary_too_long() -> ErrorBody {
-    err(
-        ErrorCode::BadRequest,
-        format!("summary is over {MAX_SUMMARY_BYTES} bytes; shorten it"),
-    )
-}
 
 fn internal(e: StoreError) -> ErrorBody {
     tracing::error!("store: {e}");
@@ -534,12 +511,7 @@ impl Core {
         if let Some(name) = self.registered_name(conn) {
             return Ok(name.to_string());
         }
-        let name = match from {
-            Some(f) => PeerName::new(&f)
-                .map(|n| n.to_string())
-                .map_err(|e| err(ErrorCode::BadName, format!("sender: {e}")))?,
-            None => "cli".to_string(),
-        };
+        let name = from.unwrap_or_else(|| "cli".to_string());
         // A session's name is its own: sending as it would borrow its identity and context.
         if self.peers.contains_key(&name) {
             return Err(err(
@@ -548,32 +520,6 @@ impl Core {
             ));
         }
         Ok(name)
-    }
-
-    fn check_text(&self, text: &str, in_reply_to: Option<&str>) -> Result<(), ErrorBody> {
-        if text.trim().is_empty() {
-            return Err(err(
-                ErrorCode::EmptyMessage,
-                "the message is empty; write something to send",
-            ));
-        }
-        if text.len() > self.limits.max_message_bytes {
-            return Err(err(
-                ErrorCode::MessageTooLarge,
-                format!(
-                    "the message is {} bytes; the limit is {}. Send a shorter message, or put the content in a file and send its path",
-                    text.len(),
-                    self.limits.max_message_bytes
-                ),
-            ));
-        }
-        if in_reply_to.is_some_and(|r| r.is_empty() || r.len() > MAX_REPLY_ID_BYTES) {
-            return Err(err(
-                ErrorCode::BadRequest,
-                format!("in_reply_to must be a message id (1 to {MAX_REPLY_ID_BYTES} bytes)"),
-            ));
-        }
-        Ok(())
     }
 
     fn check_mailboxes(&self, recipients: &[String]) -> Result<(), ErrorBody> {
@@ -616,32 +562,13 @@ impl Core {
     fn send(&mut self, conn: ConnId, id: Option<u64>, s: Send) -> Option<Result<Reply, ErrorBody>> {
         let prepared = (|| {
             let from = self.sender_name(conn, s.from)?;
-            self.check_text(&s.text, s.in_reply_to.as_deref())?;
-            if s.to.is_empty() {
-                return Err(err(
-                    ErrorCode::BadRequest,
-                    "send needs at least one recipient in `to`",
-                ));
-            }
-            if s.to.len() > self.limits.broadcast_limit {
-                return Err(err(
-                    ErrorCode::BadRequest,
-                    format!(
-                        "{} recipients; one message goes to at most {}",
-                        s.to.len(),
-                        self.limits.broadcast_limit
-                    ),
-                ));
-            }
             let mut recipients: Vec<String> = Vec::with_capacity(s.to.len());
-            for to in &s.to {
-                let name = PeerName::new(to)
-                    .map_err(|e| err(ErrorCode::BadName, format!("recipient: {e}")))?;
-                if !self.peers.contains_key(name.as_str()) {
-                    return Err(self.unknown_peer(name.as_str()));
+            for to in s.to {
+                if !self.peers.contains_key(&to) {
+                    return Err(self.unknown_peer(&to));
                 }
-                if !recipients.iter().any(|r| r == name.as_str()) {
-                    recipients.push(name.to_string());
+                if !recipients.contains(&to) {
+                    recipients.push(to);
                 }
             }
             Ok((from, recipients))
@@ -662,8 +589,8 @@ impl Core {
     ) -> Option<Result<Reply, ErrorBody>> {
         let prepared = (|| {
             let from = self.sender_name(conn, b.from)?;
-            self.check_text(&b.text, b.in_reply_to.as_deref())?;
-            let filter = self.scope_filter(conn, b.scope, &b.place)?;
+            let filter =
+                self.scope_filter(conn, b.scope, b.cwd.as_ref(), b.git_common_dir.as_ref())?;
             let mut recipients: Vec<String> = self
                 .online
                 .keys()
@@ -860,13 +787,14 @@ impl Core {
         self.answer(w.conn, w.request_id, Ok(Reply::Sent(w.reply)));
     }
 
-    /// A predicate for peers in `scope` as seen from `conn` (or from `place` for a
-    /// connection that did not register).
+    /// A predicate for peers in `scope` as seen from `conn` (or from the `cwd` and
+    /// `git_common_dir` it gave, for a connection that did not register).
     fn scope_filter(
         &self,
         conn: ConnId,
         scope: Scope,
-        place: &Place,
+        cwd: Option<&String>,
+        git_common_dir: Option<&String>,
     ) -> Result<PeerFilter, ErrorBody> {
         let me = self.registered_name(conn).and_then(|n| self.peers.get(n));
         match scope {
@@ -874,14 +802,14 @@ impl Core {
             Scope::Directory => {
                 let cwd = me
                     .map(|p| p.cwd.clone())
-                    .or_else(|| place.cwd.clone())
+                    .or_else(|| cwd.cloned())
                     .ok_or_else(|| err(ErrorCode::BadRequest, "scope directory needs a cwd"))?;
                 Ok(Box::new(move |p| p.cwd == cwd))
             }
             Scope::Repo => {
                 let common = me
                     .map(|p| p.git_common_dir.clone())
-                    .unwrap_or_else(|| place.git_common_dir.clone())
+                    .unwrap_or_else(|| git_common_dir.cloned())
                     .ok_or_else(|| {
                         err(
                             ErrorCode::BadRequest,
@@ -917,7 +845,7 @@ impl Core {
     }
 
     fn list_peers(&self, conn: ConnId, l: &ListPeers) -> Result<PeerList, ErrorBody> {
-        let filter = self.scope_filter(conn, l.scope, &l.place)?;
+        let filter = self.scope_filter(conn, l.scope, l.cwd.as_ref(), l.git_common_dir.as_ref())?;
         let me = self.registered_name(conn);
         let mut peers: Vec<PeerInfo> = self
             .peers
@@ -950,9 +878,6 @@ impl Core {
                 "only a registered peer has a summary; send register first",
             ));
         };
-        if s.summary.len() > MAX_SUMMARY_BYTES {
-            return Err(summary_too_long());
-        }
         self.store
             .set_summary(&name, &s.summary)
             .map_err(internal)?;

@@ -1,12 +1,13 @@
 //! `claude-peers broker`: the per-user daemon that owns the store and routes messages.
 //!
 //! Start-up: take the lock (one broker per runtime directory), clear a stale socket, bind
-//! the socket 0600, open the store, start the [`core`] thread, accept connections
-//! ([`conn`]). Shutdown (asked for, idle, SIGTERM/SIGINT): the core finishes its batch and
+//! the socket 0600, open the store, start the [`core`] task, accept connections
+//! ([`conn`]), which decode and check each request ([`frame`]) before the core sees it. Shutdown (asked for, idle, SIGTERM/SIGINT): the core finishes its batch and
 //! answers, connections are closed, the socket is removed, then the lock is released.
 
 pub mod conn;
 pub mod core;
+pub mod frame;
 
 use std::fs::{File, OpenOptions};
 use std::io::Write;
@@ -140,7 +141,7 @@ async fn serve(opts: &BrokerOptions, store: Store) -> Result<()> {
         uid: platform::current_uid(),
         protocol: opts.protocol,
         pid: std::process::id(),
-        send_rate: opts.limits.send_rate,
+        limits: opts.limits.clone(),
     });
     tracing::info!(
         pid = std::process::id(),

@@ -219,25 +219,24 @@ async fn status(paths: &Paths, json: bool) -> Result<()> {
     Ok(())
 }
 
-/// Where the current directory is, for scoped requests.
-fn here() -> Place {
+/// Where the current directory is, for scoped requests: its path and git common dir.
+fn here() -> (Option<String>, Option<String>) {
     let cwd = std::env::current_dir().ok();
     let git_common_dir = cwd
         .as_deref()
         .and_then(|d| crate::git::GitInfo::discover(d).common_dir);
-    Place {
-        cwd: cwd.map(|c| c.display().to_string()),
-        git_common_dir,
-    }
+    (cwd.map(|c| c.display().to_string()), git_common_dir)
 }
 
 async fn peers(paths: &Paths, scope: Scope, all: bool, json: bool) -> Result<()> {
     let client = connect(paths, true).await?;
+    let (cwd, git_common_dir) = here();
     let list = client
         .call(ListPeers {
             scope,
             include_offline: all,
-            place: here(),
+            cwd,
+            git_common_dir,
         })
         .await?;
     if json {

@@ -307,7 +307,8 @@ impl PeersServer {
             .broker(ListPeers {
                 scope: args.scope.into(),
                 include_offline: args.include_offline,
-                place: Default::default(),
+                cwd: None,
+                git_common_dir: None,
             })
             .await?;
         Ok(Json(PeersOut {
@@ -358,7 +359,8 @@ impl PeersServer {
                 text: args.message,
                 in_reply_to: None,
                 from: None,
-                place: Default::default(),
+                cwd: None,
+                git_common_dir: None,
             })
             .await?;
         Ok(Json(self.sent_out(sent)))
