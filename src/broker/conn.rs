@@ -2,12 +2,14 @@
 //! (`hello`, malformed frames, rate limits) and hands every other request to the core.
 //! A writer task sends the core's frames back, many per write when they queue up.
 
+use std::cell::Cell;
 use std::rc::Rc;
 use std::time::Instant;
 
 use tokio::io::{AsyncWriteExt, BufReader};
 use tokio::net::UnixStream;
 use tokio::net::unix::OwnedWriteHalf;
+use tokio::sync::Notify;
 use tokio::sync::mpsc::{UnboundedReceiver, UnboundedSender, unbounded_channel};
 
 use super::core::{Command, ConnId, Outbound, Outbox};
@@ -67,11 +69,30 @@ fn error_frame(id: Option<u64>, code: ErrorCode, message: impl Into<String>) -> 
     )))
 }
 
+/// Back-pressure from the writer to the reader: while a write waits for the client to make
+/// room (the socket buffer is full, so the client is not reading), no new request is read.
+/// A client that floods the broker without reading the answers blocks itself instead of
+/// growing the broker's memory.
+#[derive(Default)]
+struct WriteGate {
+    blocked: Cell<bool>,
+    opened: Notify,
+}
+
+impl WriteGate {
+    async fn wait_open(&self) {
+        while self.blocked.get() {
+            self.opened.notified().await;
+        }
+    }
+}
+
 /// Serves one accepted connection until it closes.
 pub async fn serve(stream: UnixStream, conn: ConnId, ctx: Rc<ConnContext>) {
     let (read, write) = stream.into_split();
     let (outbox, rx) = unbounded_channel();
-    let writer = tokio::task::spawn_local(write_frames(write, rx));
+    let gate = Rc::new(WriteGate::default());
+    let writer = tokio::task::spawn_local(write_frames(write, rx, gate.clone()));
     match platform::peer_uid(read.as_ref()) {
         Ok(uid) if uid == ctx.uid => {}
         other => {
@@ -100,7 +121,7 @@ pub async fn serve(stream: UnixStream, conn: ConnId, ctx: Rc<ConnContext>) {
     {
         return;
     }
-    read_frames(read, conn, &ctx, &outbox).await;
+    read_frames(read, conn, &ctx, &outbox, &gate).await;
     let _ = ctx.core.send(Command::Disconnected { conn });
     drop(outbox);
     let _ = writer.await;
@@ -111,12 +132,14 @@ async fn read_frames(
     conn: ConnId,
     ctx: &ConnContext,
     outbox: &Outbox,
+    gate: &WriteGate,
 ) {
     let mut frames = FrameReader::new(BufReader::new(read), MAX_FRAME_BYTES);
     let mut greeted = false;
     let mut mismatched = false;
     let mut rate = RateLimit::new(ctx.limits.send_rate);
     loop {
+        gate.wait_open().await;
         let bytes = match frames.next().await {
             Ok(Some(b)) => b,
             Ok(None) => return,
@@ -225,7 +248,11 @@ async fn read_frames(
     }
 }
 
-async fn write_frames(write: OwnedWriteHalf, mut rx: UnboundedReceiver<Outbound>) {
+async fn write_frames(
+    write: OwnedWriteHalf,
+    mut rx: UnboundedReceiver<Outbound>,
+    gate: Rc<WriteGate>,
+) {
     let mut write = write;
     let mut buf = Vec::with_capacity(8192);
     while let Some(first) = rx.recv().await {
@@ -244,7 +271,11 @@ async fn write_frames(write: OwnedWriteHalf, mut rx: UnboundedReceiver<Outbound>
                 next = rx.try_recv().ok();
             }
         }
-        if write.write_all(&buf).await.is_err() {
+        gate.blocked.set(true);
+        let written = write.write_all(&buf).await;
+        gate.blocked.set(false);
+        gate.opened.notify_waiters();
+        if written.is_err() {
             return;
         }
         if close {

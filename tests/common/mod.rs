@@ -235,6 +235,19 @@ impl Raw {
         self.stream.write_all(bytes).unwrap();
     }
 
+    /// Writes `bytes`, ignoring a broker that closes the connection while we write (as it
+    /// does after refusing an oversized frame or a foreign uid).
+    pub fn send_bytes_until_closed(&mut self, bytes: &[u8]) {
+        match self.stream.write_all(bytes) {
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::BrokenPipe | std::io::ErrorKind::ConnectionReset
+                ) => {}
+            other => other.unwrap(),
+        }
+    }
+
     pub fn send(&mut self, line: &str) {
         self.send_bytes(format!("{line}\n").as_bytes());
     }
