@@ -8,10 +8,12 @@
 //! A message has one row in `messages` and one row per recipient in `deliveries`, whose
 //! `state` is 0 (queued: not yet acked by the recipient) or 1 (delivered).
 //!
-//! The schema is lean on purpose: every index costs a page write per send, and page
-//! writes are what a send costs. Message ids are UUIDv7, so id order is time order: the
-//! primary key serves history (`log`) and retention (an id range) without more indexes.
-//! The only secondary index holds the queued deliveries, for redelivery on reconnect.
+//! The schema is lean on purpose: every index costs page writes per send, and page writes
+//! are what a send costs. Message ids are UUIDv7, so id order is time order: the primary
+//! key serves history (`log`) and retention (an id range) without more indexes. Three
+//! secondary indexes: the queued deliveries (redelivery on reconnect), and messages by
+//! sender and deliveries by recipient, so one peer's history (`log --peer`) costs the
+//! same in a store of a million messages as in an empty one.
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -21,7 +23,8 @@ use rusqlite::{Connection, OptionalExtension, params};
 use crate::protocol::{DeliveryState, LogEntry, Millis};
 
 /// Schema steps; entry `i` moves `user_version` from `i` to `i + 1`.
-const MIGRATIONS: &[&str] = &[r#"
+const MIGRATIONS: &[&str] = &[
+    r#"
 CREATE TABLE peers (
     name TEXT PRIMARY KEY NOT NULL,
     pid INTEGER NOT NULL DEFAULT 0,
@@ -54,7 +57,12 @@ CREATE TABLE deliveries (
     PRIMARY KEY (message_id, recipient)
 ) WITHOUT ROWID;
 CREATE INDEX deliveries_queued ON deliveries(recipient, message_id) WHERE state = 0;
-"#];
+"#,
+    r#"
+CREATE INDEX messages_by_sender ON messages(sender, id);
+CREATE INDEX deliveries_by_recipient ON deliveries(recipient, message_id);
+"#,
+];
 
 /// WAL size (in pages) past which the checkpointer makes writers wait so the WAL can
 /// start over: about 16 MiB.
@@ -409,12 +417,18 @@ impl Store {
                 stmt.query_map([limit], map)?.collect::<Result<_, _>>()?
             }
             Some(peer) => {
-                // Newest first until `limit` rows involve the peer: fast for active peers;
-                // a peer silent for long costs a longer scan (no sender index, to keep
-                // sends cheap).
+                // The newest `limit` messages the peer sent and the newest `limit` it was
+                // sent, each read from its own index; the answer is among them.
                 let sql = format!(
                     "SELECT {COLS} FROM messages m JOIN deliveries d ON d.message_id = m.id
-                     WHERE m.sender = ?1 OR d.recipient = ?1
+                     WHERE m.id IN (
+                         SELECT id FROM (SELECT id FROM messages WHERE sender = ?1
+                                         ORDER BY id DESC LIMIT ?2)
+                         UNION
+                         SELECT message_id FROM (SELECT message_id FROM deliveries
+                                                 WHERE recipient = ?1
+                                                 ORDER BY message_id DESC LIMIT ?2))
+                       AND (m.sender = ?1 OR d.recipient = ?1)
                      ORDER BY m.id DESC, d.recipient LIMIT ?2"
                 );
                 let mut stmt = self.conn.prepare_cached(&sql)?;
@@ -440,26 +454,40 @@ impl Store {
             .optional()?)
     }
 
-    /// Removes messages sent before `sent_before` whose expiry has passed (delivered or
-    /// not), and peers last seen before `peers_before` that have no queued mail, except
-    /// those `keep` names.
+    /// Removes up to `batch` of the oldest messages sent before `sent_before` whose expiry
+    /// has passed (delivered or not), and peers last seen before `peers_before` that have
+    /// no queued mail, except those `keep` names. A sweep that removed `batch` messages
+    /// may have left more: call it again, after serving whatever else is waiting.
     pub fn sweep(
         &self,
         now: Millis,
         sent_before: Millis,
         peers_before: Millis,
         keep: &dyn Fn(&str) -> bool,
+        batch: u32,
     ) -> Result<Swept, StoreError> {
         let cutoff = id_floor(sent_before);
-        self.conn.execute(
-            "DELETE FROM deliveries WHERE message_id IN
-               (SELECT id FROM messages WHERE id < ?1 AND expires_at <= ?2)",
-            params![cutoff, now],
-        )?;
-        let messages = self.conn.execute(
-            "DELETE FROM messages WHERE id < ?1 AND expires_at <= ?2",
-            params![cutoff, now],
-        )? as u64;
+        let expired: Vec<String> = self
+            .conn
+            .prepare_cached(
+                "SELECT id FROM messages WHERE id < ?1 AND expires_at <= ?2 ORDER BY id LIMIT ?3",
+            )?
+            .query_map(params![cutoff, now, batch], |r| r.get(0))?
+            .collect::<Result<_, _>>()?;
+        let mut messages = 0;
+        if let (Some(first), Some(last)) = (expired.first(), expired.last()) {
+            let tx = self.conn.unchecked_transaction()?;
+            tx.execute(
+                "DELETE FROM deliveries WHERE message_id BETWEEN ?1 AND ?2 AND message_id IN
+                   (SELECT id FROM messages WHERE id BETWEEN ?1 AND ?2 AND expires_at <= ?3)",
+                params![first, last, now],
+            )?;
+            messages = tx.execute(
+                "DELETE FROM messages WHERE id BETWEEN ?1 AND ?2 AND expires_at <= ?3",
+                params![first, last, now],
+            )? as u64;
+            tx.commit()?;
+        }
         let stale: Vec<String> = {
             let mut stmt = self.conn.prepare(
                 "SELECT name FROM peers WHERE last_seen < ?1 AND NOT EXISTS
@@ -590,7 +618,7 @@ mod tests {
             .unwrap();
         s.insert_message(&msg(&fresh_id, "fresh", 5000), &["busy"])
             .unwrap();
-        let swept = s.sweep(2000, 2000, 100, &|n| n == "online").unwrap();
+        let swept = s.sweep(2000, 2000, 100, &|n| n == "online", 1000).unwrap();
         assert_eq!(
             swept,
             Swept {

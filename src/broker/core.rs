@@ -110,6 +110,8 @@ pub struct Core {
 }
 
 const SWEEP_EVERY: Duration = Duration::from_secs(3600);
+/// Most messages one retention sweep removes before the core serves requests again.
+const SWEEP_BATCH: u32 = 5000;
 /// Most commands handled in one transaction.
 const MAX_BATCH: usize = 1024;
 
@@ -943,11 +945,18 @@ impl Core {
         }
         let before = now.saturating_sub(self.limits.retention.as_millis() as Millis);
         let online = &self.online;
-        match self
-            .store
-            .sweep(now, before, before, &|n| online.contains_key(n))
-        {
+        match self.store.sweep(
+            now,
+            before,
+            before,
+            &|n| online.contains_key(n),
+            SWEEP_BATCH,
+        ) {
             Ok(swept) => {
+                if swept.messages == u64::from(SWEEP_BATCH) {
+                    // More may have expired: go on after serving what waits.
+                    self.next_sweep = Instant::now() + Duration::from_millis(10);
+                }
                 if swept.messages > 0 || swept.peers > 0 {
                     tracing::info!(
                         messages = swept.messages,

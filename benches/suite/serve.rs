@@ -1,6 +1,7 @@
-//! End-to-end benchmarks of `claude-peers serve`: real serve processes (release build)
-//! driven by rmcp's client over stdio, a real broker, messages persisted on the way.
-//! Prints one table. Run with `cargo bench --bench serve`.
+//! Issue 3's figures, end to end through `claude-peers serve`: real serve processes
+//! (release build) driven by rmcp's client over stdio, a real broker, messages persisted
+//! on the way. The harness drives every session from one thread, like Claude Code's own
+//! event loop, so the figures measure claude-peers, not wake-ups between harness threads.
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -18,10 +19,12 @@ use rmcp::{ClientHandler, ServiceExt};
 use serde_json::json;
 use tokio::sync::mpsc;
 
-const BIN: &str = env!("CARGO_BIN_EXE_claude-peers");
+use crate::util::{self, BIN, Row, ms, percentile, rss_mb, us};
 
-struct Channel {
-    events: mpsc::UnboundedSender<Instant>,
+/// An MCP client like Claude Code: declares the channel capability and reports when
+/// each channel event arrives.
+pub struct Channel {
+    pub events: mpsc::UnboundedSender<Instant>,
 }
 
 impl ClientHandler for Channel {
@@ -46,12 +49,13 @@ impl ClientHandler for Channel {
     }
 }
 
-struct Env {
+/// A temp claude-peers home for serve sessions.
+pub struct Env {
     dir: tempfile::TempDir,
 }
 
 impl Env {
-    fn new() -> Self {
+    pub fn new() -> Self {
         Self {
             dir: tempfile::Builder::new()
                 .prefix("cps-")
@@ -60,7 +64,7 @@ impl Env {
         }
     }
 
-    fn home(&self) -> PathBuf {
+    pub fn home(&self) -> PathBuf {
         self.dir.path().join("h")
     }
 
@@ -79,7 +83,7 @@ impl Env {
     }
 
     /// A session; returns once initialize is answered, with its pid and event stream.
-    async fn session(
+    pub async fn session(
         &self,
         name: &str,
     ) -> (
@@ -94,7 +98,7 @@ impl Env {
         (s, pid, rx)
     }
 
-    fn stop(&self) {
+    pub fn stop(&self) {
         let _ = std::process::Command::new(BIN)
             .arg("stop")
             .env("CLAUDE_PEERS_HOME", self.home())
@@ -108,7 +112,7 @@ impl Drop for Env {
     }
 }
 
-fn send_args(to: &str, text: &str) -> CallToolRequestParams {
+pub fn send_args(to: &str, text: &str) -> CallToolRequestParams {
     CallToolRequestParams::new("send_message").with_arguments(
         json!({"to": to, "message": text})
             .as_object()
@@ -117,25 +121,7 @@ fn send_args(to: &str, text: &str) -> CallToolRequestParams {
     )
 }
 
-fn percentile(sorted: &[Duration], p: f64) -> Duration {
-    sorted[((sorted.len() as f64 - 1.0) * p).round() as usize]
-}
-
-fn us(d: Duration) -> String {
-    format!("{:.0} us", d.as_secs_f64() * 1e6)
-}
-
-fn rss_mb(pid: u32) -> f64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
-        .unwrap_or(0.0)
-        / 1024.0
-}
-
-async fn wait_ready(s: &RunningService<RoleClient, Channel>) {
+pub async fn wait_ready(s: &RunningService<RoleClient, Channel>) {
     let r = s
         .call_tool(CallToolRequestParams::new("whoami"))
         .await
@@ -143,12 +129,8 @@ async fn wait_ready(s: &RunningService<RoleClient, Channel>) {
     assert_eq!(r.is_error, Some(false), "{r:?}");
 }
 
-// One thread for the harness, like Claude Code's own event loop: the figures then
-// measure claude-peers, not wake-ups between the harness's worker threads.
-#[tokio::main(flavor = "current_thread")]
-async fn main() {
-    let mut rows: Vec<(&str, &str, String)> = Vec::new();
-
+/// Every figure of issue 3. Runs on a current-thread runtime.
+pub async fn run(rows: &mut Vec<Row>) {
     // Spawn -> initialize answered, with no broker (the first session starts one) and
     // with a running broker.
     let env = Env::new();
@@ -221,42 +203,49 @@ async fn main() {
     let _ = b.cancel().await;
     drop(env);
 
-    rows.push((
+    let median = util::p50(&mut lat);
+    let p99 = percentile(&lat, 0.99);
+    rows.push(Row::new(
+        "serve",
         "send_message in A -> channel event in B, p50",
         "<= 300 us",
-        us(percentile(&lat, 0.5)),
+        us(median),
+        Some(median <= Duration::from_micros(300)),
     ));
-    rows.push((
+    rows.push(Row::new(
+        "serve",
         "send_message in A -> channel event in B, p99",
         "<= 2 ms",
-        us(percentile(&lat, 0.99)),
+        us(p99),
+        Some(p99 <= Duration::from_millis(2)),
     ));
-    rows.push((
+    rows.push(Row::new(
+        "serve",
         "messages/s, 64 sends in flight",
         ">= 5,000",
         format!("{rate:.0}"),
+        Some(rate >= 5000.0),
     ));
-    rows.push((
+    rows.push(Row::new(
+        "serve",
         "serve RSS after the runs (sender / receiver)",
         "<= 10 MB",
         format!("{rss_a:.1} / {rss_b:.1} MB"),
+        Some(rss_a.max(rss_b) <= 10.0),
     ));
-    rows.push((
+    let warm50 = util::p50(&mut warm);
+    rows.push(Row::new(
+        "serve",
         "spawn -> initialize answered, broker running, p50",
         "<= 50 ms",
-        format!("{:.1} ms", percentile(&warm, 0.5).as_secs_f64() * 1e3),
+        ms(warm50),
+        Some(warm50 <= Duration::from_millis(50)),
     ));
-    rows.push((
+    rows.push(Row::new(
+        "serve",
         "spawn -> initialize answered, no broker yet",
         "<= 150 ms",
-        format!("{:.1} ms", cold.as_secs_f64() * 1e3),
+        ms(cold),
+        Some(cold <= Duration::from_millis(150)),
     ));
-    println!();
-    println!(
-        "{:<52} {:<12} measured",
-        "figure (end to end through serve)", "target"
-    );
-    for (f, t, m) in rows {
-        println!("{f:<52} {t:<12} {m}");
-    }
 }

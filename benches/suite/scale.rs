@@ -1,0 +1,121 @@
+//! Issue 4's scale figures: 200 real `serve` sessions (release build, driven over stdio by
+//! rmcp's client) on one broker.
+
+use std::time::{Duration, Instant};
+
+use claude_peers::paths::Paths;
+use claude_peers::protocol::{Broadcast, Scope, StatusCall};
+use rmcp::model::CallToolRequestParams;
+use serde_json::json;
+use tokio::sync::mpsc;
+
+use crate::serve::{Env, wait_ready};
+use crate::util::{self, Row, ms, rss_mb, us};
+
+const SESSIONS: usize = 200;
+
+pub async fn run(rows: &mut Vec<Row>) {
+    let env = Env::new();
+    // Every session reports its channel events on one stream.
+    let (tx, mut events) = mpsc::unbounded_channel::<Instant>();
+    let mut sessions = Vec::with_capacity(SESSIONS);
+    let mut pids = Vec::with_capacity(SESSIONS);
+    for i in 0..SESSIONS {
+        let (s, pid, mut own) = env.session(&format!("s{i:03}")).await;
+        let tx = tx.clone();
+        tokio::spawn(async move {
+            while let Some(t) = own.recv().await {
+                let _ = tx.send(t);
+            }
+        });
+        sessions.push(s);
+        pids.push(pid);
+    }
+    for s in &sessions {
+        wait_ready(s).await;
+    }
+    let paths = Paths::resolve(Some(&env.home()), None).unwrap();
+    let cli = util::client(&paths).await;
+    let status = cli.call(StatusCall).await.unwrap();
+    let registered = status.peers_online as usize;
+
+    // list_peers from one session, as the model would call it.
+    let list = CallToolRequestParams::new("list_peers")
+        .with_arguments(json!({"scope": "machine"}).as_object().unwrap().clone());
+    let first = &sessions[0];
+    let mut times = util::time_calls(20, 200, || async {
+        let r = first.call_tool(list.clone()).await.unwrap();
+        assert_eq!(r.is_error, Some(false));
+    })
+    .await;
+    let list_p50 = util::p50(&mut times);
+
+    // A broadcast to all 200, from a client outside them (as `claude-peers send` would).
+    let mut spreads = Vec::new();
+    for round in 0..10 {
+        while events.try_recv().is_ok() {}
+        let t = Instant::now();
+        cli.call(Broadcast {
+            scope: Scope::Machine,
+            text: format!("broadcast {round}"),
+            in_reply_to: None,
+            from: Some("bench".into()),
+            cwd: None,
+            git_common_dir: None,
+        })
+        .await
+        .unwrap();
+        let mut last = t;
+        for _ in 0..SESSIONS {
+            last = tokio::time::timeout(Duration::from_secs(10), events.recv())
+                .await
+                .expect("every session gets the broadcast")
+                .unwrap();
+        }
+        spreads.push(last.duration_since(t));
+    }
+    let spread = util::p50(&mut spreads);
+    let broker_rss = rss_mb(status.pid);
+    let serve_rss: f64 = pids.iter().map(|&p| rss_mb(p)).sum::<f64>() / SESSIONS as f64;
+
+    for s in sessions {
+        let _ = s.cancel().await;
+    }
+    drop(env);
+
+    rows.push(Row::new(
+        "scale",
+        "200 serve sessions: registered",
+        "200",
+        registered.to_string(),
+        Some(registered == SESSIONS),
+    ));
+    rows.push(Row::new(
+        "scale",
+        "200 sessions: list_peers tool call, p50",
+        "<= 2 ms",
+        us(list_p50),
+        Some(list_p50 <= Duration::from_millis(2)),
+    ));
+    rows.push(Row::new(
+        "scale",
+        "200 sessions: broadcast -> channel event in all 200, p50",
+        "<= 100 ms",
+        ms(spread),
+        Some(spread <= Duration::from_millis(100)),
+    ));
+    rows.push(Row::new(
+        "scale",
+        "200 sessions: broker RSS",
+        "<= 50 MB",
+        format!("{broker_rss:.1} MB"),
+        Some(broker_rss <= 50.0),
+    ));
+    rows.push(Row::new(
+        "scale",
+        "200 sessions: serve RSS, mean",
+        "-",
+        format!("{serve_rss:.1} MB"),
+        None,
+    ));
+}
