@@ -29,7 +29,7 @@ pub enum ClientError {
     #[error(transparent)]
     Paths(#[from] PathError),
     #[error(
-        "no broker is running at {socket}. Start one with `claude-peers broker`, or drop --no-start"
+        "no broker is running at {socket}; start one (`claude-peers broker`, or any claude-peers command but `status` and `stop`) and try again"
     )]
     NotRunning { socket: PathBuf },
     #[error("could not start a broker: {reason}. See its log at {log}")]
@@ -113,6 +113,8 @@ impl Client {
         let deadline = Instant::now() + START_TIMEOUT;
         let mut started: Option<std::process::Child> = None;
         let mut spawned = 0;
+        // Where the broker log ended when we last started a broker: what it writes after.
+        let mut log_from = 0;
         let mut delay = Duration::from_millis(2);
         loop {
             match UnixStream::connect(&paths.socket).await {
@@ -169,15 +171,28 @@ impl Client {
                             socket: paths.socket.clone(),
                         });
                     }
-                    // A broker we started that has already exited lost a race for the
-                    // lock to one that was stopping; start another.
+                    // A broker we started has exited. If it lost the race for the lock (to
+                    // a broker that is stopping, or one starting that will answer soon),
+                    // start another; any other failure will not go away by retrying, so
+                    // report what the broker said.
                     if let Some(child) = started.as_mut()
-                        && child.try_wait().ok().flatten().is_some()
-                        && spawned < MAX_SPAWNS
+                        && let Ok(Some(status)) = child.try_wait()
                     {
-                        started = None;
+                        if !status.success()
+                            && let Some(reason) = broker_error(paths, log_from)
+                            && !reason.contains(crate::broker::ALREADY_RUNNING)
+                        {
+                            return Err(ClientError::StartFailed {
+                                reason,
+                                log: paths.log.clone(),
+                            });
+                        }
+                        if spawned < MAX_SPAWNS {
+                            started = None;
+                        }
                     }
                     if started.is_none() {
+                        log_from = std::fs::metadata(&paths.log).map_or(0, |m| m.len());
                         started = Some(spawn_broker(paths, opts.broker_exe.as_deref())?);
                         spawned += 1;
                     }
@@ -472,6 +487,23 @@ fn spawn_broker(
     platform::detach(&mut cmd);
     cmd.spawn()
         .map_err(|e| fail(format!("cannot run the broker: {e}")))
+}
+
+/// The last error a broker wrote to its log from byte `from` on (from the start if the
+/// log was rotated meanwhile), without the `claude-peers: error: ` prefix.
+fn broker_error(paths: &Paths, from: u64) -> Option<String> {
+    use std::io::{Read, Seek, SeekFrom};
+    let mut file = std::fs::File::open(&paths.log).ok()?;
+    let len = file.metadata().ok()?.len();
+    file.seek(SeekFrom::Start(if from <= len { from } else { 0 }))
+        .ok()?;
+    let mut bytes = Vec::new();
+    file.read_to_end(&mut bytes).ok()?;
+    String::from_utf8_lossy(&bytes)
+        .lines()
+        .rev()
+        .find_map(|l| l.strip_prefix("claude-peers: error: "))
+        .map(str::to_string)
 }
 
 /// The broker log, opened for appending; rotated once it passes 8 MiB.

@@ -71,12 +71,17 @@ const WAL_RESTART_PAGES: i64 = 4096;
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
     #[error(
-        "database {path}: {source}. Check that the file is yours and not damaged, or point CLAUDE_PEERS_DB elsewhere"
+        "database {path}: {cause}. Check that the file is yours and not damaged, or point CLAUDE_PEERS_DB elsewhere"
     )]
     Open {
         path: String,
-        source: rusqlite::Error,
+        // Not `source`: the message already shows it, and a source would be shown twice.
+        cause: rusqlite::Error,
     },
+    #[error(
+        "database {path} is locked by another process (a sqlite3 shell, a backup, or a broker of another CLAUDE_PEERS_HOME using the same CLAUDE_PEERS_DB); stop that process and try again, or point CLAUDE_PEERS_DB elsewhere"
+    )]
+    Locked { path: String },
     #[error(
         "database {path} has schema version {found}, newer than this claude-peers knows ({known}); upgrade claude-peers"
     )]
@@ -87,6 +92,24 @@ pub enum StoreError {
     },
     #[error("database error: {0}")]
     Sql(#[from] rusqlite::Error),
+}
+
+impl StoreError {
+    /// An error from opening the database at `path`: `Locked` when another process holds
+    /// a lock on it, `Open` otherwise.
+    fn opening(path: &str, e: rusqlite::Error) -> Self {
+        match e.sqlite_error_code() {
+            Some(rusqlite::ErrorCode::DatabaseBusy | rusqlite::ErrorCode::DatabaseLocked) => {
+                StoreError::Locked {
+                    path: path.to_string(),
+                }
+            }
+            _ => StoreError::Open {
+                path: path.to_string(),
+                cause: e,
+            },
+        }
+    }
 }
 
 /// A peer's stored record.
@@ -144,10 +167,7 @@ impl Store {
     /// Opens (creating if needed) the database at `path` and brings its schema up to date.
     pub fn open(path: &Path) -> Result<Self, StoreError> {
         let shown = path.display().to_string();
-        let open_err = |source| StoreError::Open {
-            path: shown.clone(),
-            source,
-        };
+        let open_err = |e| StoreError::opening(&shown, e);
         let conn = Connection::open(path).map_err(open_err)?;
         // Mail is private: the database (and the WAL files SQLite derives from it) 0600.
         {
@@ -170,6 +190,13 @@ impl Store {
             .map_err(open_err)?;
         let mut store = Self { conn };
         store.migrate(&shown)?;
+        // In WAL mode reading works while another process holds the write lock, and the
+        // broker would only find out at its first write, stalling every batch. Take the
+        // write lock once now, so such a database is an error at start.
+        store
+            .conn
+            .execute_batch("BEGIN IMMEDIATE; COMMIT")
+            .map_err(open_err)?;
         Ok(store)
     }
 
@@ -182,10 +209,8 @@ impl Store {
         path: &Path,
         stop: std::sync::mpsc::Receiver<()>,
     ) -> Result<std::thread::JoinHandle<()>, StoreError> {
-        let conn = Connection::open(path).map_err(|source| StoreError::Open {
-            path: path.display().to_string(),
-            source,
-        })?;
+        let conn = Connection::open(path)
+            .map_err(|e| StoreError::opening(&path.display().to_string(), e))?;
         conn.busy_timeout(std::time::Duration::from_secs(2))?;
         let handle = std::thread::Builder::new()
             .name("checkpoint".into())
@@ -211,7 +236,7 @@ impl Store {
             })
             .map_err(|e| StoreError::Open {
                 path: path.display().to_string(),
-                source: rusqlite::Error::ToSqlConversionFailure(Box::new(e)),
+                cause: rusqlite::Error::ToSqlConversionFailure(Box::new(e)),
             })?;
         Ok(handle)
     }
@@ -220,10 +245,7 @@ impl Store {
         let version: i64 = self
             .conn
             .pragma_query_value(None, "user_version", |r| r.get(0))
-            .map_err(|source| StoreError::Open {
-                path: shown.to_string(),
-                source,
-            })?;
+            .map_err(|e| StoreError::opening(shown, e))?;
         let known = MIGRATIONS.len() as i64;
         if version > known {
             return Err(StoreError::TooNew {

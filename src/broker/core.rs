@@ -192,7 +192,10 @@ impl Core {
 
     fn handle_batch(&mut self, batch: &mut Vec<Command>) {
         if let Err(e) = self.store.begin() {
-            tracing::error!("cannot start a transaction: {e}");
+            tracing::error!("cannot start a transaction: {e}; answering this batch with errors");
+            self.refuse_batch(batch, &e);
+            self.flush_effects();
+            return;
         }
         self.awaiting_in_batch.clear();
         for cmd in batch.drain(..) {
@@ -205,6 +208,28 @@ impl Core {
             self.reload();
         }
         self.flush_effects();
+    }
+
+    /// Without a transaction no request may run: each write would commit on its own, and
+    /// the error answer ("nothing was saved, try again") would be false, so a retry would
+    /// store the message twice. Requests are answered `internal`; connections still come
+    /// and go (a peer that leaves is offline even if its `last_seen` cannot be written).
+    fn refuse_batch(&mut self, batch: &mut Vec<Command>, e: &StoreError) {
+        let message =
+            format!("the broker could not write its database ({e}); nothing was saved, try again");
+        for cmd in batch.drain(..) {
+            match cmd {
+                Command::Request { conn, id, request } => {
+                    // An ack without an id is never answered; unstored, it is simply
+                    // delivered again later.
+                    let unanswered = id.is_none() && matches!(*request, Request::Ack(_));
+                    if self.conns.contains_key(&conn) && !unanswered {
+                        self.answer(conn, id, Err(err(ErrorCode::Internal, message.clone())));
+                    }
+                }
+                other => self.handle(other),
+            }
+        }
     }
 
     /// After a failed commit nothing of the batch is durable: answers become errors and

@@ -26,6 +26,10 @@ use crate::store::Store;
 use conn::ConnContext;
 use core::{BrokerInfo, Command, Core};
 
+/// How a broker that lost the race for the lock explains itself; clients that started it
+/// recognize it and try again instead of reporting it.
+pub const ALREADY_RUNNING: &str = "another broker is already running";
+
 /// How a broker run is set up.
 #[derive(Debug, Clone)]
 pub struct BrokerOptions {
@@ -81,7 +85,7 @@ pub fn run(opts: BrokerOptions) -> Result<()> {
     let Some(lock) = BrokerLock::acquire(paths)? else {
         let pid = std::fs::read_to_string(&paths.lock).unwrap_or_default();
         bail!(
-            "another broker is already running (pid {}) for {}; use `claude-peers status` to see it or `claude-peers stop` to stop it",
+            "{ALREADY_RUNNING} (pid {}) for {}; use `claude-peers status` to see it or `claude-peers stop` to stop it",
             pid.trim(),
             paths.runtime_dir.display()
         );
