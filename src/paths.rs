@@ -108,10 +108,15 @@ impl Paths {
             && !parent.as_os_str().is_empty()
             && !parent.exists()
         {
-            fs::create_dir_all(parent).map_err(|source| PathError::Create {
-                path: parent.to_path_buf(),
-                source,
-            })?;
+            // Directories we make for the database are as private as the database.
+            fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o700)
+                .create(parent)
+                .map_err(|source| PathError::Create {
+                    path: parent.to_path_buf(),
+                    source,
+                })?;
         }
         self.check_socket_len()
     }

@@ -79,6 +79,10 @@ pub enum StoreError {
         cause: rusqlite::Error,
     },
     #[error(
+        "database {path}: {cause}. Check that the path is a file of yours (not a symlink or a directory), or point CLAUDE_PEERS_DB elsewhere"
+    )]
+    File { path: String, cause: std::io::Error },
+    #[error(
         "database {path} is locked by another process (a sqlite3 shell, a backup, or a broker of another CLAUDE_PEERS_HOME using the same CLAUDE_PEERS_DB); stop that process and try again, or point CLAUDE_PEERS_DB elsewhere"
     )]
     Locked { path: String },
@@ -168,12 +172,29 @@ impl Store {
     pub fn open(path: &Path) -> Result<Self, StoreError> {
         let shown = path.display().to_string();
         let open_err = |e| StoreError::opening(&shown, e);
-        let conn = Connection::open(path).map_err(open_err)?;
-        // Mail is private: the database (and the WAL files SQLite derives from it) 0600.
+        // Mail is private: the file is created 0600 before SQLite opens it (the WAL files
+        // SQLite derives from it take its mode), never through a symlink, and one that
+        // exists is closed to 0600.
+        let file_err = |cause| StoreError::File {
+            path: shown.clone(),
+            cause,
+        };
         {
-            use std::os::unix::fs::PermissionsExt;
-            let _ = std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600));
+            use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+            std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .mode(0o600)
+                .custom_flags(rustix::fs::OFlags::NOFOLLOW.bits() as i32)
+                .open(path)
+                .map_err(file_err)?;
+            std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
+                .map_err(file_err)?;
         }
+        let conn = Connection::open(path).map_err(open_err)?;
+        // Deleted mail does not linger in free pages, where writing zeros costs no extra I/O.
+        conn.pragma_update(None, "secure_delete", "FAST")
+            .map_err(open_err)?;
         // A locked database is an error after a short wait, never a hang.
         conn.busy_timeout(std::time::Duration::from_secs(2))
             .map_err(open_err)?;

@@ -905,7 +905,7 @@ fn cli_autostart_refuses(home: &Home, cause: &str) {
 fn database_that_is_a_directory_stops_the_broker_clearly() {
     let home = Home::new();
     spoil(&home, BadDb::Directory);
-    broker_refuses(&home, "unable to open database file");
+    broker_refuses(&home, "Is a directory");
 }
 
 /// Proves: a database file of garbage bytes stops the broker at once with a clear error.
@@ -944,7 +944,7 @@ fn write_locked_database_stops_the_broker_at_start() {
 #[test]
 fn cli_autostart_reports_why_the_database_is_unusable() {
     for (how, cause) in [
-        (BadDb::Directory, "unable to open database file"),
+        (BadDb::Directory, "Is a directory"),
         (BadDb::Garbage, "not a database"),
     ] {
         let home = Home::new();

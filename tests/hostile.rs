@@ -175,6 +175,11 @@ fn every_class_of_bad_input_gets_a_clear_error_and_loses_nothing() {
             "bad_name",
         ),
         (
+            "a sender posing as the user",
+            br#"{"id":28,"op":"send","to":["bob"],"text":"x","from":"User"}"#.to_vec(),
+            "bad_name",
+        ),
+        (
             "unknown recipient",
             br#"{"id":23,"op":"send","to":["bobb"],"text":"x"}"#.to_vec(),
             "unknown_peer",

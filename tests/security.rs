@@ -411,7 +411,6 @@ fn lines_of(stdout: std::process::ChildStdout) -> std::sync::mpsc::Receiver<Stri
 }
 
 #[test]
-#[ignore = "serve answers tools with 'broker is not reachable … try again' and hides the real cause (path error); see SECURITY.md, Known gaps"]
 fn serve_names_an_unusable_home_in_its_tool_errors() {
     let home = Home::new();
     let deep = home.dir.path().join("d".repeat(150));
@@ -611,7 +610,6 @@ fn an_open_directory_and_database_of_ours_are_closed() {
 }
 
 #[test]
-#[ignore = "the directory made for CLAUDE_PEERS_DB gets the umask's mode (0755), not 0700; see SECURITY.md, Known gaps"]
 fn a_directory_made_for_claude_peers_db_is_private() {
     let home = Home::new();
     let db_dir: PathBuf = home.dir.path().join("data");

@@ -75,6 +75,10 @@ pub struct Session {
     peer: Mutex<Option<Peer<RoleServer>>>,
     /// The broker executable to start when none runs (this binary).
     broker_exe: Option<std::path::PathBuf>,
+    /// Why the last attempt to reach the broker failed, while it is not reachable; tool
+    /// errors show it, since the cause (a refused directory, a bad database) is what the
+    /// user must fix.
+    last_error: Mutex<Option<String>>,
 }
 
 /// The name this session asks for, and whether the user chose it.
@@ -131,6 +135,7 @@ impl Session {
             seen: Mutex::new(HashSet::new()),
             peer: Mutex::new(None),
             broker_exe: std::env::current_exe().ok(),
+            last_error: Mutex::new(None),
         }))
     }
 
@@ -140,11 +145,17 @@ impl Session {
         let ready = tokio::time::timeout(BROKER_WAIT, rx.wait_for(Option::is_some)).await;
         match ready {
             Ok(Ok(c)) => Ok(c.clone().expect("waited for Some")),
-            _ => Err(format!(
-                "the claude-peers broker is not reachable (waited {}s); it is being started or restarted, try again in a moment. Its log: {}",
-                BROKER_WAIT.as_secs(),
-                self.paths.log.display()
-            )),
+            _ => match self.last_error.lock().expect("last_error lock").as_deref() {
+                Some(e) => Err(format!(
+                    "the claude-peers broker is not reachable (waited {}s): {e}",
+                    BROKER_WAIT.as_secs()
+                )),
+                None => Err(format!(
+                    "the claude-peers broker is not reachable (waited {}s); it is being started or restarted, try again in a moment. Its log: {}",
+                    BROKER_WAIT.as_secs(),
+                    self.paths.log.display()
+                )),
+            },
         }
     }
 
@@ -201,6 +212,7 @@ impl Session {
             match self.connect_once().await {
                 Ok(mut events) => {
                     backoff = Duration::from_millis(20);
+                    *self.last_error.lock().expect("last_error lock") = None;
                     while let Some(ev) = events.recv().await {
                         if let Event::Deliver(d) = ev {
                             self.deliver(d).await;
@@ -211,6 +223,7 @@ impl Session {
                 }
                 Err(e) => {
                     tracing::warn!("cannot reach the broker: {e}");
+                    *self.last_error.lock().expect("last_error lock") = Some(e.to_string());
                 }
             }
             tokio::time::sleep(backoff).await;
