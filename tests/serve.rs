@@ -345,6 +345,13 @@ async fn repo_scope_spans_worktrees() {
         .collect();
     assert_eq!(names, [json!("side")]);
     assert_eq!(peers["peers"][0]["branch"], "feature");
+    // The text the model reads is a line per peer, not the JSON again.
+    let r = main.call("list_peers", json!({"scope": "repo"})).await;
+    let text = text_of(&r);
+    assert!(
+        text.starts_with("1 other session:\n- side (online) in ") && text.contains(" on feature"),
+        "{text}"
+    );
     let all = main.ok("list_peers", json!({})).await;
     assert_eq!(all["peers"].as_array().unwrap().len(), 2);
     let sessions = other.ok("list_sessions", json!({})).await;

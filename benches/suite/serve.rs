@@ -68,7 +68,7 @@ impl Env {
         self.dir.path().join("h")
     }
 
-    fn command(&self, name: &str) -> tokio::process::Command {
+    pub fn command(&self, name: &str) -> tokio::process::Command {
         let mut cmd = tokio::process::Command::new(BIN);
         cmd.arg("serve")
             .env("CLAUDE_PEERS_HOME", self.home())

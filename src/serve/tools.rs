@@ -5,10 +5,11 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
+use rmcp::handler::server::tool::IntoCallToolResult;
 use rmcp::handler::server::{router::tool::ToolRouter, wrapper::Parameters};
 use rmcp::model::{
-    Implementation, InitializeRequestParams, InitializeResult, JsonObject, ProtocolVersion,
-    ServerCapabilities, ServerConfig,
+    CallToolResponse, CallToolResult, ContentBlock, Implementation, InitializeRequestParams,
+    InitializeResult, JsonObject, ProtocolVersion, ServerCapabilities, ServerConfig,
 };
 use rmcp::service::{NotificationContext, RequestContext, RoleServer};
 use rmcp::{ErrorData as McpError, Json, ServerHandler, tool, tool_handler, tool_router};
@@ -119,6 +120,51 @@ pub struct PeersOut {
     pub peers: Vec<PeerOut>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub notice: Option<String>,
+}
+
+/// A peer listing as a tool result: one readable line per peer as the text the model
+/// reads, the records in `structuredContent`. (rmcp's `Json` would repeat the records as
+/// JSON text: twice the bytes to write and parse, and more tokens, for hundreds of peers.)
+pub struct PeerListing(PeersOut);
+
+impl PeerListing {
+    fn text(&self) -> String {
+        use std::fmt::Write;
+        let peers = &self.0.peers;
+        let mut text = match peers.len() {
+            0 => "No other sessions found.".to_string(),
+            1 => "1 other session:".to_string(),
+            n => format!("{n} other sessions:"),
+        };
+        for p in peers {
+            let _ = write!(text, "\n- {} ({}", p.name, p.state);
+            if p.state != "online" {
+                let _ = write!(text, ", last seen {}", p.last_seen);
+            }
+            let _ = write!(text, ") in {}", p.cwd);
+            if let Some(branch) = &p.branch {
+                let _ = write!(text, " on {branch}");
+            }
+            if !p.summary.is_empty() {
+                let _ = write!(text, ": {}", p.summary);
+            }
+        }
+        if let Some(notice) = &self.0.notice {
+            let _ = write!(text, "\n{notice}");
+        }
+        text
+    }
+}
+
+impl IntoCallToolResult for PeerListing {
+    fn into_call_tool_result(self) -> Result<CallToolResponse, McpError> {
+        let text = self.text();
+        let value = serde_json::to_value(&self.0)
+            .map_err(|e| McpError::internal_error(format!("peer listing: {e}"), None))?;
+        let mut result = CallToolResult::success(vec![ContentBlock::text(text)]);
+        result.structured_content = Some(value);
+        Ok(result.into())
+    }
 }
 
 #[derive(Debug, Serialize, JsonSchema)]
@@ -297,12 +343,13 @@ impl PeersServer {
     }
 
     #[tool(
-        description = "List the other Claude Code sessions (peers) you can message: name, state, directory, repository, branch, summary, last seen. scope: machine (default), directory, or repo (same git repository, worktrees included)."
+        description = "List the other Claude Code sessions (peers) you can message: name, state, directory, repository, branch, summary, last seen. scope: machine (default), directory, or repo (same git repository, worktrees included).",
+        output_schema = rmcp::handler::server::tool::schema_for_output::<PeersOut>()
     )]
     async fn list_peers(
         &self,
         Parameters(args): Parameters<ListPeersArgs>,
-    ) -> Result<Json<PeersOut>, String> {
+    ) -> Result<PeerListing, String> {
         let list = self
             .broker(ListPeers {
                 scope: args.scope.into(),
@@ -311,16 +358,17 @@ impl PeersServer {
                 git_common_dir: None,
             })
             .await?;
-        Ok(Json(PeersOut {
+        Ok(PeerListing(PeersOut {
             peers: list.peers.into_iter().map(Self::peer_out).collect(),
             notice: self.notice(),
         }))
     }
 
     #[tool(
-        description = "List the other online sessions on this machine (same as list_peers with scope machine)."
+        description = "List the other online sessions on this machine (same as list_peers with scope machine).",
+        output_schema = rmcp::handler::server::tool::schema_for_output::<PeersOut>()
     )]
-    async fn list_sessions(&self) -> Result<Json<PeersOut>, String> {
+    async fn list_sessions(&self) -> Result<PeerListing, String> {
         self.list_peers(Parameters(ListPeersArgs {
             scope: ScopeArg::Machine,
             include_offline: false,
