@@ -70,7 +70,7 @@ pub struct Session {
     unread: Mutex<VecDeque<Delivery>>,
     /// Ids already shown to the model in this process's life: a redelivery after a broker
     /// restart is acked again but never shown twice.
-    seen: Mutex<HashSet<String>>,
+    seen: Mutex<SeenIds>,
     /// The MCP peer, for notifications.
     peer: Mutex<Option<Peer<RoleServer>>>,
     /// The broker executable to start when none runs (this binary).
@@ -79,6 +79,31 @@ pub struct Session {
     /// errors show it, since the cause (a refused directory, a bad database) is what the
     /// user must fix.
     last_error: Mutex<Option<String>>,
+}
+
+/// Message ids shown in this process's life. The broker's ids are UUIDs, kept as 16
+/// bytes each rather than as a 36-character string on the heap, since the set only
+/// grows; anything else is kept as text.
+#[derive(Default)]
+struct SeenIds {
+    uuids: HashSet<u128>,
+    other: HashSet<String>,
+}
+
+impl SeenIds {
+    fn insert(&mut self, id: &str) {
+        match uuid::Uuid::try_parse(id) {
+            Ok(u) => self.uuids.insert(u.as_u128()),
+            Err(_) => self.other.insert(id.to_string()),
+        };
+    }
+
+    fn contains(&self, id: &str) -> bool {
+        match uuid::Uuid::try_parse(id) {
+            Ok(u) => self.uuids.contains(&u.as_u128()),
+            Err(_) => self.other.contains(id),
+        }
+    }
 }
 
 /// The name this session asks for, and whether the user chose it.
@@ -132,7 +157,7 @@ impl Session {
             initialized: AtomicBool::new(false),
             initialized_signal: Notify::new(),
             unread: Mutex::new(VecDeque::new()),
-            seen: Mutex::new(HashSet::new()),
+            seen: Mutex::new(SeenIds::default()),
             peer: Mutex::new(None),
             broker_exe: std::env::current_exe().ok(),
             last_error: Mutex::new(None),
@@ -178,7 +203,7 @@ impl Session {
         if !taken.is_empty() {
             let mut seen = self.seen.lock().expect("seen lock");
             for d in &taken {
-                seen.insert(d.id.clone());
+                seen.insert(&d.id);
             }
             self.ack(taken.iter().map(|d| d.id.clone()).collect());
         }
@@ -279,7 +304,7 @@ impl Session {
         // Returns once the line is written and flushed to stdout.
         match peer.send_notification(notification).await {
             Ok(()) => {
-                self.seen.lock().expect("seen lock").insert(d.id.clone());
+                self.seen.lock().expect("seen lock").insert(&d.id);
                 self.ack(vec![d.id]);
             }
             Err(e) => tracing::warn!("could not write a channel event: {e}"),
@@ -320,4 +345,21 @@ pub async fn run(paths: Paths, name: Option<&str>, push: PushMode) -> Result<()>
     let reason = service.waiting().await;
     tracing::info!("MCP session ended: {reason:?}");
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::SeenIds;
+
+    #[test]
+    fn seen_ids_hold_uuids_and_other_text() {
+        let mut seen = SeenIds::default();
+        let id = "019b76da-a87b-7c3e-9a41-5d2f0b6e8c17";
+        assert!(!seen.contains(id));
+        seen.insert(id);
+        seen.insert("not-a-uuid");
+        assert!(seen.contains(id) && seen.contains("not-a-uuid"));
+        assert!(!seen.contains("019b76da-a87b-7c3e-9a41-5d2f0b6e8c18"));
+        assert_eq!((seen.uuids.len(), seen.other.len()), (1, 1));
+    }
 }
