@@ -446,37 +446,6 @@ fn a_foreign_uid_is_refused_even_with_open_permissions() {
     assert!(mine.call(r#"{"id":1,"op":"status"}"#)["result"].is_object());
 }
 
-#[test]
-fn ten_racing_autostarts_give_one_broker() {
-    let home = Home::new();
-    let children: Vec<_> = (0..10)
-        .map(|_| {
-            home.cmd()
-                .args(["peers", "--json"])
-                .stdout(std::process::Stdio::piped())
-                .stderr(std::process::Stdio::piped())
-                .spawn()
-                .unwrap()
-        })
-        .collect();
-    for c in children {
-        let out = c.wait_with_output().unwrap();
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "[]");
-    }
-    let log = home.broker_output();
-    assert_eq!(log.matches("broker started").count(), 1, "{log}");
-    let status: serde_json::Value =
-        serde_json::from_slice(&home.run(&["status", "--json"]).stdout).unwrap();
-    let pid = status["pid"].as_u64().unwrap() as u32;
-    let lock = std::fs::read_to_string(&home.paths.lock).unwrap();
-    assert_eq!(lock.trim(), pid.to_string());
-}
-
 #[tokio::test(flavor = "multi_thread")]
 async fn an_older_broker_hands_over_to_a_newer_client() {
     let home = Home::new();

@@ -12,7 +12,7 @@
 
 mod common;
 
-use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::path::Path;
 use std::process::{Command, Output, Stdio};
 use std::sync::Arc;
@@ -22,14 +22,12 @@ use std::time::{Duration, Instant};
 use claude_peers::client::{Client, ClientError, ConnectOptions, Event, decode};
 use claude_peers::paths::Paths;
 use claude_peers::protocol::*;
+use common::mcp::TestClient;
 use common::*;
-use rmcp::model::{
-    CallToolRequestParams, ClientCapabilities, ClientConfig, CustomNotification, Implementation,
-    JsonObject, ProtocolVersion,
-};
-use rmcp::service::{NotificationContext, RoleClient, RunningService};
+use rmcp::ServiceExt;
+use rmcp::model::CallToolRequestParams;
+use rmcp::service::{RoleClient, RunningService};
 use rmcp::transport::TokioChildProcess;
-use rmcp::{ClientHandler, ServiceExt};
 use serde_json::Value;
 use tokio::sync::{mpsc, oneshot};
 
@@ -387,39 +385,11 @@ async fn broker_killed_three_times_mid_stream_loses_and_doubles_nothing() {
 // 2. The recipient's `serve` killed mid-stream and started again.
 // ---------------------------------------------------------------------------------------
 
-/// An MCP client as Claude Code is one: declares the channel capability and collects the
-/// channel events `serve` pushes.
-struct ChannelClient {
-    events: mpsc::UnboundedSender<Value>,
-}
-
-impl ClientHandler for ChannelClient {
-    fn get_info(&self) -> ClientConfig {
-        let mut exp = BTreeMap::new();
-        exp.insert("claude/channel".to_string(), JsonObject::new());
-        let caps = ClientCapabilities::builder()
-            .enable_experimental_with(exp)
-            .build();
-        ClientConfig::new(caps, Implementation::new("test-claude", "1.0"))
-            .with_protocol_version(ProtocolVersion::V_2025_11_25)
-    }
-
-    async fn on_custom_notification(
-        &self,
-        n: CustomNotification,
-        _c: NotificationContext<RoleClient>,
-    ) {
-        if n.method == "notifications/claude/channel" {
-            let _ = self.events.send(n.params.unwrap_or(Value::Null));
-        }
-    }
-}
-
 /// A real `claude-peers serve` process, driven over stdio by rmcp's client.
 struct ServeSession {
     pid: u32,
     /// `None` once the process was killed.
-    service: Option<RunningService<RoleClient, ChannelClient>>,
+    service: Option<RunningService<RoleClient, TestClient>>,
     events: mpsc::UnboundedReceiver<Value>,
 }
 
@@ -434,7 +404,13 @@ impl ServeSession {
         let transport = TokioChildProcess::new(cmd).unwrap();
         let pid = transport.id().expect("serve's pid");
         let (tx, events) = mpsc::unbounded_channel();
-        let service = ChannelClient { events: tx }.serve(transport).await.unwrap();
+        let service = TestClient {
+            channel: true,
+            events: tx,
+        }
+        .serve(transport)
+        .await
+        .unwrap();
         Self {
             pid,
             service: Some(service),

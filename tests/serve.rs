@@ -3,53 +3,19 @@
 
 mod common;
 
-use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader, Write};
 use std::path::Path;
 use std::process::Stdio;
 use std::time::Duration;
 
+use common::mcp::TestClient;
 use common::*;
-use rmcp::model::{
-    CallToolRequestParams, CallToolResult, ClientCapabilities, ClientConfig, CustomNotification,
-    Implementation, JsonObject, ProtocolVersion,
-};
-use rmcp::service::{NotificationContext, RoleClient, RunningService};
+use rmcp::ServiceExt;
+use rmcp::model::{CallToolRequestParams, CallToolResult};
+use rmcp::service::{RoleClient, RunningService};
 use rmcp::transport::TokioChildProcess;
-use rmcp::{ClientHandler, ServiceExt};
 use serde_json::{Value, json};
 use tokio::sync::mpsc;
-
-/// A test MCP client: declares the channel capability (or not) and collects channel events.
-struct TestClient {
-    channel: bool,
-    events: mpsc::UnboundedSender<Value>,
-}
-
-impl ClientHandler for TestClient {
-    fn get_info(&self) -> ClientConfig {
-        let mut caps = ClientCapabilities::default();
-        if self.channel {
-            let mut exp = BTreeMap::new();
-            exp.insert("claude/channel".to_string(), JsonObject::new());
-            caps = ClientCapabilities::builder()
-                .enable_experimental_with(exp)
-                .build();
-        }
-        ClientConfig::new(caps, Implementation::new("test-claude", "1.0"))
-            .with_protocol_version(ProtocolVersion::V_2025_11_25)
-    }
-
-    async fn on_custom_notification(
-        &self,
-        n: CustomNotification,
-        _c: NotificationContext<RoleClient>,
-    ) {
-        if n.method == "notifications/claude/channel" {
-            let _ = self.events.send(n.params.unwrap_or(Value::Null));
-        }
-    }
-}
 
 struct Session {
     service: RunningService<RoleClient, TestClient>,
