@@ -9,15 +9,6 @@ use claude_peers::client::decode;
 use claude_peers::protocol::*;
 use common::*;
 
-fn send(to: &str, text: &str) -> Send {
-    Send {
-        to: vec![to.into()],
-        text: text.into(),
-        in_reply_to: None,
-        from: None,
-    }
-}
-
 #[tokio::test(flavor = "multi_thread")]
 async fn round_trip_between_two_clients() {
     let home = Home::new();

@@ -31,15 +31,6 @@ use rmcp::transport::TokioChildProcess;
 use serde_json::Value;
 use tokio::sync::{mpsc, oneshot};
 
-fn send(to: &str, text: &str) -> Send {
-    Send {
-        to: vec![to.into()],
-        text: text.into(),
-        in_reply_to: None,
-        from: None,
-    }
-}
-
 /// `kill -9 pid`.
 fn kill9(pid: u32) {
     rustix::process::kill_process(

@@ -11,22 +11,20 @@ use claude_peers::protocol::MAX_FRAME_BYTES;
 use common::*;
 use serde_json::Value;
 
-/// A raw connection registered as `name`, without push (so the broker never waits for it).
-fn raw_peer(home: &Home, name: &str) -> Raw {
+/// A raw connection registered as `name`, without push (so the broker never waits for
+/// it), and the `register` answer.
+fn raw_peer(home: &Home, name: &str) -> (Raw, Value) {
     let mut r = Raw::greeted(&home.paths.socket);
     let v = r.call(&format!(
         r#"{{"id":1,"op":"register","name":"{name}","cwd":"/{name}"}}"#
     ));
     assert_eq!(v["result"]["name"], name, "{v}");
-    r
+    (r, v)
 }
 
 /// The queued mail `name` gets on registering, as texts, in order.
 fn collect_mail(home: &Home, name: &str) -> Vec<String> {
-    let mut r = Raw::greeted(&home.paths.socket);
-    let v = r.call(&format!(
-        r#"{{"id":1,"op":"register","name":"{name}","cwd":"/{name}"}}"#
-    ));
+    let (mut r, v) = raw_peer(home, name);
     let queued = v["result"]["queued"].as_u64().expect("registered");
     (0..queued)
         .map(|_| {
@@ -42,7 +40,7 @@ fn every_class_of_bad_input_gets_a_clear_error_and_loses_nothing() {
     let _b = home.broker(&["--send-rate", "20"]);
     // Mail waiting for an offline peer before the onslaught.
     drop(raw_peer(&home, "bob"));
-    let mut r = raw_peer(&home, "alice");
+    let (mut r, _) = raw_peer(&home, "alice");
     let v = r.call(r#"{"id":2,"op":"send","to":["bob"],"text":"before"}"#);
     assert_eq!(v["result"]["recipients"][0]["state"], "queued", "{v}");
 

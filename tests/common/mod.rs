@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 
 use claude_peers::client::{Client, ConnectOptions, Event};
 use claude_peers::paths::Paths;
-use claude_peers::protocol::{Delivery, ListPeers, Register};
+use claude_peers::protocol::{Delivery, ListPeers, Register, Send};
 use serde_json::Value;
 
 pub const BIN: &str = env!("CARGO_BIN_EXE_claude-peers");
@@ -118,6 +118,16 @@ impl Drop for Home {
         if self.paths.socket.exists() {
             let _ = self.cmd().arg("stop").output();
         }
+    }
+}
+
+/// A send of `text` to one peer, as its own session would make it.
+pub fn send(to: &str, text: &str) -> Send {
+    Send {
+        to: vec![to.into()],
+        text: text.into(),
+        in_reply_to: None,
+        from: None,
     }
 }
 
