@@ -5,6 +5,7 @@
 //! temp directories and stops it after.
 
 mod broker;
+mod raw;
 mod scale;
 mod serve;
 mod store;

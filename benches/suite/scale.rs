@@ -5,77 +5,14 @@ use std::time::{Duration, Instant};
 
 use claude_peers::paths::Paths;
 use claude_peers::protocol::{Broadcast, ListPeers, Scope, StatusCall};
-use std::process::Stdio;
-
 use serde_json::json;
-use tokio::io::{AsyncBufReadExt, AsyncWriteExt};
 use tokio::sync::mpsc;
 
+use crate::raw::RawSession;
 use crate::serve::{Env, wait_ready};
 use crate::util::{self, Row, ms, rss_mb, us};
 
 const SESSIONS: usize = 200;
-
-/// A `serve` session driven by hand over its stdio, one JSON-RPC line at a time.
-struct RawSession {
-    _child: tokio::process::Child,
-    stdin: tokio::process::ChildStdin,
-    stdout: tokio::io::Lines<tokio::io::BufReader<tokio::process::ChildStdout>>,
-}
-
-impl RawSession {
-    async fn start(env: &Env, name: &str) -> Self {
-        let mut child = env
-            .command(name)
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .kill_on_drop(true)
-            .spawn()
-            .unwrap();
-        let stdin = child.stdin.take().unwrap();
-        let stdout = tokio::io::BufReader::new(child.stdout.take().unwrap()).lines();
-        let mut s = Self {
-            _child: child,
-            stdin,
-            stdout,
-        };
-        let init = s
-            .call(
-                json!({"jsonrpc":"2.0","id":1,"method":"initialize","params":{
-                "protocolVersion":"2025-11-25","capabilities":{},
-                "clientInfo":{"name":"bench","version":"1"}}}),
-            )
-            .await;
-        assert!(init.get("result").is_some(), "{init}");
-        s.write(json!({"jsonrpc":"2.0","method":"notifications/initialized"}))
-            .await;
-        s
-    }
-
-    async fn write(&mut self, v: serde_json::Value) {
-        let mut line = serde_json::to_vec(&v).unwrap();
-        line.push(b'\n');
-        self.stdin.write_all(&line).await.unwrap();
-    }
-
-    /// Sends a request and returns the answer with its id, skipping anything else.
-    async fn call(&mut self, v: serde_json::Value) -> serde_json::Value {
-        let id = v["id"].clone();
-        self.write(v).await;
-        loop {
-            let line = self
-                .stdout
-                .next_line()
-                .await
-                .unwrap()
-                .expect("serve answers");
-            let answer: serde_json::Value = serde_json::from_str(&line).unwrap();
-            if answer["id"] == id {
-                return answer;
-            }
-        }
-    }
-}
 
 pub async fn run(rows: &mut Vec<Row>) {
     let env = Env::new();
@@ -105,13 +42,15 @@ pub async fn run(rows: &mut Vec<Row>) {
     // list_peers from one more session, as the model would call it: the request written
     // to its stdin, the answer's line read from its stdout and parsed as JSON (as Claude
     // Code does; rmcp's own client parses through untagged enums, which would dominate).
-    let mut raw = RawSession::start(&env, "lister").await;
+    let mut raw = RawSession::start(&env, "lister", false).await;
     let mut times = Vec::with_capacity(200);
     for i in 0..220u64 {
         let t = Instant::now();
         let answer = raw
-            .call(json!({"jsonrpc":"2.0","id":100 + i,"method":"tools/call",
-                "params":{"name":"list_peers","arguments":{"scope":"machine"}}}))
+            .call(
+                "tools/call",
+                json!({"name": "list_peers", "arguments": {"scope": "machine"}}),
+            )
             .await;
         let elapsed = t.elapsed();
         let peers = answer["result"]["structuredContent"]["peers"]
