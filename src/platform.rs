@@ -43,6 +43,37 @@ pub fn parent_pid() -> u32 {
     rustix::process::getppid().map_or(1, |p| p.as_raw_nonzero().get() as u32)
 }
 
+/// Returns once `parent` is no longer our parent process, that is, once it has exited.
+/// On Linux a pidfd makes this one wait, with no wake-ups until then (hundreds of idle
+/// sessions cost no CPU); elsewhere, or on kernels without pidfds (before 5.3), it looks
+/// four times a second.
+pub async fn parent_exited(parent: u32) {
+    #[cfg(any(target_os = "linux", target_os = "android"))]
+    if let Some(pid) = rustix::process::Pid::from_raw(parent as i32)
+        && let Ok(fd) = rustix::process::pidfd_open(pid, rustix::process::PidfdFlags::empty())
+    {
+        // The parent may have exited, and its pid been reused, before the pidfd was
+        // opened: it refers to our parent only if that is still who our parent is.
+        if parent_pid() != parent {
+            return;
+        }
+        // SAFETY: `fd` is an OwnedFd moved into the AsyncFd, so it stays open and the same
+        // descriptor until the AsyncFd is dropped.
+        let registered = unsafe {
+            tokio::io::unix::AsyncFd::register_with_interest(fd, tokio::io::Interest::READABLE)
+        };
+        // A pidfd becomes readable when its process exits.
+        if let Ok(fd) = registered
+            && fd.readable().await.is_ok()
+        {
+            return;
+        }
+    }
+    while parent_pid() == parent {
+        tokio::time::sleep(std::time::Duration::from_millis(250)).await;
+    }
+}
+
 /// Whether a process with this pid exists (signal 0).
 pub fn process_exists(pid: u32) -> bool {
     let Some(pid) = rustix::process::Pid::from_raw(pid as i32) else {

@@ -8,6 +8,7 @@
 
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
+use serde_json::value::RawValue;
 
 /// Bumped when a change would confuse the other side. A client that finds an older broker
 /// asks it to hand over; see [`Request::Shutdown`].
@@ -352,7 +353,7 @@ pub struct Sent {
 }
 
 /// A peer as listed.
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct PeerInfo {
     pub name: String,
     pub online: bool,
@@ -376,6 +377,59 @@ pub struct PeerInfo {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct PeerList {
     pub peers: Vec<PeerInfo>,
+}
+
+/// [`PeerInfo`] borrowed from the broker's own records, so that a listing of hundreds of
+/// peers is written without copying each of their strings first. Serializes to exactly
+/// what [`PeerInfo`] reads (a unit test holds the two together).
+#[derive(Debug, Serialize)]
+pub struct PeerInfoRef<'a> {
+    pub name: &'a str,
+    pub online: bool,
+    pub pid: u32,
+    pub cwd: &'a str,
+    pub git_root: Option<&'a str>,
+    pub git_common_dir: Option<&'a str>,
+    pub branch: Option<&'a str>,
+    pub tty: Option<&'a str>,
+    pub host: Option<&'a str>,
+    pub summary: &'a str,
+    pub client_name: Option<&'a str>,
+    pub client_version: Option<&'a str>,
+    pub push: bool,
+    pub first_seen: Millis,
+    pub last_seen: Millis,
+    pub unread: u64,
+}
+
+impl PeerInfoRef<'_> {
+    pub fn to_owned(&self) -> PeerInfo {
+        let own = |s: Option<&str>| s.map(str::to_string);
+        PeerInfo {
+            name: self.name.to_string(),
+            online: self.online,
+            pid: self.pid,
+            cwd: self.cwd.to_string(),
+            git_root: own(self.git_root),
+            git_common_dir: own(self.git_common_dir),
+            branch: own(self.branch),
+            tty: own(self.tty),
+            host: own(self.host),
+            summary: self.summary.to_string(),
+            client_name: own(self.client_name),
+            client_version: own(self.client_version),
+            push: self.push,
+            first_seen: self.first_seen,
+            last_seen: self.last_seen,
+            unread: self.unread,
+        }
+    }
+}
+
+/// [`PeerList`] of borrowed records.
+#[derive(Debug, Serialize)]
+pub struct PeerListRef<'a> {
+    pub peers: Vec<PeerInfoRef<'a>>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -512,7 +566,8 @@ pub enum Reply {
     Hello(HelloReply),
     Registered(Registered),
     Sent(Sent),
-    Peers(PeerList),
+    /// A [`PeerList`], serialized by the core from borrowed records ([`PeerListRef`]).
+    Peers(Box<RawValue>),
     Peer(Box<PeerInfo>),
     Status(Status),
     Log(LogReply),
@@ -613,6 +668,36 @@ mod tests {
                 "{op} is not a Request variant"
             );
         }
+    }
+
+    #[test]
+    fn borrowed_peer_records_read_back_as_owned_ones() {
+        let r = PeerInfoRef {
+            name: "bob",
+            online: true,
+            pid: 7,
+            cwd: "/w/a \"q\"",
+            git_root: Some("/w"),
+            git_common_dir: None,
+            branch: Some("main"),
+            tty: None,
+            host: Some("h"),
+            summary: "line\nbreak",
+            client_name: Some("claude-code"),
+            client_version: None,
+            push: true,
+            first_seen: 1,
+            last_seen: 2,
+            unread: 3,
+        };
+        let expected = r.to_owned();
+        let s = serde_json::to_string(&PeerListRef { peers: vec![r] }).unwrap();
+        let back: PeerList = serde_json::from_str(&s).unwrap();
+        assert_eq!(back.peers, vec![expected]);
+        // Every field of PeerInfo is written by PeerInfoRef, under the same name.
+        let owned = serde_json::to_value(&back.peers[0]).unwrap();
+        let borrowed: serde_json::Value = serde_json::from_str(&s).unwrap();
+        assert_eq!(owned, borrowed["peers"][0]);
     }
 
     #[test]

@@ -165,6 +165,25 @@ pub struct Swept {
 
 pub struct Store {
     conn: Connection,
+    /// Tells the checkpointer, if one runs, that a commit added to the WAL.
+    wrote: Option<std::sync::mpsc::SyncSender<()>>,
+}
+
+/// The thread that copies the WAL back into the database; see
+/// [`Store::spawn_checkpointer`].
+pub struct Checkpointer {
+    wake: std::sync::mpsc::SyncSender<()>,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    thread: std::thread::JoinHandle<()>,
+}
+
+impl Checkpointer {
+    /// Stops the thread and waits for it (at most one checkpoint).
+    pub fn stop(self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        let _ = self.wake.try_send(());
+        let _ = self.thread.join();
+    }
 }
 
 impl Store {
@@ -209,7 +228,7 @@ impl Store {
         // wait for the disk.
         conn.pragma_update(None, "wal_autocheckpoint", 0)
             .map_err(open_err)?;
-        let mut store = Self { conn };
+        let mut store = Self { conn, wrote: None };
         store.migrate(&shown)?;
         // In WAL mode reading works while another process holds the write lock, and the
         // broker would only find out at its first write, stalling every batch. Take the
@@ -221,24 +240,36 @@ impl Store {
         Ok(store)
     }
 
-    /// Starts the thread that copies the WAL back into the database: a passive
-    /// checkpoint every 50 ms, which never blocks the writer; and when steady writing has
-    /// kept those from finishing and the WAL has passed [`WAL_RESTART_PAGES`], a restart
-    /// checkpoint, which briefly holds writers so the WAL can start over small. Ends when
-    /// `stop` is dropped.
-    pub fn spawn_checkpointer(
-        path: &Path,
-        stop: std::sync::mpsc::Receiver<()>,
-    ) -> Result<std::thread::JoinHandle<()>, StoreError> {
+    /// Starts the thread that copies the WAL back into the database. It sleeps until a
+    /// commit tells it the WAL grew (an idle broker wakes no thread), lets writes gather for
+    /// 50 ms, then runs a passive checkpoint, which never blocks the writer. When steady
+    /// writing has kept those from finishing and the WAL has passed [`WAL_RESTART_PAGES`],
+    /// it runs a restart checkpoint, which briefly holds writers so the WAL can start over
+    /// small.
+    pub fn spawn_checkpointer(&mut self, path: &Path) -> Result<Checkpointer, StoreError> {
+        use std::sync::atomic::Ordering;
+        use std::sync::mpsc::RecvTimeoutError;
         let conn = Connection::open(path)
             .map_err(|e| StoreError::opening(&path.display().to_string(), e))?;
         conn.busy_timeout(std::time::Duration::from_secs(2))?;
-        let handle = std::thread::Builder::new()
+        // One pending wake is enough: commits while one is pending add nothing.
+        let (wake, woken) = std::sync::mpsc::sync_channel(1);
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let stopping = stop.clone();
+        let gather = std::time::Duration::from_millis(50);
+        let thread = std::thread::Builder::new()
             .name("checkpoint".into())
             .spawn(move || {
-                let every = std::time::Duration::from_millis(50);
-                while let Err(std::sync::mpsc::RecvTimeoutError::Timeout) = stop.recv_timeout(every)
-                {
+                while woken.recv().is_ok() && !stopping.load(Ordering::Relaxed) {
+                    let until = std::time::Instant::now() + gather;
+                    loop {
+                        let left = until.saturating_duration_since(std::time::Instant::now());
+                        match woken.recv_timeout(left) {
+                            Ok(()) if !stopping.load(Ordering::Relaxed) => {}
+                            Err(RecvTimeoutError::Timeout) => break,
+                            Ok(()) | Err(RecvTimeoutError::Disconnected) => return,
+                        }
+                    }
                     let checkpoint = |mode: &str| {
                         conn.query_row(&format!("PRAGMA wal_checkpoint({mode})"), [], |r| {
                             r.get::<_, i64>(1)
@@ -259,7 +290,8 @@ impl Store {
                 path: path.display().to_string(),
                 cause: rusqlite::Error::ToSqlConversionFailure(Box::new(e)),
             })?;
-        Ok(handle)
+        self.wrote = Some(wake.clone());
+        Ok(Checkpointer { wake, stop, thread })
     }
 
     fn migrate(&mut self, shown: &str) -> Result<(), StoreError> {
@@ -293,6 +325,10 @@ impl Store {
 
     pub fn commit(&self) -> Result<(), StoreError> {
         self.conn.execute_batch("COMMIT")?;
+        if let Some(wrote) = &self.wrote {
+            // Full means a wake is already pending, which covers this commit too.
+            let _ = wrote.try_send(());
+        }
         Ok(())
     }
 

@@ -481,3 +481,36 @@ fn sigterm_stops_cleanly() {
     assert!(b.wait_exit(Duration::from_secs(5)));
     assert!(!home.paths.socket.exists());
 }
+
+/// The checkpointer copies the WAL back into the database after writes (it is woken by
+/// commits, not by a timer), so the WAL starts over instead of growing with every
+/// message: 4,000 sends of about 5 pages each would make an 80 MB WAL without it.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_wal_is_checkpointed_after_writes() {
+    let home = Home::new();
+    let _b = home.broker(&["--send-rate", "0", "--mailbox-limit", "100000"]);
+    // Neither reads its mail as it comes: the sends do not wait for acks.
+    let bob = home.client().await;
+    let mut reg = register("bob", "/w");
+    reg.push = false;
+    bob.call(reg).await.unwrap();
+    let alice = home.client().await;
+    let mut reg = register("alice", "/w");
+    reg.push = false;
+    alice.call(reg).await.unwrap();
+    let text = "x".repeat(200);
+    for _ in 0..8 {
+        for _ in 0..500 {
+            alice.call(send("bob", &text)).await.unwrap();
+        }
+        // Time for the checkpoint to finish, so the next commit starts the WAL over.
+        tokio::time::sleep(Duration::from_millis(150)).await;
+    }
+    let wal = home.paths.db.with_extension("db-wal");
+    let size = std::fs::metadata(&wal).unwrap().len();
+    assert!(
+        size < 16 << 20,
+        "{} is {size} bytes after 4,000 sends",
+        wal.display()
+    );
+}

@@ -14,6 +14,7 @@
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::time::{Duration, Instant};
 
+use serde_json::value::RawValue;
 use tokio::sync::mpsc::{UnboundedReceiver, UnboundedSender};
 
 use crate::config::Limits;
@@ -850,20 +851,20 @@ impl Core {
         }
     }
 
-    fn peer_info(&self, p: &PeerRow) -> PeerInfo {
-        PeerInfo {
-            name: p.name.clone(),
-            online: self.online.contains_key(&p.name),
+    fn peer_ref<'a>(&self, p: &'a PeerRow, online: bool) -> PeerInfoRef<'a> {
+        PeerInfoRef {
+            name: &p.name,
+            online,
             pid: p.pid,
-            cwd: p.cwd.clone(),
-            git_root: p.git_root.clone(),
-            git_common_dir: p.git_common_dir.clone(),
-            branch: p.branch.clone(),
-            tty: p.tty.clone(),
-            host: p.host.clone(),
-            summary: p.summary.clone(),
-            client_name: p.client_name.clone(),
-            client_version: p.client_version.clone(),
+            cwd: &p.cwd,
+            git_root: p.git_root.as_deref(),
+            git_common_dir: p.git_common_dir.as_deref(),
+            branch: p.branch.as_deref(),
+            tty: p.tty.as_deref(),
+            host: p.host.as_deref(),
+            summary: &p.summary,
+            client_name: p.client_name.as_deref(),
+            client_version: p.client_version.as_deref(),
             push: p.push,
             first_seen: p.first_seen,
             last_seen: p.last_seen,
@@ -871,25 +872,36 @@ impl Core {
         }
     }
 
-    fn list_peers(&self, conn: ConnId, l: &ListPeers) -> Result<PeerList, ErrorBody> {
+    /// The peers in scope, online ones first, then by name; serialized here, from the
+    /// records themselves (a listing of hundreds of peers copies no strings).
+    fn list_peers(&self, conn: ConnId, l: &ListPeers) -> Result<Box<RawValue>, ErrorBody> {
         let filter = self.scope_filter(conn, l.scope, l.cwd.as_ref(), l.git_common_dir.as_ref())?;
         let me = self.registered_name(conn);
-        let mut peers: Vec<PeerInfo> = self
+        let mut rows: Vec<(bool, &PeerRow)> = self
             .peers
             .values()
             .filter(|p| Some(p.name.as_str()) != me)
-            .filter(|p| l.include_offline || self.online.contains_key(&p.name))
-            .filter(|p| filter(p))
-            .map(|p| self.peer_info(p))
+            .map(|p| (self.online.contains_key(&p.name), p))
+            .filter(|&(online, p)| (l.include_offline || online) && filter(p))
             .collect();
-        peers.sort_by(|a, b| b.online.cmp(&a.online).then_with(|| a.name.cmp(&b.name)));
-        Ok(PeerList { peers })
+        rows.sort_unstable_by(|a, b| b.0.cmp(&a.0).then_with(|| a.1.name.cmp(&b.1.name)));
+        let list = PeerListRef {
+            peers: rows
+                .iter()
+                .map(|&(online, p)| self.peer_ref(p, online))
+                .collect(),
+        };
+        // Our own records always serialize (string keys only).
+        Ok(serde_json::value::to_raw_value(&list).expect("a peer list serializes"))
     }
 
     fn whoami(&self, conn: ConnId) -> Result<PeerInfo, ErrorBody> {
         self.registered_name(conn)
             .and_then(|n| self.peers.get(n))
-            .map(|p| self.peer_info(p))
+            .map(|p| {
+                self.peer_ref(p, self.online.contains_key(&p.name))
+                    .to_owned()
+            })
             .ok_or_else(|| {
                 err(
                     ErrorCode::NotRegistered,

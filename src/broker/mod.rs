@@ -90,9 +90,8 @@ pub fn run(opts: BrokerOptions) -> Result<()> {
             paths.runtime_dir.display()
         );
     };
-    let store = Store::open(&paths.db)?;
-    let (stop_checkpoints, checkpoint_rx) = std::sync::mpsc::channel();
-    let checkpointer = Store::spawn_checkpointer(&paths.db, checkpoint_rx)?;
+    let mut store = Store::open(&paths.db)?;
+    let checkpointer = store.spawn_checkpointer(&paths.db)?;
     // One thread: connection tasks and the core hand work to each other without waking
     // other threads. SQLite's fsyncs happen on the checkpoint thread.
     let runtime = tokio::runtime::Builder::new_current_thread()
@@ -102,8 +101,7 @@ pub fn run(opts: BrokerOptions) -> Result<()> {
     let result = local.block_on(&runtime, serve(&opts, store));
     // Connection tasks have been told to close; give them a moment to write their last frames.
     runtime.shutdown_timeout(Duration::from_millis(500));
-    drop(stop_checkpoints);
-    let _ = checkpointer.join();
+    checkpointer.stop();
     // The socket goes before the lock, so a new broker never sees a live-looking socket
     // it does not own.
     let _ = std::fs::remove_file(&paths.socket);

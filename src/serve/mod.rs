@@ -329,13 +329,9 @@ pub async fn run(paths: Paths, name: Option<&str>, push: PushMode) -> Result<()>
     tokio::spawn(async move {
         // Claude Code may die without closing our stdin; do not outlive it, whether or
         // not the MCP handshake has happened.
-        loop {
-            tokio::time::sleep(Duration::from_millis(250)).await;
-            if platform::parent_pid() != parent {
-                tracing::info!("parent process exited; stopping");
-                std::process::exit(0);
-            }
-        }
+        platform::parent_exited(parent).await;
+        tracing::info!("parent process exited; stopping");
+        std::process::exit(0);
     });
     // Non-blocking pipes on the reactor when stdin/stdout are pipes (as under Claude Code):
     // no hand-off to tokio's blocking pool for every line read or written.
