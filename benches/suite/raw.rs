@@ -5,6 +5,7 @@
 
 use std::process::Stdio;
 
+use serde::de::DeserializeOwned;
 use serde_json::{Value, json};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt};
 
@@ -86,6 +87,27 @@ impl RawSession {
             let v = self.next().await;
             if v["id"] == id {
                 return v;
+            }
+        }
+    }
+
+    /// The answer to request `id` parsed straight into `T`, as a client with typed messages
+    /// reads it (building a `serde_json::Value` tree of a large answer costs more than
+    /// claude-peers' whole part in it); lines that are not that answer are skipped.
+    pub async fn typed_answer<T: DeserializeOwned>(&mut self, id: u64) -> T {
+        loop {
+            let line = self
+                .stdout
+                .next_line()
+                .await
+                .unwrap()
+                .expect("serve writes until its stdin closes");
+            match serde_json::from_str::<T>(&line) {
+                Ok(answer) => return answer,
+                Err(e) => {
+                    let v: Value = serde_json::from_str(&line).unwrap();
+                    assert_ne!(v["id"], id, "answer of an unexpected shape ({e}): {v}");
+                }
             }
         }
     }

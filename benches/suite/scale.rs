@@ -5,6 +5,7 @@ use std::time::{Duration, Instant};
 
 use claude_peers::paths::Paths;
 use claude_peers::protocol::{Broadcast, ListPeers, Scope, StatusCall};
+use serde::Deserialize;
 use serde_json::json;
 use tokio::sync::mpsc;
 
@@ -13,6 +14,44 @@ use crate::serve::{Env, wait_ready};
 use crate::util::{self, Row, ms, rss_mb, us};
 
 const SESSIONS: usize = 200;
+
+/// A `list_peers` answer, every field a client would read.
+#[derive(Deserialize)]
+struct ListAnswer {
+    id: u64,
+    result: ListResult,
+}
+
+#[derive(Deserialize)]
+struct ListResult {
+    content: Vec<TextBlock>,
+    #[serde(rename = "structuredContent")]
+    structured: Listed,
+    #[serde(rename = "isError")]
+    is_error: bool,
+}
+
+#[derive(Deserialize)]
+struct TextBlock {
+    text: String,
+}
+
+#[derive(Deserialize)]
+struct Listed {
+    peers: Vec<ListedPeer>,
+}
+
+#[derive(Deserialize)]
+#[allow(dead_code)] // read, as a client would, but not looked at
+struct ListedPeer {
+    name: String,
+    state: String,
+    cwd: String,
+    repo: Option<String>,
+    branch: Option<String>,
+    summary: String,
+    last_seen: String,
+}
 
 pub async fn run(rows: &mut Vec<Row>) {
     let env = Env::new();
@@ -46,17 +85,21 @@ pub async fn run(rows: &mut Vec<Row>) {
     let mut times = Vec::with_capacity(200);
     for i in 0..220u64 {
         let t = Instant::now();
-        let answer = raw
-            .call(
+        let id = raw
+            .request(
                 "tools/call",
                 json!({"name": "list_peers", "arguments": {"scope": "machine"}}),
             )
             .await;
+        let answer: ListAnswer = raw.typed_answer(id).await;
         let elapsed = t.elapsed();
-        let peers = answer["result"]["structuredContent"]["peers"]
-            .as_array()
-            .map_or(0, Vec::len);
-        assert_eq!(peers, SESSIONS, "{answer}");
+        assert!(!answer.result.is_error && answer.id == id);
+        assert!(
+            answer.result.content[0]
+                .text
+                .starts_with("200 other sessions")
+        );
+        assert_eq!(answer.result.structured.peers.len(), SESSIONS);
         if i >= 20 {
             times.push(elapsed);
         }
