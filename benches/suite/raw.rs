@@ -70,15 +70,17 @@ impl RawSession {
         id
     }
 
-    /// The next line from serve's stdout, parsed.
-    pub async fn next(&mut self) -> Value {
-        let line = self
-            .stdout
+    async fn line(&mut self) -> String {
+        self.stdout
             .next_line()
             .await
             .unwrap()
-            .expect("serve writes until its stdin closes");
-        serde_json::from_str(&line).unwrap()
+            .expect("serve writes until its stdin closes")
+    }
+
+    /// The next line from serve's stdout, parsed.
+    pub async fn next(&mut self) -> Value {
+        serde_json::from_str(&self.line().await).unwrap()
     }
 
     /// The answer to request `id`, skipping anything else.
@@ -96,12 +98,7 @@ impl RawSession {
     /// claude-peers' whole part in it); lines that are not that answer are skipped.
     pub async fn typed_answer<T: DeserializeOwned>(&mut self, id: u64) -> T {
         loop {
-            let line = self
-                .stdout
-                .next_line()
-                .await
-                .unwrap()
-                .expect("serve writes until its stdin closes");
+            let line = self.line().await;
             match serde_json::from_str::<T>(&line) {
                 Ok(answer) => return answer,
                 Err(e) => {
