@@ -167,6 +167,9 @@ pub struct Store {
     conn: Connection,
     /// Tells the checkpointer, if one runs, that a commit added to the WAL.
     wrote: Option<std::sync::mpsc::SyncSender<()>>,
+    /// Rows changed by this connection up to the last commit: a commit that changed
+    /// nothing (a batch of listings) wrote nothing to the WAL.
+    changed: std::cell::Cell<u64>,
 }
 
 /// The thread that copies the WAL back into the database; see
@@ -228,7 +231,11 @@ impl Store {
         // wait for the disk.
         conn.pragma_update(None, "wal_autocheckpoint", 0)
             .map_err(open_err)?;
-        let mut store = Self { conn, wrote: None };
+        let mut store = Self {
+            conn,
+            wrote: None,
+            changed: std::cell::Cell::new(0),
+        };
         store.migrate(&shown)?;
         // In WAL mode reading works while another process holds the write lock, and the
         // broker would only find out at its first write, stalling every batch. Take the
@@ -325,7 +332,10 @@ impl Store {
 
     pub fn commit(&self) -> Result<(), StoreError> {
         self.conn.execute_batch("COMMIT")?;
-        if let Some(wrote) = &self.wrote {
+        let changed = self.conn.total_changes();
+        if changed != self.changed.replace(changed)
+            && let Some(wrote) = &self.wrote
+        {
             // Full means a wake is already pending, which covers this commit too.
             let _ = wrote.try_send(());
         }
