@@ -895,8 +895,8 @@ fn exclusively_locked_database_stops_the_broker_clearly() {
 }
 
 /// Proves: a database in WAL mode whose write lock another process holds stops the broker
-/// at start with a clear error. (Today the broker starts, since reading works, and then
-/// stalls 2 s on every batch and answers every write with `internal`.)
+/// at start with a clear error. (It used to start, since reading works, and then
+/// stall 2 s on every batch and answer every write with `internal`.)
 #[test]
 fn write_locked_database_stops_the_broker_at_start() {
     let home = Home::new();
@@ -907,7 +907,7 @@ fn write_locked_database_stops_the_broker_at_start() {
 
 /// Proves: a CLI command that starts a broker on demand reports why the broker could not
 /// start — naming the database and what is wrong — for each kind of unusable database.
-/// (Today it waits 5 s and says only "no broker answered ... See its log".)
+/// (It used to wait 5 s and say only "no broker answered ... See its log".)
 #[test]
 fn cli_autostart_reports_why_the_database_is_unusable() {
     for (how, cause) in [
@@ -933,8 +933,8 @@ fn cli_autostart_reports_why_the_database_is_unusable() {
 /// Proves: when a send fails because the database is locked, it was not stored, so
 /// trying again (as the error says) cannot deliver it twice. The lock is released just
 /// after the broker fails to begin its transaction, while the send is still being handled.
-/// (Today the send then runs outside any transaction, its writes commit on their own, and
-/// the sender is told "nothing was saved, try again".)
+/// (The send used to run outside any transaction: its writes committed on their own, and
+/// the sender was told "nothing was saved, try again".)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn send_refused_for_a_locked_database_is_not_stored() {
     let home = Home::new();
