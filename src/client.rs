@@ -3,6 +3,7 @@
 
 use std::collections::HashMap;
 use std::io;
+use std::ops::Range;
 use std::path::PathBuf;
 use std::process::Stdio;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -21,6 +22,8 @@ use crate::wire::{self, FrameReader};
 
 /// Most brokers one connect attempt starts.
 const MAX_SPAWNS: u32 = 5;
+/// The socket read buffer of a connection.
+const READ_BUFFER: usize = 64 * 1024;
 /// How long a client waits for a broker it started to answer.
 const START_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -93,7 +96,40 @@ impl ConnectOptions {
     }
 }
 
-type Pending = Arc<Mutex<HashMap<u64, oneshot::Sender<Result<Box<RawValue>, ErrorBody>>>>>;
+/// An answer as the read loop hands it to its caller: the result still encoded, or the
+/// broker's refusal.
+pub type Answer = Result<Encoded, ErrorBody>;
+
+type Pending = Arc<Mutex<HashMap<u64, oneshot::Sender<Answer>>>>;
+
+/// A result as it came from the broker, decoded only by the caller, into the type it
+/// asked for: a large answer (a listing of hundreds of peers) is read once, not once to
+/// find its end and again to decode it.
+#[derive(Debug)]
+pub struct Encoded {
+    bytes: Vec<u8>,
+    at: Range<usize>,
+}
+
+impl Encoded {
+    /// Decodes the result as `R`, which may borrow from it. (The text is checked to be
+    /// UTF-8 in one pass first, which is much faster than string by string.)
+    pub fn read<'de, R: serde::Deserialize<'de>>(&'de self) -> Result<R, ClientError> {
+        let text = std::str::from_utf8(&self.bytes[self.at.clone()])
+            .map_err(|e| ClientError::Protocol(format!("an answer is not UTF-8: {e}")))?;
+        serde_json::from_str(text).map_err(|e| ClientError::Protocol(e.to_string()))
+    }
+}
+
+impl From<Box<RawValue>> for Encoded {
+    fn from(raw: Box<RawValue>) -> Self {
+        let bytes = Box::<str>::from(raw).into_string().into_bytes();
+        Self {
+            at: 0..bytes.len(),
+            bytes,
+        }
+    }
+}
 
 /// A connection to the broker. Calls may be made concurrently from many tasks; events
 /// are read by one owner with [`Client::next_event`].
@@ -262,11 +298,17 @@ impl Client {
         decode(self.start(request)?.await)
     }
 
+    /// Sends a request and waits for its answer, left encoded for the caller to read in
+    /// whatever shape it needs (borrowing from it, or skipping fields it does not use).
+    pub async fn call_encoded<C: Call>(&self, request: C) -> Result<Encoded, ClientError> {
+        Ok(self
+            .start(request)?
+            .await
+            .map_err(|_| ClientError::Disconnected)??)
+    }
+
     /// Sends a request and returns a future of its answer, so many can be in flight.
-    pub fn start<C: Call>(
-        &self,
-        request: C,
-    ) -> Result<oneshot::Receiver<Result<Box<RawValue>, ErrorBody>>, ClientError> {
+    pub fn start<C: Call>(&self, request: C) -> Result<oneshot::Receiver<Answer>, ClientError> {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let (tx, rx) = oneshot::channel();
         self.pending.lock().expect("pending lock").insert(id, tx);
@@ -318,10 +360,28 @@ impl Client {
 
 /// Turns a ready decoded answer into a typed reply (for [`Client::start`] users).
 pub fn decode<R: serde::de::DeserializeOwned>(
-    answer: Result<Result<Box<RawValue>, ErrorBody>, oneshot::error::RecvError>,
+    answer: Result<Answer, oneshot::error::RecvError>,
 ) -> Result<R, ClientError> {
-    let raw = answer.map_err(|_| ClientError::Disconnected)??;
-    serde_json::from_str(raw.get()).map_err(|e| ClientError::Protocol(e.to_string()))
+    answer.map_err(|_| ClientError::Disconnected)??.read()
+}
+
+/// The id and the result's place in a frame of the form `{"id":<n>,"result":<result>}`,
+/// which is how the broker writes every successful answer (`ServerFrame` serializes its
+/// fields in that order), found without reading the result. `None` for any other frame,
+/// which then takes the general way. Whether the result is well-formed is found when it
+/// is decoded: a frame with more after the result fails there, not silently.
+fn split_answer(frame: &[u8]) -> Option<(u64, Range<usize>)> {
+    let rest = frame.strip_prefix(b"{\"id\":")?;
+    let digits = rest.iter().take_while(|b| b.is_ascii_digit()).count();
+    // Ids are u64s; more digits than that is not ours.
+    if digits == 0 || digits > 20 {
+        return None;
+    }
+    let id = std::str::from_utf8(&rest[..digits]).ok()?.parse().ok()?;
+    let result = rest[digits..].strip_prefix(b",\"result\":")?;
+    let start = frame.len() - result.len();
+    let end = frame.len() - 1;
+    (frame[end] == b'}' && start < end).then_some((id, start..end))
 }
 
 /// The sending half of a connection. A frame is written straight from the caller when
@@ -422,8 +482,19 @@ async fn read_loop(
     pending: Pending,
     events: mpsc::UnboundedSender<Event>,
 ) {
-    let mut frames = FrameReader::new(BufReader::new(read), MAX_FRAME_BYTES);
+    // Room for a listing of hundreds of peers in a few reads, not dozens; pages of it
+    // that are never written to cost no memory.
+    let mut frames = FrameReader::new(BufReader::with_capacity(READ_BUFFER, read), MAX_FRAME_BYTES);
     while let Ok(Some(bytes)) = frames.next().await {
+        if let Some((id, at)) = split_answer(bytes) {
+            if let Some(tx) = pending.lock().expect("pending lock").remove(&id) {
+                let _ = tx.send(Ok(Encoded {
+                    bytes: bytes.to_vec(),
+                    at,
+                }));
+            }
+            continue;
+        }
         let frame: ServerFrame<Box<RawValue>> = match serde_json::from_slice(bytes) {
             Ok(f) => f,
             Err(e) => {
@@ -438,7 +509,7 @@ async fn read_loop(
         } else if let Some(id) = frame.id {
             let outcome = match (frame.result, frame.error) {
                 (_, Some(e)) => Err(e),
-                (Some(r), None) => Ok(r),
+                (Some(r), None) => Ok(Encoded::from(r)),
                 (None, None) => Err(ErrorBody::new(ErrorCode::Internal, "empty answer")),
             };
             if let Some(tx) = pending.lock().expect("pending lock").remove(&id) {
@@ -531,5 +602,50 @@ fn reap(child: Option<std::process::Child>) {
 pub async fn wait_socket_gone(paths: &Paths, deadline: Instant) {
     while Instant::now() < deadline && paths.socket.exists() {
         tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn frame<R: serde::Serialize>(f: &ServerFrame<R>) -> Vec<u8> {
+        let mut buf = Vec::new();
+        wire::encode(f, &mut buf);
+        buf.pop(); // the newline, as FrameReader hands frames out
+        buf
+    }
+
+    #[test]
+    fn answers_are_found_without_reading_their_result() {
+        let list = PeerList { peers: Vec::new() };
+        let bytes = frame(&ServerFrame::result(
+            Some(18_446_744_073_709_551_615),
+            &list,
+        ));
+        let (id, at) = split_answer(&bytes).expect("a broker answer");
+        assert_eq!(id, u64::MAX);
+        let back: PeerList = Encoded { bytes, at }.read().unwrap();
+        assert!(back.peers.is_empty());
+
+        // Anything else goes the general way.
+        let refused = ErrorBody::new(ErrorCode::UnknownPeer, "no such peer");
+        assert_eq!(
+            split_answer(&frame(&ServerFrame::<()>::error(Some(3), refused))),
+            None
+        );
+        assert_eq!(split_answer(br#"{"id":,"result":{}}"#), None);
+        assert_eq!(split_answer(br#"{"id":1,"result":"#), None);
+        assert_eq!(
+            split_answer(br#"{"id":123456789012345678901,"result":{}}"#),
+            None
+        );
+        assert_eq!(split_answer(br#"{"deliver":{"id":"x"}}"#), None);
+
+        // A frame with more after its result is found, and then fails to decode.
+        let bytes = br#"{"id":4,"result":{"peers":[]},"error":{}}"#.to_vec();
+        let (id, at) = split_answer(&bytes).unwrap();
+        assert_eq!(id, 4);
+        assert!(Encoded { bytes, at }.read::<PeerList>().is_err());
     }
 }

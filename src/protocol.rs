@@ -426,10 +426,11 @@ impl PeerInfoRef<'_> {
     }
 }
 
-/// [`PeerList`] of borrowed records.
+/// [`PeerList`] written from records held elsewhere: borrowed ([`PeerInfoRef`]) or
+/// already serialized (`&RawValue`).
 #[derive(Debug, Serialize)]
-pub struct PeerListRef<'a> {
-    pub peers: Vec<PeerInfoRef<'a>>,
+pub struct PeerListRef<T> {
+    pub peers: Vec<T>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

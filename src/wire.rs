@@ -40,7 +40,7 @@ impl<R: AsyncBufRead + Unpin> FrameReader<R> {
             if available.is_empty() {
                 return Ok((!self.buf.is_empty()).then_some(&self.buf[..]));
             }
-            match available.iter().position(|&b| b == b'\n') {
+            match memchr::memchr(b'\n', available) {
                 Some(pos) => {
                     if self.buf.len() + pos > self.max {
                         return Err(ReadError::TooLarge(self.max));

@@ -255,6 +255,62 @@ async fn names_collide_and_are_reclaimed() {
     );
 }
 
+/// Listings are written from records the broker keeps between listings; every kind of
+/// change to a peer must still show in the next one.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_listing_follows_every_change_to_a_peer() {
+    let home = Home::new();
+    let _b = home.broker(&[]);
+    let (alice, _) = home.peer("alice", "/a").await;
+    let (bob, _) = home.peer("bob", "/b").await;
+    let c = home.client().await;
+    let bob_now = || async {
+        let all = ListPeers {
+            include_offline: true,
+            ..Default::default()
+        };
+        let peers = c.call(all).await.unwrap().peers;
+        peers
+            .into_iter()
+            .find(|p| p.name == "bob")
+            .expect("bob is listed")
+    };
+
+    let first = bob_now().await;
+    assert!(first.online && first.summary.is_empty() && first.unread == 0);
+    assert_eq!(bob_now().await, first, "nothing changed, nothing differs");
+
+    bob.call(SetSummary {
+        summary: "fixing the parser".into(),
+    })
+    .await
+    .unwrap();
+    assert_eq!(bob_now().await.summary, "fixing the parser");
+
+    drop(bob);
+    wait_offline(&c, "bob").await;
+    let offline = bob_now().await;
+    assert!(!offline.online);
+    assert!(offline.last_seen >= first.last_seen);
+
+    alice.call(send("bob", "are you there?")).await.unwrap();
+    assert_eq!(bob_now().await.unread, 1);
+
+    let mut back = home.client().await;
+    back.call(Register {
+        branch: Some("feature".into()),
+        ..register("bob", "/b")
+    })
+    .await
+    .unwrap();
+    let again = bob_now().await;
+    assert!(again.online);
+    assert_eq!(again.branch.as_deref(), Some("feature"));
+    let d = next_delivery(&mut back).await;
+    back.call(Ack { ids: vec![d.id] }).await.unwrap();
+    assert_eq!(bob_now().await.unread, 0);
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn scopes_select_directory_and_repo() {
     let home = Home::new();

@@ -12,7 +12,7 @@ use tokio::io::{AsyncBufReadExt, AsyncWriteExt};
 use crate::serve::Env;
 
 pub struct RawSession {
-    _child: tokio::process::Child,
+    pub child: tokio::process::Child,
     stdin: tokio::process::ChildStdin,
     stdout: tokio::io::Lines<tokio::io::BufReader<tokio::process::ChildStdout>>,
     next_id: u64,
@@ -32,7 +32,7 @@ impl RawSession {
         let stdin = child.stdin.take().unwrap();
         let stdout = tokio::io::BufReader::new(child.stdout.take().unwrap()).lines();
         let mut s = Self {
-            _child: child,
+            child,
             stdin,
             stdout,
             next_id: 1,

@@ -14,6 +14,9 @@ use crate::serve::{Env, wait_ready};
 use crate::util::{self, Row, ms, rss_mb, us};
 
 const SESSIONS: usize = 200;
+/// Timed `list_peers` calls; `BENCH_LISTINGS` sets another number (many more, to watch
+/// the processes with a profiler).
+const LISTINGS: usize = 200;
 
 /// A `list_peers` answer, every field a client would read.
 #[derive(Deserialize)]
@@ -82,8 +85,17 @@ pub async fn run(rows: &mut Vec<Row>) {
     // to its stdin, the answer's line read from its stdout and parsed as JSON (as Claude
     // Code does; rmcp's own client parses through untagged enums, which would dominate).
     let mut raw = RawSession::start(&env, "lister", false).await;
-    let mut times = Vec::with_capacity(200);
-    for i in 0..220u64 {
+    let lister = raw.child.id().expect("the lister runs");
+    let harness = std::process::id();
+    let listings = std::env::var("BENCH_LISTINGS").map_or(LISTINGS, |v| {
+        v.parse().expect("BENCH_LISTINGS is a number of calls")
+    });
+    let mut times = Vec::with_capacity(listings);
+    let mut cpu_before = [Duration::ZERO; 3];
+    for i in 0..listings + 20 {
+        if i == 20 {
+            cpu_before = [lister, status.pid, harness].map(util::cpu_time);
+        }
         let t = Instant::now();
         let id = raw
             .request(
@@ -104,6 +116,15 @@ pub async fn run(rows: &mut Vec<Row>) {
             times.push(elapsed);
         }
     }
+    // Where the time goes: CPU per call in the lister's serve, the broker and this
+    // harness (its parsing of the answer is part of the figure, as Claude Code's is).
+    let cpu = [lister, status.pid, harness]
+        .map(util::cpu_time)
+        .iter()
+        .zip(cpu_before)
+        .map(|(after, before)| us((*after - before) / listings as u32))
+        .collect::<Vec<_>>()
+        .join(" / ");
     let list_p50 = util::p50(&mut times);
     // The same listing at the protocol level, without MCP around it.
     let mut times = util::time_calls(20, 200, || async {
@@ -160,6 +181,13 @@ pub async fn run(rows: &mut Vec<Row>) {
         "<= 2 ms",
         us(list_p50),
         Some(list_p50 <= Duration::from_millis(2)),
+    ));
+    rows.push(Row::new(
+        "scale",
+        "200 sessions: list_peers CPU per call: serve / broker / harness",
+        "-",
+        cpu,
+        None,
     ));
     rows.push(Row::new(
         "scale",

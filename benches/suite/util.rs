@@ -157,6 +157,20 @@ pub fn rss_mb(pid: u32) -> f64 {
         / 1024.0
 }
 
+/// CPU time a process has run so far, all its threads, from the scheduler's own
+/// nanosecond counts (zero when it is gone).
+pub fn cpu_time(pid: u32) -> Duration {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return Duration::ZERO;
+    };
+    tasks
+        .flatten()
+        .filter_map(|t| std::fs::read_to_string(t.path().join("schedstat")).ok())
+        .filter_map(|s| s.split_whitespace().next()?.parse::<u64>().ok())
+        .map(Duration::from_nanos)
+        .sum()
+}
+
 /// Times `n` runs of `f` after `warm` unmeasured ones.
 pub async fn time_calls<F, Fut>(warm: usize, n: usize, mut f: F) -> Vec<Duration>
 where

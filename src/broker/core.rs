@@ -11,6 +11,7 @@
 //! Timers (sends waiting for acks, idle exit, retention sweeps) are deadlines checked
 //! between batches; the core sleeps until the next one or the next command.
 
+use std::cell::RefCell;
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::time::{Duration, Instant};
 
@@ -97,6 +98,8 @@ pub struct Core {
     peers: HashMap<String, PeerRow>,
     /// Unacked deliveries per recipient; mirrors the queued rows of `deliveries`.
     queued: HashMap<String, u64>,
+    /// Each peer's record as the last listing wrote it (see [`CachedRecord`]).
+    records: RefCell<HashMap<String, CachedRecord>>,
     /// Sends waiting for acks, by message id, with their deadlines in order (every wait is
     /// the same length, so arrival order is deadline order).
     awaiting: HashMap<String, AwaitingAcks>,
@@ -108,6 +111,17 @@ pub struct Core {
     idle_since: Option<Instant>,
     next_sweep: Instant,
     stopping: Option<String>,
+}
+
+/// A peer's record as a listing writes it, kept for the next listing: between two
+/// listings most peers have not changed, and escaping their strings again was most of a
+/// listing's cost. It is used only while everything it was written from still holds, so
+/// no change to a peer has to remember to clear it.
+struct CachedRecord {
+    row: PeerRow,
+    online: bool,
+    unread: u64,
+    json: Box<RawValue>,
 }
 
 const SWEEP_EVERY: Duration = Duration::from_secs(3600);
@@ -145,6 +159,7 @@ impl Core {
             // First sweep soon after start, to clear what expired while we were down.
             next_sweep: now + Duration::from_secs(1),
             stopping: None,
+            records: RefCell::default(),
         })
     }
 
@@ -885,14 +900,37 @@ impl Core {
             .filter(|&(online, p)| (l.include_offline || online) && filter(p))
             .collect();
         rows.sort_unstable_by(|a, b| b.0.cmp(&a.0).then_with(|| a.1.name.cmp(&b.1.name)));
+        let mut cache = self.records.borrow_mut();
+        for &(online, p) in &rows {
+            let unread = self.queued.get(&p.name).copied().unwrap_or(0);
+            let fresh = cache
+                .get(&p.name)
+                .is_some_and(|c| c.online == online && c.unread == unread && c.row == *p);
+            if !fresh {
+                // Our own records always serialize (string keys only).
+                let json = serde_json::value::to_raw_value(&self.peer_ref(p, online))
+                    .expect("a peer record serializes");
+                let record = CachedRecord {
+                    row: p.clone(),
+                    online,
+                    unread,
+                    json,
+                };
+                cache.insert(p.name.clone(), record);
+            }
+        }
         let list = PeerListRef {
             peers: rows
                 .iter()
-                .map(|&(online, p)| self.peer_ref(p, online))
-                .collect(),
+                .map(|(_, p)| &*cache[&p.name].json)
+                .collect::<Vec<&RawValue>>(),
         };
-        // Our own records always serialize (string keys only).
-        Ok(serde_json::value::to_raw_value(&list).expect("a peer list serializes"))
+        let answer = serde_json::value::to_raw_value(&list).expect("a peer list serializes");
+        // Peers forgotten since (retention) leave the cache too.
+        if cache.len() > self.peers.len() {
+            cache.retain(|name, _| self.peers.contains_key(name));
+        }
+        Ok(answer)
     }
 
     fn whoami(&self, conn: ConnId) -> Result<PeerInfo, ErrorBody> {

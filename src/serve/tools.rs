@@ -102,35 +102,87 @@ pub struct WhoamiOut {
     pub notice: Option<String>,
 }
 
+/// A peer as a listing shows it. Its strings are borrowed from the broker's answer where
+/// they can be: a listing of hundreds of peers copies each string once, into the result.
 #[derive(Debug, Serialize, JsonSchema)]
-pub struct PeerOut {
-    pub name: String,
+pub struct PeerOut<'a> {
+    pub name: Cow<'a, str>,
     /// "online" or "offline".
-    pub state: String,
-    pub cwd: String,
-    pub repo: Option<String>,
-    pub branch: Option<String>,
-    pub summary: String,
+    pub state: &'static str,
+    pub cwd: Cow<'a, str>,
+    pub repo: Option<Cow<'a, str>>,
+    pub branch: Option<Cow<'a, str>>,
+    pub summary: Cow<'a, str>,
     /// RFC 3339 time this peer was last connected ("now" when online).
-    pub last_seen: String,
+    pub last_seen: Cow<'a, str>,
 }
 
 #[derive(Debug, Serialize, JsonSchema)]
-pub struct PeersOut {
-    pub peers: Vec<PeerOut>,
+pub struct PeersOut<'a> {
+    pub peers: Vec<PeerOut<'a>>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub notice: Option<String>,
+}
+
+/// The fields of the broker's peer record that a listing shows, borrowed from its answer;
+/// the others are skipped unread.
+#[derive(Deserialize)]
+struct ListedPeer<'a> {
+    #[serde(borrow)]
+    name: Cow<'a, str>,
+    online: bool,
+    #[serde(borrow)]
+    cwd: Cow<'a, str>,
+    #[serde(borrow)]
+    git_root: Option<Cow<'a, str>>,
+    #[serde(borrow)]
+    branch: Option<Cow<'a, str>>,
+    #[serde(borrow)]
+    summary: Cow<'a, str>,
+    last_seen: protocol::Millis,
+}
+
+#[derive(Deserialize)]
+struct Listed<'a> {
+    #[serde(borrow)]
+    peers: Vec<ListedPeer<'a>>,
+}
+
+impl<'a> From<ListedPeer<'a>> for PeerOut<'a> {
+    fn from(p: ListedPeer<'a>) -> Self {
+        PeerOut {
+            state: if p.online { "online" } else { "offline" },
+            last_seen: if p.online {
+                "now".into()
+            } else {
+                timestamp_rfc3339(p.last_seen).into()
+            },
+            name: p.name,
+            cwd: p.cwd,
+            repo: p.git_root,
+            branch: p.branch,
+            summary: p.summary,
+        }
+    }
 }
 
 /// A peer listing as a tool result: one readable line per peer as the text the model
 /// reads, the records in `structuredContent`. (rmcp's `Json` would repeat the records as
 /// JSON text: twice the bytes to write and parse, and more tokens, for hundreds of peers.)
-pub struct PeerListing(PeersOut);
+pub struct PeerListing(CallToolResult);
 
 impl PeerListing {
-    fn text(&self) -> String {
+    fn new(out: &PeersOut<'_>) -> Result<Self, String> {
+        let structured =
+            serde_json::to_value(out).map_err(|e| format!("cannot build the listing: {e}"))?;
+        let mut result = CallToolResult::success(vec![ContentBlock::text(Self::text(out))]);
+        result.structured_content = Some(structured);
+        Ok(Self(result))
+    }
+
+    fn text(out: &PeersOut<'_>) -> String {
         use std::fmt::Write;
-        let peers = &self.0.peers;
+        let peers = &out.peers;
         let mut text = match peers.len() {
             0 => "No other sessions found.".to_string(),
             1 => "1 other session:".to_string(),
@@ -149,7 +201,7 @@ impl PeerListing {
                 let _ = write!(text, ": {}", p.summary);
             }
         }
-        if let Some(notice) = &self.0.notice {
+        if let Some(notice) = &out.notice {
             let _ = write!(text, "\n{notice}");
         }
         text
@@ -158,12 +210,7 @@ impl PeerListing {
 
 impl IntoCallToolResult for PeerListing {
     fn into_call_tool_result(self) -> Result<CallToolResponse, McpError> {
-        let text = self.text();
-        let value = serde_json::to_value(&self.0)
-            .map_err(|e| McpError::internal_error(format!("peer listing: {e}"), None))?;
-        let mut result = CallToolResult::success(vec![ContentBlock::text(text)]);
-        result.structured_content = Some(value);
-        Ok(result.into())
+        Ok(self.0.into())
     }
 }
 
@@ -264,22 +311,6 @@ impl PeersServer {
         })
     }
 
-    fn peer_out(p: protocol::PeerInfo) -> PeerOut {
-        PeerOut {
-            state: if p.online { "online" } else { "offline" }.into(),
-            last_seen: if p.online {
-                "now".into()
-            } else {
-                timestamp_rfc3339(p.last_seen)
-            },
-            name: p.name,
-            cwd: p.cwd,
-            repo: p.git_root,
-            branch: p.branch,
-            summary: p.summary,
-        }
-    }
-
     async fn do_send(
         &self,
         to: String,
@@ -350,18 +381,21 @@ impl PeersServer {
         &self,
         Parameters(args): Parameters<ListPeersArgs>,
     ) -> Result<PeerListing, String> {
-        let list = self
-            .broker(ListPeers {
+        let client = self.session.client().await?;
+        let answer = client
+            .call_encoded(ListPeers {
                 scope: args.scope.into(),
                 include_offline: args.include_offline,
                 cwd: None,
                 git_common_dir: None,
             })
-            .await?;
-        Ok(PeerListing(PeersOut {
-            peers: list.peers.into_iter().map(Self::peer_out).collect(),
+            .await
+            .map_err(|e| e.to_string())?;
+        let listed: Listed<'_> = answer.read().map_err(|e| e.to_string())?;
+        PeerListing::new(&PeersOut {
+            peers: listed.peers.into_iter().map(PeerOut::from).collect(),
             notice: self.notice(),
-        }))
+        })
     }
 
     #[tool(
@@ -520,5 +554,63 @@ impl ServerHandler for PeersServer {
     async fn on_initialized(&self, _context: NotificationContext<RoleServer>) {
         self.session.initialized.store(true, Ordering::Release);
         self.session.initialized_signal.notify_one();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::protocol::{PeerInfo, PeerList};
+
+    fn peer(name: &str, online: bool) -> PeerInfo {
+        PeerInfo {
+            name: name.into(),
+            online,
+            pid: 7,
+            cwd: "/w/a \"quoted\"".into(),
+            git_root: Some("/w".into()),
+            git_common_dir: Some("/w/.git".into()),
+            branch: None,
+            tty: None,
+            host: Some("h".into()),
+            summary: "line\nbreak".into(),
+            client_name: None,
+            client_version: None,
+            push: true,
+            first_seen: 1,
+            last_seen: 1_700_000_000_000,
+            unread: 3,
+        }
+    }
+
+    #[test]
+    fn a_listing_reads_the_brokers_records() {
+        let list = PeerList {
+            peers: vec![peer("bob", true), peer("carol", false)],
+        };
+        let json = serde_json::to_string(&list).unwrap();
+        let listed: Listed<'_> = serde_json::from_str(&json).unwrap();
+        let out = PeersOut {
+            peers: listed.peers.into_iter().map(PeerOut::from).collect(),
+            notice: None,
+        };
+        let value = serde_json::to_value(&out).unwrap();
+        assert_eq!(
+            value["peers"][0],
+            serde_json::json!({"name": "bob", "state": "online", "cwd": "/w/a \"quoted\"",
+                "repo": "/w", "branch": null, "summary": "line\nbreak", "last_seen": "now"})
+        );
+        assert_eq!(value["peers"][1]["state"], "offline");
+        assert_eq!(
+            value["peers"][1]["last_seen"],
+            timestamp_rfc3339(1_700_000_000_000)
+        );
+        assert_eq!(
+            PeerListing::text(&out),
+            format!(
+                "2 other sessions:\n- bob (online) in /w/a \"quoted\": line\nbreak\n- carol (offline, last seen {}) in /w/a \"quoted\": line\nbreak",
+                timestamp_rfc3339(1_700_000_000_000)
+            )
+        );
     }
 }
