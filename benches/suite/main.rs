@@ -11,7 +11,58 @@ mod serve;
 mod store;
 mod util;
 
+use std::time::{Duration, Instant};
+
+use claude_peers::protocol::{PeerInfo, PeerList};
 use util::Row;
+
+/// A fixed piece of CPU work, timed: encoding and decoding a listing of 200 peers, 50
+/// times. The same build measures slower when the VM's host is busy (steal time, shared
+/// caches), and this says by how much, so runs can be compared.
+fn yardstick() -> Duration {
+    let list = PeerList {
+        peers: (0..200)
+            .map(|i| PeerInfo {
+                name: format!("session-{i}"),
+                online: i % 3 != 0,
+                pid: 10_000 + i,
+                cwd: format!("/home/user/src/project-{}/worktree-{i}", i % 7),
+                git_root: Some(format!("/home/user/src/project-{}", i % 7)),
+                git_common_dir: Some(format!("/home/user/src/project-{}/.git", i % 7)),
+                branch: Some(format!("feature/{i}")),
+                tty: None,
+                host: Some("laptop".into()),
+                summary: format!("working on \"part {i}\" of the parser"),
+                client_name: Some("claude-code".into()),
+                client_version: Some("2.1.0".into()),
+                push: true,
+                first_seen: 1_767_000_000_000,
+                last_seen: 1_767_000_000_000 + i64::from(i),
+                unread: u64::from(i % 4),
+            })
+            .collect(),
+    };
+    let t = Instant::now();
+    for _ in 0..50 {
+        let text = serde_json::to_string(std::hint::black_box(&list)).unwrap();
+        let back: PeerList = serde_json::from_str(&text).unwrap();
+        std::hint::black_box(back);
+    }
+    t.elapsed()
+}
+
+/// CPU time the hypervisor has taken from this VM so far (`steal` in /proc/stat).
+fn steal() -> Duration {
+    let stat = std::fs::read_to_string("/proc/stat").unwrap_or_default();
+    let ticks = stat
+        .lines()
+        .next()
+        .and_then(|l| l.split_whitespace().nth(8))
+        .and_then(|v| v.parse::<u64>().ok())
+        .unwrap_or(0);
+    // USER_HZ is 100 on Linux.
+    Duration::from_millis(ticks * 10)
+}
 
 fn machine() -> String {
     let cpu = std::fs::read_to_string("/proc/cpuinfo")
@@ -46,6 +97,8 @@ fn main() {
         .build()
         .unwrap();
     let mut rows: Vec<Row> = Vec::new();
+    let yard_before = yardstick();
+    let steal_before = steal();
     if wanted("broker") {
         rt.block_on(broker::run(&mut rows));
     }
@@ -59,11 +112,20 @@ fn main() {
         rt.block_on(store::run(&mut rows));
     }
 
+    let yard_after = yardstick();
+    let stolen = steal().saturating_sub(steal_before);
+
     println!();
     println!(
         "claude-peers {} on {}",
         env!("CARGO_PKG_VERSION"),
         machine()
+    );
+    println!(
+        "machine speed: yardstick {} before, {} after (lower is faster); {:.1} s of CPU stolen by the host during the run",
+        util::ms(yard_before),
+        util::ms(yard_after),
+        stolen.as_secs_f64()
     );
     println!();
     println!(
