@@ -67,8 +67,11 @@ CREATE INDEX deliveries_by_recipient ON deliveries(recipient, message_id);
 /// WAL size (in pages) past which the checkpointer makes writers wait so the WAL can
 /// start over: about 16 MiB.
 const WAL_RESTART_PAGES: i64 = 4096;
-/// Longest a restart checkpoint holds writers back before giving up for this round.
+/// Longest a restart checkpoint holds writers back before giving up for this round...
 const RESTART_WAIT: std::time::Duration = std::time::Duration::from_millis(10);
+/// ...unless the WAL has grown past four times [`WAL_RESTART_PAGES`] (a long burst of
+/// writes with no pause in it): then bounding the WAL comes first.
+const RESTART_WAIT_LARGE: std::time::Duration = std::time::Duration::from_millis(250);
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -233,6 +236,9 @@ impl Store {
         // wait for the disk.
         conn.pragma_update(None, "wal_autocheckpoint", 0)
             .map_err(open_err)?;
+        // A WAL that a burst of writes grew is cut back to this size when it starts over.
+        conn.pragma_update(None, "journal_size_limit", WAL_RESTART_PAGES * 4096)
+            .map_err(open_err)?;
         let mut store = Self {
             conn,
             wrote: None,
@@ -292,7 +298,14 @@ impl Store {
                         // When every page was copied, the next commit starts the WAL over
                         // by itself; only a WAL that writes keep ahead of needs the restart.
                         Ok((log, copied)) if copied < log && log > WAL_RESTART_PAGES => {
-                            if let Err(e) = checkpoint("RESTART") {
+                            let wait = if log > 4 * WAL_RESTART_PAGES {
+                                RESTART_WAIT_LARGE
+                            } else {
+                                RESTART_WAIT
+                            };
+                            let restarted =
+                                conn.busy_timeout(wait).and_then(|()| checkpoint("RESTART"));
+                            if let Err(e) = restarted {
                                 tracing::debug!("restart checkpoint put off: {e}");
                             }
                         }
