@@ -976,6 +976,28 @@ async fn send_refused_for_a_locked_database_is_not_stored() {
     }
 }
 
+/// Proves: requests that only read are answered while another program holds the
+/// database's write lock (or a checkpoint holds writers back); only writes wait for it.
+/// (Every batch used to begin as a write transaction, so a `peers` or `log` was refused
+/// with "could not write its database" after the 2 s busy wait.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reads_are_answered_while_the_write_lock_is_held() {
+    let home = Home::new();
+    let _b = home.broker(&[]);
+    let (_bob, _) = home.peer("bob", "/b").await;
+    let alice = home.client().await;
+    alice.call(send("bob", "before the lock")).await.unwrap();
+
+    let lock = rusqlite::Connection::open(&home.paths.db).unwrap();
+    lock.execute_batch("BEGIN IMMEDIATE").unwrap();
+    let peers = alice.call(ListPeers::default()).await.unwrap().peers;
+    assert!(peers.iter().any(|p| p.name == "bob"));
+    let log = alice.call(LogQuery::default()).await.unwrap().messages;
+    assert!(log.iter().any(|m| m.text == "before the lock"));
+    assert_eq!(alice.call(StatusCall).await.unwrap().peers_online, 1);
+    lock.execute_batch("ROLLBACK").unwrap();
+}
+
 // ---------------------------------------------------------------------------------------
 // 4. Twenty clients racing to start a broker.
 // ---------------------------------------------------------------------------------------
