@@ -504,7 +504,7 @@ impl Core {
             c.name = Some(name.clone());
             c.push = r.push;
         }
-        let queued = self.queued.get(&name).copied().unwrap_or(0);
+        let queued = self.unread(&name);
         tracing::info!(peer = %name, reclaimed, queued, "online");
         Ok(Registered {
             name,
@@ -591,7 +591,7 @@ impl Core {
 
     fn check_mailboxes(&self, recipients: &[String]) -> Result<(), ErrorBody> {
         for r in recipients {
-            let queued = self.queued.get(r).copied().unwrap_or(0);
+            let queued = self.unread(r);
             if queued >= self.limits.mailbox_limit {
                 return Err(err(
                     ErrorCode::MailboxFull,
@@ -890,6 +890,11 @@ impl Core {
         }
     }
 
+    /// Messages for `name` not acked yet.
+    fn unread(&self, name: &str) -> u64 {
+        self.queued.get(name).copied().unwrap_or(0)
+    }
+
     fn peer_ref<'a>(&self, p: &'a PeerRow, online: bool) -> PeerInfoRef<'a> {
         PeerInfoRef {
             name: &p.name,
@@ -907,12 +912,12 @@ impl Core {
             push: p.push,
             first_seen: p.first_seen,
             last_seen: p.last_seen,
-            unread: self.queued.get(&p.name).copied().unwrap_or(0),
+            unread: self.unread(&p.name),
         }
     }
 
-    /// The peers in scope, online ones first, then by name; serialized here, from the
-    /// records themselves (a listing of hundreds of peers copies no strings).
+    /// The peers in scope, online ones first, then by name; each peer's record is written
+    /// from the cache ([`CachedRecord`]), and serialized again only if it changed.
     fn list_peers(&self, conn: ConnId, l: &ListPeers) -> Result<Box<RawValue>, ErrorBody> {
         let filter = self.scope_filter(conn, l.scope, l.cwd.as_ref(), l.git_common_dir.as_ref())?;
         let me = self.registered_name(conn);
@@ -926,7 +931,7 @@ impl Core {
         rows.sort_unstable_by(|a, b| b.0.cmp(&a.0).then_with(|| a.1.name.cmp(&b.1.name)));
         let mut cache = self.records.borrow_mut();
         for &(online, p) in &rows {
-            let unread = self.queued.get(&p.name).copied().unwrap_or(0);
+            let unread = self.unread(&p.name);
             let fresh = cache
                 .get(&p.name)
                 .is_some_and(|c| c.online == online && c.unread == unread && c.row == *p);
