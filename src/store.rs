@@ -67,11 +67,12 @@ CREATE INDEX deliveries_by_recipient ON deliveries(recipient, message_id);
 /// WAL size (in pages) past which the checkpointer makes writers wait so the WAL can
 /// start over: about 16 MiB.
 const WAL_RESTART_PAGES: i64 = 4096;
-/// Longest a restart checkpoint waits for its turn. It holds writers back while it waits,
-/// but under steady writing a shorter wait rarely finds the moment it needs, and the WAL
-/// then keeps growing (to 139 MB in the broker bench with 10 ms; 23 MB with this). A
-/// restart is needed even after a passive checkpoint copied every page: under steady
-/// writing the WAL did not start over by itself (184 MB when restarts were skipped then).
+/// Longest a restart checkpoint waits for its turn; it holds writers back while it waits.
+/// A restart is needed even after a passive checkpoint copied every page: under steady
+/// writing the WAL did not start over by itself (the broker bench's sustained run grew it
+/// to 184 MB when restarts were skipped then, against 23-25 MB with them). A 10 ms wait
+/// also held it at 24 MB in one run, and would shorten the stall writers see after a
+/// burst; it wants more measurement before it replaces this.
 const RESTART_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
 
 #[derive(Debug, thiserror::Error)]
