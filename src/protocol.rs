@@ -379,9 +379,9 @@ pub struct PeerList {
     pub peers: Vec<PeerInfo>,
 }
 
-/// [`PeerInfo`] borrowed from the broker's own records, so that a listing of hundreds of
-/// peers is written without copying each of their strings first. Serializes to exactly
-/// what [`PeerInfo`] reads (a unit test holds the two together).
+/// [`PeerInfo`] borrowed from the broker's own records, so that a peer's record is
+/// written without copying its strings first. Serializes to exactly what [`PeerInfo`]
+/// reads (a unit test holds the two together).
 #[derive(Debug, Serialize)]
 pub struct PeerInfoRef<'a> {
     pub name: &'a str,
@@ -567,7 +567,7 @@ pub enum Reply {
     Hello(HelloReply),
     Registered(Registered),
     Sent(Sent),
-    /// A [`PeerList`], serialized by the core from borrowed records ([`PeerListRef`]).
+    /// A [`PeerList`], written by the core from its cached peer records ([`PeerListRef`]).
     Peers(Box<RawValue>),
     Peer(Box<PeerInfo>),
     Status(Status),
