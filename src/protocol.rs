@@ -12,7 +12,7 @@ use serde_json::value::RawValue;
 
 /// Bumped when a change would confuse the other side. A client that finds an older broker
 /// asks it to hand over; see [`Request::Shutdown`].
-pub const PROTOCOL_VERSION: u32 = 1;
+pub const PROTOCOL_VERSION: u32 = 2;
 
 /// The largest frame either side accepts, newline excluded. A longer frame is answered
 /// with [`ErrorCode::FrameTooLarge`] and the connection is closed, because the reader
@@ -273,6 +273,51 @@ pub struct Broadcast {
 #[serde(deny_unknown_fields)]
 pub struct Ack {
     pub ids: Vec<String>,
+    /// How the messages reached the session's reader: `delivered` when absent.
+    #[serde(default, skip_serializing_if = "AckState::is_delivered")]
+    pub state: AckState,
+}
+
+impl Ack {
+    /// The messages reached the reader.
+    pub fn delivered(ids: Vec<String>) -> Self {
+        Ack {
+            ids,
+            state: AckState::Delivered,
+        }
+    }
+}
+
+/// What a client confirms with an [`Ack`]. Each moves a queued delivery out of the queue
+/// for good: it is not pushed again on the next registration.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum AckState {
+    /// Handed to the reader by a path that cannot drop it silently (an inbox write that
+    /// was accepted, a tool result, hook output). Also moves a `held` delivery on.
+    #[default]
+    Delivered,
+    /// Written on a path with no confirmation (a channel event): the session may not
+    /// show it, and nothing will tell.
+    Pushed,
+    /// Accepted by the session, which waits for its user to approve it.
+    Held,
+}
+
+impl AckState {
+    pub fn is_delivered(&self) -> bool {
+        *self == AckState::Delivered
+    }
+}
+
+impl From<AckState> for DeliveryState {
+    fn from(s: AckState) -> Self {
+        match s {
+            AckState::Delivered => DeliveryState::Delivered,
+            AckState::Pushed => DeliveryState::Pushed,
+            AckState::Held => DeliveryState::Held,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
@@ -321,12 +366,15 @@ pub struct Done {}
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum DeliveryState {
-    /// The recipient's client acked it: the reader has it.
+    /// The recipient's client confirmed that its reader has it.
     Delivered,
-    /// Sent to the online recipient, not yet acked.
+    /// Sent to the online recipient and not confirmed: not yet acked, or written on a
+    /// path that cannot confirm (a channel event).
     Pushed,
     /// Stored; the recipient is offline or reads mail on request.
     Queued,
+    /// In the recipient session, waiting for its user to approve it.
+    Held,
 }
 
 impl DeliveryState {
@@ -335,6 +383,7 @@ impl DeliveryState {
             DeliveryState::Delivered => "delivered",
             DeliveryState::Pushed => "pushed",
             DeliveryState::Queued => "queued",
+            DeliveryState::Held => "held",
         }
     }
 }

@@ -6,7 +6,10 @@
 //! in `PRAGMA user_version`; [`MIGRATIONS`] brings any older file up to date.
 //!
 //! A message has one row in `messages` and one row per recipient in `deliveries`, whose
-//! `state` is 0 (queued: not yet acked by the recipient) or 1 (delivered).
+//! `state` is 0 (queued: not yet acked by the recipient), 1 (delivered), 2 (pushed on a
+//! path that cannot confirm, never pushed again) or 3 (held by the recipient session for
+//! its user's approval; moves on to delivered). Only state 0 is pushed again on the next
+//! registration and counts as unread.
 //!
 //! The schema is lean on purpose: every index costs page writes per send, and page writes
 //! are what a send costs. Message ids are UUIDv7, so id order is time order: the primary
@@ -20,7 +23,7 @@ use std::path::Path;
 
 use rusqlite::{Connection, OptionalExtension, params};
 
-use crate::protocol::{DeliveryState, LogEntry, Millis};
+use crate::protocol::{AckState, DeliveryState, LogEntry, Millis};
 
 /// Schema steps; entry `i` moves `user_version` from `i` to `i + 1`.
 const MIGRATIONS: &[&str] = &[
@@ -463,14 +466,41 @@ impl Store {
         recipient: &str,
         at: Millis,
     ) -> Result<bool, StoreError> {
+        Ok(self.mark(id, recipient, AckState::Delivered, at)? == Some(Marked::FromQueued))
+    }
+
+    /// Moves one delivery to the state an ack confirms: from queued to any of them, and
+    /// from held on to delivered. `None` when there was nothing to move (unknown id,
+    /// another recipient's message, or a state that does not move that way).
+    pub fn mark(
+        &self,
+        id: &str,
+        recipient: &str,
+        to: AckState,
+        at: Millis,
+    ) -> Result<Option<Marked>, StoreError> {
+        let code = state_code(to);
+        let n = self
+            .conn
+            .prepare_cached(
+                "UPDATE deliveries SET state = ?3, delivered_at = ?4
+                 WHERE recipient = ?2 AND message_id = ?1 AND state = 0",
+            )?
+            .execute(params![id, recipient, code, at])?;
+        if n == 1 {
+            return Ok(Some(Marked::FromQueued));
+        }
+        if to != AckState::Delivered {
+            return Ok(None);
+        }
         let n = self
             .conn
             .prepare_cached(
                 "UPDATE deliveries SET state = 1, delivered_at = ?3
-                 WHERE recipient = ?2 AND message_id = ?1 AND state = 0",
+                 WHERE recipient = ?2 AND message_id = ?1 AND state = 3",
             )?
             .execute(params![id, recipient, at])?;
-        Ok(n == 1)
+        Ok((n == 1).then_some(Marked::FromHeld))
     }
 
     /// Queued messages for `recipient`, oldest first.
@@ -605,6 +635,24 @@ impl Store {
     }
 }
 
+/// Where a delivery moved from, when [`Store::mark`] moved it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Marked {
+    /// It was queued: one fewer unread message for the recipient.
+    FromQueued,
+    /// It was held and is now delivered.
+    FromHeld,
+}
+
+/// The `deliveries.state` code of an acked state.
+fn state_code(s: AckState) -> i64 {
+    match s {
+        AckState::Delivered => 1,
+        AckState::Pushed => 2,
+        AckState::Held => 3,
+    }
+}
+
 /// The smallest UUIDv7 string of a message sent at `ms`: ids sort by time, so every
 /// message sent earlier has a smaller id.
 fn id_floor(ms: Millis) -> String {
@@ -623,10 +671,11 @@ fn log_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<LogEntry> {
         text: r.get(3)?,
         in_reply_to: r.get(4)?,
         sent_at: r.get(5)?,
-        state: if state == 1 {
-            DeliveryState::Delivered
-        } else {
-            DeliveryState::Queued
+        state: match state {
+            1 => DeliveryState::Delivered,
+            2 => DeliveryState::Pushed,
+            3 => DeliveryState::Held,
+            _ => DeliveryState::Queued,
         },
         delivered_at: r.get(7)?,
     })
@@ -696,6 +745,44 @@ mod tests {
         );
         assert_eq!(s.log(10, Some("c")).unwrap().len(), 1);
         assert_eq!(s.log(10, Some("a")).unwrap().len(), 2);
+    }
+
+    #[test]
+    fn held_moves_on_to_delivered_and_pushed_stays() {
+        let (_d, s) = store();
+        s.insert_message(&msg("m1", "hi", 10), &["b", "c"]).unwrap();
+        let held = s.mark("m1", "b", AckState::Held, 11).unwrap();
+        assert_eq!(held, Some(Marked::FromQueued));
+        assert_eq!(s.mark("m1", "b", AckState::Held, 12).unwrap(), None);
+        assert_eq!(s.mark("m1", "b", AckState::Pushed, 12).unwrap(), None);
+        assert!(
+            s.pending_for("b").unwrap().is_empty(),
+            "held is not pushed again"
+        );
+        assert_eq!(
+            s.log_entry("m1", "b").unwrap().unwrap().state,
+            DeliveryState::Held
+        );
+        let on = s.mark("m1", "b", AckState::Delivered, 13).unwrap();
+        assert_eq!(on, Some(Marked::FromHeld));
+        assert_eq!(
+            s.log_entry("m1", "b").unwrap().unwrap().state,
+            DeliveryState::Delivered
+        );
+        assert_eq!(s.mark("m1", "b", AckState::Delivered, 14).unwrap(), None);
+
+        let pushed = s.mark("m1", "c", AckState::Pushed, 11).unwrap();
+        assert_eq!(pushed, Some(Marked::FromQueued));
+        assert!(
+            s.pending_for("c").unwrap().is_empty(),
+            "pushed is not pushed again"
+        );
+        assert_eq!(s.mark("m1", "c", AckState::Delivered, 12).unwrap(), None);
+        assert_eq!(
+            s.log_entry("m1", "c").unwrap().unwrap().state,
+            DeliveryState::Pushed
+        );
+        assert!(s.queued_counts().unwrap().is_empty());
     }
 
     #[test]

@@ -29,10 +29,7 @@ async fn round_trip_between_two_clients() {
     assert_eq!(d.text, "what are you editing?");
     assert_eq!(d.from_cwd.as_deref(), Some("/work/a"));
     assert_eq!(d.from_summary.as_deref(), Some("refactoring the parser"));
-    b.notify(Ack {
-        ids: vec![d.id.clone()],
-    })
-    .unwrap();
+    b.notify(Ack::delivered(vec![d.id.clone()])).unwrap();
     let sent: Sent = decode(answer.await).unwrap();
     assert_eq!(sent.message_id, d.id);
     assert_eq!(sent.recipients.len(), 1);
@@ -48,7 +45,7 @@ async fn round_trip_between_two_clients() {
     let mut a = a;
     let r = next_delivery(&mut a).await;
     assert_eq!(r.in_reply_to.as_deref(), Some(d.id.as_str()));
-    a.notify(Ack { ids: vec![r.id] }).unwrap();
+    a.notify(Ack::delivered(vec![r.id])).unwrap();
     let sent: Sent = decode(reply.await).unwrap();
     assert_eq!(sent.recipients[0].state, DeliveryState::Delivered);
 }
@@ -62,6 +59,59 @@ async fn unacked_push_answers_pushed_after_the_wait() {
     let sent = a.call(send("bob", "hi")).await.unwrap();
     assert_eq!(sent.recipients[0].state, DeliveryState::Pushed);
     assert_eq!(next_delivery(&mut b).await.id, sent.message_id);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn held_and_pushed_acks_are_what_the_sender_sees_and_are_not_pushed_again() {
+    let home = Home::new();
+    let _b = home.broker(&["--ack-wait", "5s"]);
+    let (a, _) = home.peer("alice", "/a").await;
+    let (mut b, _) = home.peer("bob", "/b").await;
+    let (mut c, _) = home.peer("carol", "/c").await;
+
+    // bob's session holds the message for its user; carol's wrote it as a channel event.
+    let to_bob = a.start(send("bob", "held for approval")).unwrap();
+    let d = next_delivery(&mut b).await;
+    b.notify(Ack {
+        ids: vec![d.id.clone()],
+        state: AckState::Held,
+    })
+    .unwrap();
+    let sent: Sent = decode(to_bob.await).unwrap();
+    assert_eq!(sent.recipients[0].state, DeliveryState::Held);
+    let to_carol = a.start(send("carol", "as a channel event")).unwrap();
+    let e = next_delivery(&mut c).await;
+    c.notify(Ack {
+        ids: vec![e.id.clone()],
+        state: AckState::Pushed,
+    })
+    .unwrap();
+    let sent: Sent = decode(to_carol.await).unwrap();
+    assert_eq!(sent.recipients[0].state, DeliveryState::Pushed);
+
+    let log = a.call(LogQuery::default()).await.unwrap();
+    let state_of = |id: &str| log.messages.iter().find(|x| x.id == id).unwrap().state;
+    assert_eq!(state_of(&d.id), DeliveryState::Held);
+    assert_eq!(state_of(&e.id), DeliveryState::Pushed);
+    assert_eq!(b.call(WhoamiCall).await.unwrap().unread, 0);
+
+    // Neither is pushed again when the sessions come back.
+    drop((b, c));
+    let w = home.client().await;
+    wait_offline(&w, "bob").await;
+    wait_offline(&w, "carol").await;
+    let mut b = home.client().await;
+    assert_eq!(b.call(register("bob", "/b")).await.unwrap().queued, 0);
+    let mut c = home.client().await;
+    assert_eq!(c.call(register("carol", "/c")).await.unwrap().queued, 0);
+    assert_no_delivery(&mut b, Duration::from_millis(200)).await;
+    assert_no_delivery(&mut c, Duration::from_millis(50)).await;
+
+    // The user approves: bob's session confirms, and the log says delivered.
+    b.call(Ack::delivered(vec![d.id.clone()])).await.unwrap();
+    let log = a.call(LogQuery::default()).await.unwrap();
+    let entry = log.messages.iter().find(|x| x.id == d.id).unwrap();
+    assert_eq!(entry.state, DeliveryState::Delivered);
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -86,7 +136,7 @@ async fn offline_mail_is_delivered_on_reconnect() {
         (d.id.as_str(), d.text.as_str()),
         (sent.message_id.as_str(), "are you there?")
     );
-    b.call(Ack { ids: vec![d.id] }).await.unwrap();
+    b.call(Ack::delivered(vec![d.id])).await.unwrap();
     let me = b.call(WhoamiCall).await.unwrap();
     assert_eq!(me.unread, 0);
 }
@@ -107,17 +157,11 @@ async fn unacked_message_is_redelivered_once() {
     assert_eq!(reg.queued, 1);
     let again = next_delivery(&mut b).await;
     assert_eq!(again, first);
-    b.call(Ack {
-        ids: vec![again.id.clone()],
-    })
-    .await
-    .unwrap();
+    b.call(Ack::delivered(vec![again.id.clone()]))
+        .await
+        .unwrap();
     // A second ack of the same id changes nothing and is not an error.
-    b.call(Ack {
-        ids: vec![again.id],
-    })
-    .await
-    .unwrap();
+    b.call(Ack::delivered(vec![again.id])).await.unwrap();
     assert_no_delivery(&mut b, Duration::from_millis(200)).await;
     drop(b);
 
@@ -144,10 +188,7 @@ async fn kill_9_of_the_broker_loses_no_answered_send() {
     // Bob reads and acks part of it.
     for _ in 0..50 {
         let d = next_delivery(&mut b).await;
-        b.notify(Ack {
-            ids: vec![d.id.clone()],
-        })
-        .unwrap();
+        b.notify(Ack::delivered(vec![d.id.clone()])).unwrap();
         acked.insert(d.id);
     }
     // The first hundred are answered (acked ones at once, the rest after the ack wait);
@@ -186,7 +227,7 @@ async fn kill_9_of_the_broker_loses_no_answered_send() {
             d.id
         );
         assert!(received.insert(d.id.clone()), "{} delivered twice", d.id);
-        b.notify(Ack { ids: vec![d.id] }).unwrap();
+        b.notify(Ack::delivered(vec![d.id])).unwrap();
     }
     // The clients carry on with the new broker.
     let sent = a.call(send("bob", "after restart")).await.unwrap();
@@ -307,7 +348,7 @@ async fn a_listing_follows_every_change_to_a_peer() {
     assert!(again.online);
     assert_eq!(again.branch.as_deref(), Some("feature"));
     let d = next_delivery(&mut back).await;
-    back.call(Ack { ids: vec![d.id] }).await.unwrap();
+    back.call(Ack::delivered(vec![d.id])).await.unwrap();
     assert_eq!(bob_now().await.unread, 0);
 }
 

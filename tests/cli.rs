@@ -105,7 +105,7 @@ async fn peers_send_and_log() {
         (d.from.as_str(), d.text.as_str()),
         ("cli", "hello from the shell")
     );
-    bob.notify(claude_peers::protocol::Ack { ids: vec![d.id] })
+    bob.notify(claude_peers::protocol::Ack::delivered(vec![d.id]))
         .unwrap();
 
     let v = json(&home.run(&["send", "bob", "json please", "--from", "ops", "--json"]));

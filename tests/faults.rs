@@ -237,12 +237,7 @@ async fn bob_receives(
         if let Some(before) = got.texts.insert(d.id.clone(), d.text.clone()) {
             assert_eq!(before, d.text, "{} came back with another text", d.id);
         }
-        match c
-            .call(Ack {
-                ids: vec![d.id.clone()],
-            })
-            .await
-        {
+        match c.call(Ack::delivered(vec![d.id.clone()])).await {
             Ok(_) => {
                 got.acked.insert(d.id.clone());
                 if d.text == "end" {

@@ -47,11 +47,7 @@ pub fn spawn_acker(broker: &Broker, name: &str) -> std::thread::JoinHandle<u64> 
                     continue;
                 }
                 n += ids.len() as u64;
-                if b.notify(Ack {
-                    ids: std::mem::take(&mut ids),
-                })
-                .is_err()
-                {
+                if b.notify(Ack::delivered(std::mem::take(&mut ids))).is_err() {
                     break;
                 }
             }

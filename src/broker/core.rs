@@ -21,7 +21,7 @@ use tokio::sync::mpsc::{UnboundedReceiver, UnboundedSender};
 use crate::config::Limits;
 use crate::names::PeerName;
 use crate::protocol::*;
-use crate::store::{NewMessage, PeerRow, Store, StoreError};
+use crate::store::{Marked, NewMessage, PeerRow, Store, StoreError};
 
 /// Identifies one accepted connection for the life of the broker.
 pub type ConnId = u64;
@@ -812,19 +812,22 @@ impl Core {
         for id in a.ids {
             let marked = self
                 .store
-                .mark_delivered(&id, &name, now)
+                .mark(&id, &name, a.state, now)
                 .map_err(internal)?;
-            if !marked {
-                continue;
-            }
-            if let Some(q) = self.queued.get_mut(&name) {
-                *q = q.saturating_sub(1);
+            match marked {
+                None => continue,
+                Some(Marked::FromQueued) => {
+                    if let Some(q) = self.queued.get_mut(&name) {
+                        *q = q.saturating_sub(1);
+                    }
+                }
+                Some(Marked::FromHeld) => {}
             }
             let done = self.awaiting.get_mut(&id).is_some_and(|w| {
                 if w.unacked.remove(&name)
                     && let Some(r) = w.reply.recipients.iter_mut().find(|r| r.name == name)
                 {
-                    r.state = DeliveryState::Delivered;
+                    r.state = a.state.into();
                 }
                 w.unacked.is_empty()
             });
@@ -847,7 +850,7 @@ impl Core {
             return;
         };
         for r in &mut w.reply.recipients {
-            if r.state == DeliveryState::Pushed && !self.online.contains_key(&r.name) {
+            if w.unacked.contains(&r.name) && !self.online.contains_key(&r.name) {
                 r.state = DeliveryState::Queued;
             }
         }

@@ -330,6 +330,7 @@ async fn send(
             DeliveryState::Delivered => "delivered to",
             DeliveryState::Pushed => "pushed to (not yet read by)",
             DeliveryState::Queued => "queued for",
+            DeliveryState::Held => "held for its user's approval by",
         };
         println!("{how} {} (message {})", r.name, sent.message_id);
     }

@@ -316,7 +316,7 @@ impl Session {
     /// shown twice.
     fn ack(&self, ids: Vec<String>) {
         if let Some(c) = self.conn.borrow().clone() {
-            let _ = c.notify(Ack { ids });
+            let _ = c.notify(Ack::delivered(ids));
         }
     }
 }
