@@ -103,3 +103,15 @@ pub fn host_name() -> String {
         .to_string_lossy()
         .into_owned()
 }
+
+/// A process's command line, where the OS shows it (`/proc` on Linux); `None` elsewhere or
+/// when the process is gone.
+pub fn command_line(pid: u32) -> Option<Vec<String>> {
+    let raw = std::fs::read(format!("/proc/{pid}/cmdline")).ok()?;
+    Some(
+        raw.split(|b| *b == 0)
+            .filter(|a| !a.is_empty())
+            .map(|a| String::from_utf8_lossy(a).into_owned())
+            .collect(),
+    )
+}

@@ -3,6 +3,7 @@
 
 #![allow(dead_code)]
 
+pub mod claude;
 pub mod mcp;
 
 use std::io::{BufRead, BufReader, Write};
