@@ -302,6 +302,12 @@ pub enum AckState {
     Pushed,
     /// Accepted by the session, which waits for its user to approve it.
     Held,
+    /// A held message its user declined: it never reached the reader, and never will.
+    Denied,
+    /// A held message the session let go without showing it (it expired, or the session
+    /// ended): queued again, for this client to show by another path or for the next
+    /// registration.
+    Returned,
 }
 
 impl AckState {
@@ -316,6 +322,8 @@ impl From<AckState> for DeliveryState {
             AckState::Delivered => DeliveryState::Delivered,
             AckState::Pushed => DeliveryState::Pushed,
             AckState::Held => DeliveryState::Held,
+            AckState::Denied => DeliveryState::Denied,
+            AckState::Returned => DeliveryState::Queued,
         }
     }
 }
@@ -375,6 +383,8 @@ pub enum DeliveryState {
     Queued,
     /// In the recipient session, waiting for its user to approve it.
     Held,
+    /// The recipient's user declined it; it was not shown.
+    Denied,
 }
 
 impl DeliveryState {
@@ -384,6 +394,7 @@ impl DeliveryState {
             DeliveryState::Pushed => "pushed",
             DeliveryState::Queued => "queued",
             DeliveryState::Held => "held",
+            DeliveryState::Denied => "denied",
         }
     }
 }

@@ -7,9 +7,10 @@
 //!
 //! A message has one row in `messages` and one row per recipient in `deliveries`, whose
 //! `state` is 0 (queued: not yet acked by the recipient), 1 (delivered), 2 (pushed on a
-//! path that cannot confirm, never pushed again) or 3 (held by the recipient session for
-//! its user's approval; moves on to delivered). Only state 0 is pushed again on the next
-//! registration and counts as unread.
+//! path that cannot confirm, never pushed again), 3 (held by the recipient session for
+//! its user's approval; moves on to delivered or denied, or back to queued) or 4 (denied
+//! by the recipient's user). Only state 0 is pushed again on the next registration and
+//! counts as unread.
 //!
 //! The schema is lean on purpose: every index costs page writes per send, and page writes
 //! are what a send costs. Message ids are UUIDv7, so id order is time order: the primary
@@ -469,8 +470,9 @@ impl Store {
         Ok(self.mark(id, recipient, AckState::Delivered, at)? == Some(Marked::FromQueued))
     }
 
-    /// Moves one delivery to the state an ack confirms: from queued to any of them, and
-    /// from held on to delivered. `None` when there was nothing to move (unknown id,
+    /// Moves one delivery to the state an ack confirms: from queued to delivered, pushed,
+    /// held or denied; from held on to delivered or denied, or back to queued
+    /// ([`AckState::Returned`]). `None` when there was nothing to move (unknown id,
     /// another recipient's message, or a state that does not move that way).
     pub fn mark(
         &self,
@@ -479,28 +481,34 @@ impl Store {
         to: AckState,
         at: Millis,
     ) -> Result<Option<Marked>, StoreError> {
+        let update = |code: i64, from: i64| -> Result<bool, StoreError> {
+            let n = self
+                .conn
+                .prepare_cached(
+                    "UPDATE deliveries SET state = ?3, delivered_at = ?4
+                     WHERE recipient = ?2 AND message_id = ?1 AND state = ?5",
+                )?
+                .execute(params![id, recipient, code, at, from])?;
+            Ok(n == 1)
+        };
+        if to == AckState::Returned {
+            let n = self
+                .conn
+                .prepare_cached(
+                    "UPDATE deliveries SET state = 0, delivered_at = NULL
+                     WHERE recipient = ?2 AND message_id = ?1 AND state = 3",
+                )?
+                .execute(params![id, recipient])?;
+            return Ok((n == 1).then_some(Marked::Requeued));
+        }
         let code = state_code(to);
-        let n = self
-            .conn
-            .prepare_cached(
-                "UPDATE deliveries SET state = ?3, delivered_at = ?4
-                 WHERE recipient = ?2 AND message_id = ?1 AND state = 0",
-            )?
-            .execute(params![id, recipient, code, at])?;
-        if n == 1 {
+        if update(code, 0)? {
             return Ok(Some(Marked::FromQueued));
         }
-        if to != AckState::Delivered {
-            return Ok(None);
+        if matches!(to, AckState::Delivered | AckState::Denied) && update(code, 3)? {
+            return Ok(Some(Marked::FromHeld));
         }
-        let n = self
-            .conn
-            .prepare_cached(
-                "UPDATE deliveries SET state = 1, delivered_at = ?3
-                 WHERE recipient = ?2 AND message_id = ?1 AND state = 3",
-            )?
-            .execute(params![id, recipient, at])?;
-        Ok((n == 1).then_some(Marked::FromHeld))
+        Ok(None)
     }
 
     /// Queued messages for `recipient`, oldest first.
@@ -640,8 +648,10 @@ impl Store {
 pub enum Marked {
     /// It was queued: one fewer unread message for the recipient.
     FromQueued,
-    /// It was held and is now delivered.
+    /// It was held and is now delivered or denied.
     FromHeld,
+    /// It was held and is queued again: one more unread message.
+    Requeued,
 }
 
 /// The `deliveries.state` code of an acked state.
@@ -650,6 +660,8 @@ fn state_code(s: AckState) -> i64 {
         AckState::Delivered => 1,
         AckState::Pushed => 2,
         AckState::Held => 3,
+        AckState::Denied => 4,
+        AckState::Returned => 0,
     }
 }
 
@@ -675,6 +687,7 @@ fn log_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<LogEntry> {
             1 => DeliveryState::Delivered,
             2 => DeliveryState::Pushed,
             3 => DeliveryState::Held,
+            4 => DeliveryState::Denied,
             _ => DeliveryState::Queued,
         },
         delivered_at: r.get(7)?,
@@ -783,6 +796,20 @@ mod tests {
             DeliveryState::Pushed
         );
         assert!(s.queued_counts().unwrap().is_empty());
+
+        // Held, then let go unshown: queued again; held, then declined: denied for good.
+        s.insert_message(&msg("m2", "again", 20), &["b"]).unwrap();
+        s.mark("m2", "b", AckState::Held, 21).unwrap();
+        let back = s.mark("m2", "b", AckState::Returned, 22).unwrap();
+        assert_eq!(back, Some(Marked::Requeued));
+        assert_eq!(s.pending_for("b").unwrap()[0].id, "m2");
+        assert_eq!(s.mark("m2", "b", AckState::Returned, 23).unwrap(), None);
+        s.mark("m2", "b", AckState::Held, 24).unwrap();
+        let no = s.mark("m2", "b", AckState::Denied, 25).unwrap();
+        assert_eq!(no, Some(Marked::FromHeld));
+        assert_eq!(s.log_entry("m2", "b").unwrap().unwrap().state, DeliveryState::Denied);
+        assert_eq!(s.mark("m2", "b", AckState::Delivered, 26).unwrap(), None);
+        assert!(s.pending_for("b").unwrap().is_empty());
     }
 
     #[test]

@@ -48,7 +48,7 @@ fn status_before_and_after_start() {
     }
     let v = json(&home.run(&["status", "--json"]));
     assert!(v["pid"].as_u64().unwrap() > 0);
-    assert_eq!(v["protocol"], 1);
+    assert_eq!(v["protocol"], claude_peers::protocol::PROTOCOL_VERSION);
     assert_eq!(v["peers_online"], 0);
     assert_eq!(v["socket"], home.paths.socket.display().to_string());
 }

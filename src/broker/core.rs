@@ -822,6 +822,7 @@ impl Core {
                     }
                 }
                 Some(Marked::FromHeld) => {}
+                Some(Marked::Requeued) => *self.queued.entry(name.clone()).or_default() += 1,
             }
             let done = self.awaiting.get_mut(&id).is_some_and(|w| {
                 if w.unacked.remove(&name)

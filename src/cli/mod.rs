@@ -94,7 +94,7 @@ pub struct ServeArgs {
     /// This session's name [default: CLAUDE_PEERS_NAME, PEER_CHANNEL_SESSION_NAME, or the directory name].
     #[arg(long, value_name = "NAME")]
     pub name: Option<String>,
-    /// Push messages into the session: auto (when the client declares channel support), always, never.
+    /// How mail reaches the model: auto (Claude Code's inbox when the session has one, else channel events when the host enabled this server's channel, else polling), inbox, channel (alias always), never.
     #[arg(long, env = "CLAUDE_PEERS_PUSH", default_value = "auto")]
     pub push: crate::serve::PushMode,
 }
@@ -331,6 +331,7 @@ async fn send(
             DeliveryState::Pushed => "pushed to (not yet read by)",
             DeliveryState::Queued => "queued for",
             DeliveryState::Held => "held for its user's approval by",
+            DeliveryState::Denied => "declined by the user of",
         };
         println!("{how} {} (message {})", r.name, sent.message_id);
     }

@@ -1,16 +1,19 @@
 //! `claude-peers serve`: the MCP stdio server Claude Code runs for one session.
 //!
 //! Thin by design: tool calls become broker requests ([`tools`]), and broker deliveries
-//! become `notifications/claude/channel` events written to stdout, each acked only after
-//! it was flushed. It owns no durable state: if it dies, unacked mail is delivered again to
-//! the next session of the same name. If the broker dies, it reconnects (starting a new
-//! broker), registers under the same name, and carries on.
+//! reach the model by the best path the host has ([`Route`]): Claude Code's native inbox
+//! ([`inbox`]), channel events where the user asked for them, or `check_messages` and the
+//! unread notice. Each delivery is acked with what the path can vouch for. It owns no
+//! durable state: if it dies, unacked mail is delivered again to the next session of the
+//! same name. If the broker dies, it reconnects (starting a new broker), registers under
+//! the same name, and carries on.
 //!
 //! stdout carries JSON-RPC only; logs go to stderr.
 
+mod inbox;
 mod tools;
 
-use std::collections::{HashSet, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -26,14 +29,22 @@ use crate::git::GitInfo;
 use crate::names::PeerName;
 use crate::paths::Paths;
 use crate::platform;
-use crate::protocol::{Ack, Delivery, Register};
+use crate::protocol::{Ack, AckState, Delivery, Register};
+use inbox::{Inbound, Inbox};
 
-/// When to push deliveries into the session.
+/// How deliveries may reach the model, as the user set it (`--push`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum PushMode {
-    /// When the client's initialize declared `experimental["claude/channel"]`.
+    /// The native inbox when the session has one; else channel events when the client
+    /// declared `claude/channel` or the host's command line enabled this server's
+    /// channel; else polling.
     Auto,
-    Always,
+    /// The native inbox, else polling.
+    Inbox,
+    /// Channel events (`always` is the older spelling). They cannot be confirmed, so the
+    /// sender is told `pushed`, never `delivered`.
+    Channel,
+    /// Mail waits for `check_messages`.
     Never,
 }
 
@@ -42,12 +53,92 @@ impl std::str::FromStr for PushMode {
     fn from_str(s: &str) -> Result<Self, String> {
         match s {
             "auto" => Ok(PushMode::Auto),
-            "always" => Ok(PushMode::Always),
-            "never" => Ok(PushMode::Never),
-            _ => Err(format!("push must be auto, always or never, not {s:?}")),
+            "inbox" => Ok(PushMode::Inbox),
+            "channel" | "always" => Ok(PushMode::Channel),
+            "never" | "poll" => Ok(PushMode::Never),
+            _ => Err(format!(
+                "push must be auto, inbox, channel or never, not {s:?}"
+            )),
         }
     }
 }
+
+/// The path this session's mail takes to the model, chosen at `initialize`.
+#[derive(Debug, Clone)]
+pub enum Route {
+    /// Written into Claude Code's inbox: starts a turn in an idle session, joins a busy
+    /// one; `delivered` once the session took it (or `held` while its user decides).
+    Inbox(Arc<Inbox>),
+    /// `notifications/claude/channel` events: shown only where the host enabled this
+    /// server's channel, which a server cannot tell, so acked as `pushed`.
+    Channel,
+    /// Kept for `check_messages`; every tool result says when mail waits.
+    Poll,
+}
+
+impl Route {
+    /// The route for `mode`, given the host's inbox, whether the client declared the
+    /// channel capability, and the host's command line.
+    pub fn choose(
+        mode: PushMode,
+        inbox: Option<Inbox>,
+        declared_channel: bool,
+        host_argv: &[String],
+    ) -> Route {
+        match (mode, inbox) {
+            (PushMode::Auto | PushMode::Inbox, Some(inbox)) => Route::Inbox(Arc::new(inbox)),
+            (PushMode::Auto, None) if declared_channel || channel_requested(host_argv) => {
+                Route::Channel
+            }
+            (PushMode::Channel, _) => Route::Channel,
+            _ => Route::Poll,
+        }
+    }
+
+    /// How `whoami` names it.
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            Route::Inbox(_) => "inbox",
+            Route::Channel => "channel",
+            Route::Poll => "poll",
+        }
+    }
+}
+
+/// Whether a host command line (Claude Code's) enabled a channel named like this server:
+/// `--channels` or `--dangerously-load-development-channels` followed by entries such as
+/// `server:claude-peers` or `plugin:claude-peers@marketplace`.
+pub fn channel_requested(argv: &[String]) -> bool {
+    const FLAGS: [&str; 2] = ["--channels", "--dangerously-load-development-channels"];
+    let mut in_list = false;
+    for arg in argv {
+        if let Some((flag, value)) = arg.split_once('=')
+            && FLAGS.contains(&flag)
+        {
+            in_list = false;
+            if value.contains("claude-peers") {
+                return true;
+            }
+            continue;
+        }
+        if FLAGS.contains(&arg.as_str()) {
+            in_list = true;
+            continue;
+        }
+        if arg.starts_with('-') {
+            in_list = false;
+            continue;
+        }
+        if in_list && arg.contains("claude-peers") {
+            return true;
+        }
+    }
+    false
+}
+
+/// How long after `notifications/initialized` a session registers if no tool is called
+/// first. `claude mcp list` ends its servers about 10 ms after `tools/list`.
+const REGISTER_AFTER: Duration = Duration::from_millis(500);
 
 /// How long a tool waits for the broker connection before failing.
 const BROKER_WAIT: Duration = Duration::from_secs(5);
@@ -61,8 +152,23 @@ pub struct Session {
     conn: watch::Sender<Option<Arc<Client>>>,
     /// Our assigned name, once registered.
     name: Mutex<Option<String>>,
-    /// Deliveries are pushed as channel events (decided at initialize).
-    push: AtomicBool,
+    /// How deliveries reach the model (decided at initialize).
+    route: Mutex<Route>,
+    /// Receipts and replies from the inbox's reply sockets.
+    inbound: tokio::sync::mpsc::UnboundedSender<Inbound>,
+    inbound_rx: Mutex<Option<tokio::sync::mpsc::UnboundedReceiver<Inbound>>>,
+    /// Messages written to the inbox and not yet settled by a receipt, for a receipt that
+    /// gives one back (`expired`): id → the delivery.
+    in_inbox: Mutex<HashMap<String, Delivery>>,
+    /// Ids a `held` receipt arrived for.
+    held: Mutex<HashSet<String>>,
+    /// The newest message id from each sender, to thread a reply made through the inbox.
+    last_from: Mutex<HashMap<String, String>>,
+    /// Set by the first tool call or a while after `initialized`: only then does the
+    /// session register, so a client that connects and leaves at once (a health check
+    /// such as `claude mcp list`) leaves no peer behind.
+    wanted: Notify,
+    wanted_flag: AtomicBool,
     /// Set when `notifications/initialized` arrives; pushes wait for it.
     initialized: AtomicBool,
     initialized_signal: Notify,
@@ -95,6 +201,13 @@ impl SeenIds {
         match uuid::Uuid::try_parse(id) {
             Ok(u) => self.uuids.insert(u.as_u128()),
             Err(_) => self.other.insert(id.to_string()),
+        };
+    }
+
+    fn remove(&mut self, id: &str) {
+        match uuid::Uuid::try_parse(id) {
+            Ok(u) => self.uuids.remove(&u.as_u128()),
+            Err(_) => self.other.remove(id),
         };
     }
 
@@ -148,12 +261,20 @@ impl Session {
             client_version: None,
             push: false,
         };
+        let (inbound, inbound_rx) = tokio::sync::mpsc::unbounded_channel();
         Ok(Arc::new(Self {
             paths,
             identity: Mutex::new(identity),
             conn: watch::channel(None).0,
             name: Mutex::new(None),
-            push: AtomicBool::new(false),
+            route: Mutex::new(Route::Poll),
+            inbound,
+            inbound_rx: Mutex::new(Some(inbound_rx)),
+            in_inbox: Mutex::new(HashMap::new()),
+            held: Mutex::new(HashSet::new()),
+            last_from: Mutex::new(HashMap::new()),
+            wanted: Notify::new(),
+            wanted_flag: AtomicBool::new(false),
             initialized: AtomicBool::new(false),
             initialized_signal: Notify::new(),
             unread: Mutex::new(VecDeque::new()),
@@ -166,6 +287,7 @@ impl Session {
 
     /// The broker connection, waiting up to [`BROKER_WAIT`] for one.
     pub async fn client(&self) -> Result<Arc<Client>, String> {
+        self.want_registration();
         let mut rx = self.conn.subscribe();
         let ready = tokio::time::timeout(BROKER_WAIT, rx.wait_for(Option::is_some)).await;
         match ready {
@@ -184,6 +306,17 @@ impl Session {
         }
     }
 
+    /// Lets the connection task register (once).
+    fn want_registration(&self) {
+        if !self.wanted_flag.swap(true, Ordering::AcqRel) {
+            self.wanted.notify_one();
+        }
+    }
+
+    pub fn route(&self) -> Route {
+        self.route.lock().expect("route lock").clone()
+    }
+
     /// Remembers a summary set by the model, so a re-registration keeps it.
     pub fn remember_summary(&self, summary: &str) {
         self.identity.lock().expect("identity lock").summary = Some(summary.to_string());
@@ -199,6 +332,7 @@ impl Session {
 
     /// Takes every unread message, marking them seen, and acks them.
     pub fn take_unread(&self) -> Vec<Delivery> {
+        self.want_registration();
         let taken: Vec<Delivery> = self.unread.lock().expect("unread lock").drain(..).collect();
         if !taken.is_empty() {
             let mut seen = self.seen.lock().expect("seen lock");
@@ -231,6 +365,9 @@ impl Session {
             if id.summary.is_none() {
                 id.summary = summary;
             }
+        }
+        if !self.wanted_flag.load(Ordering::Acquire) {
+            self.wanted.notified().await;
         }
         let mut backoff = Duration::from_millis(20);
         loop {
@@ -277,20 +414,30 @@ impl Session {
         Ok(events)
     }
 
-    /// Shows one delivery to the model (push) or keeps it for `check_messages`.
+    /// Shows one delivery to the model by the session's route, or keeps it for
+    /// `check_messages`.
     async fn deliver(&self, d: Delivery) {
         let already = self.seen.lock().expect("seen lock").contains(&d.id);
         if already {
             self.ack(vec![d.id]);
             return;
         }
-        if !self.push.load(Ordering::Relaxed) {
-            let mut unread = self.unread.lock().expect("unread lock");
-            if !unread.iter().any(|u| u.id == d.id) {
-                unread.push_back(d);
-            }
-            return;
+        match self.route() {
+            Route::Poll => self.keep_unread(d),
+            Route::Channel => self.push_channel(d).await,
+            Route::Inbox(inbox) => self.write_inbox(&inbox, d).await,
         }
+    }
+
+    fn keep_unread(&self, d: Delivery) {
+        let mut unread = self.unread.lock().expect("unread lock");
+        if !unread.iter().any(|u| u.id == d.id) {
+            unread.push_back(d);
+        }
+    }
+
+    /// A channel event, acked as `pushed`: nothing tells whether the host shows it.
+    async fn push_channel(&self, d: Delivery) {
         while !self.initialized.load(Ordering::Acquire) {
             self.initialized_signal.notified().await;
         }
@@ -305,9 +452,97 @@ impl Session {
         match peer.send_notification(notification).await {
             Ok(()) => {
                 self.seen.lock().expect("seen lock").insert(&d.id);
-                self.ack(vec![d.id]);
+                self.ack_as(vec![d.id], AckState::Pushed);
             }
             Err(e) => tracing::warn!("could not write a channel event: {e}"),
+        }
+    }
+
+    /// Into Claude Code's inbox: `delivered` once the session took it, unless it said it
+    /// holds it for its user. A message the inbox cannot take waits for
+    /// `check_messages` instead.
+    async fn write_inbox(&self, inbox: &Inbox, d: Delivery) {
+        let written = match inbox.reply_socket(&d.from, &self.inbound) {
+            Ok(reply) => inbox.write(&d, &reply).await,
+            Err(e) => Err(e),
+        };
+        if let Err(e) = written {
+            tracing::warn!(id = %d.id, "the inbox did not take a message, keeping it for check_messages: {e}");
+            self.keep_unread(d);
+            return;
+        }
+        let id = d.id.clone();
+        self.seen.lock().expect("seen lock").insert(&id);
+        self.last_from
+            .lock()
+            .expect("last_from lock")
+            .insert(d.from.clone(), id.clone());
+        self.in_inbox
+            .lock()
+            .expect("in_inbox lock")
+            .insert(id.clone(), d);
+        let held = self.held.lock().expect("held lock").contains(&id);
+        if held {
+            self.ack_as(vec![id], AckState::Held);
+        } else {
+            self.in_inbox.lock().expect("in_inbox lock").remove(&id);
+            self.ack(vec![id]);
+        }
+    }
+
+    /// A receipt or a reply from one of the inbox's reply sockets.
+    async fn on_inbound(&self, ev: Inbound) {
+        match ev {
+            Inbound::Receipt { message_id, status } => {
+                tracing::info!(id = %message_id, %status, "inbox receipt");
+                match status.as_str() {
+                    "held" => {
+                        self.held.lock().expect("held lock").insert(message_id.clone());
+                        if self.in_inbox.lock().expect("in_inbox lock").contains_key(&message_id) {
+                            self.ack_as(vec![message_id], AckState::Held);
+                        }
+                    }
+                    "delivered" => {
+                        self.in_inbox.lock().expect("in_inbox lock").remove(&message_id);
+                        self.ack(vec![message_id]);
+                    }
+                    "denied" => {
+                        self.in_inbox.lock().expect("in_inbox lock").remove(&message_id);
+                        self.ack_as(vec![message_id], AckState::Denied);
+                    }
+                    "expired" | "dropped" => {
+                        // It never reached the model: queued again, and kept here for
+                        // check_messages.
+                        let d = self.in_inbox.lock().expect("in_inbox lock").remove(&message_id);
+                        self.held.lock().expect("held lock").remove(&message_id);
+                        if let Some(d) = d {
+                            self.seen.lock().expect("seen lock").remove(&message_id);
+                            self.ack_as(vec![message_id], AckState::Returned);
+                            self.keep_unread(d);
+                        }
+                    }
+                    _ => {}
+                }
+            }
+            Inbound::Reply { peer, text } => {
+                let in_reply_to = self.last_from.lock().expect("last_from lock").get(&peer).cloned();
+                let sent = match self.client().await {
+                    Ok(c) => c
+                        .call(crate::protocol::Send {
+                            to: vec![peer.clone()],
+                            text,
+                            in_reply_to,
+                            from: None,
+                        })
+                        .await
+                        .map_err(|e| e.to_string()),
+                    Err(e) => Err(e),
+                };
+                match sent {
+                    Ok(s) => tracing::info!(to = %peer, id = %s.message_id, "relayed a reply from the inbox"),
+                    Err(e) => tracing::warn!(to = %peer, "could not relay a reply from the inbox: {e}"),
+                }
+            }
         }
     }
 
@@ -315,24 +550,70 @@ impl Session {
     /// are lost, and the broker delivers the messages again: `seen` keeps them from being
     /// shown twice.
     fn ack(&self, ids: Vec<String>) {
+        self.ack_as(ids, AckState::Delivered);
+    }
+
+    fn ack_as(&self, ids: Vec<String>, state: AckState) {
         if let Some(c) = self.conn.borrow().clone() {
-            let _ = c.notify(Ack::delivered(ids));
+            let _ = c.notify(Ack { ids, state });
+        }
+    }
+
+    /// Removes what this process made outside its own memory (the inbox's reply
+    /// sockets), before it exits.
+    fn clean_up(&self) {
+        if let Route::Inbox(inbox) = self.route() {
+            inbox.remove_sockets();
         }
     }
 }
 
-/// Runs the MCP server on stdio until stdin closes or the parent process dies.
+/// Runs the MCP server on stdio until stdin closes, the parent process dies, or a signal
+/// ends it.
 pub async fn run(paths: Paths, name: Option<&str>, push: PushMode) -> Result<()> {
     let session = Session::new(paths, name)?;
     let server = tools::PeersServer::new(session.clone(), push);
     let parent = platform::parent_pid();
-    tokio::spawn(async move {
-        // Claude Code may die without closing our stdin; do not outlive it, whether or
-        // not the MCP handshake has happened.
-        platform::parent_exited(parent).await;
-        tracing::info!("parent process exited; stopping");
-        std::process::exit(0);
-    });
+    {
+        let session = session.clone();
+        tokio::spawn(async move {
+            // Claude Code may die without closing our stdin; do not outlive it, whether or
+            // not the MCP handshake has happened.
+            platform::parent_exited(parent).await;
+            tracing::info!("parent process exited; stopping");
+            session.clean_up();
+            std::process::exit(0);
+        });
+    }
+    {
+        // Claude Code ends its servers with SIGINT (`-p`, `claude mcp list`).
+        let session = session.clone();
+        tokio::spawn(async move {
+            use tokio::signal::unix::{SignalKind, signal};
+            let (Ok(mut int), Ok(mut term)) = (
+                signal(SignalKind::interrupt()),
+                signal(SignalKind::terminate()),
+            ) else {
+                return;
+            };
+            tokio::select! {
+                _ = int.recv() => {}
+                _ = term.recv() => {}
+            }
+            tracing::info!("signalled; stopping");
+            session.clean_up();
+            std::process::exit(0);
+        });
+    }
+    let inbound = session.inbound_rx.lock().expect("inbound lock").take();
+    if let Some(mut inbound) = inbound {
+        let session = session.clone();
+        tokio::spawn(async move {
+            while let Some(ev) = inbound.recv().await {
+                session.on_inbound(ev).await;
+            }
+        });
+    }
     // Non-blocking pipes on the reactor when stdin/stdout are pipes (as under Claude Code):
     // no hand-off to tokio's blocking pool for every line read or written.
     let service = server.serve(stdio_pipes()).await?;
@@ -340,12 +621,31 @@ pub async fn run(paths: Paths, name: Option<&str>, push: PushMode) -> Result<()>
     tokio::spawn(session.clone().connection_loop());
     let reason = service.waiting().await;
     tracing::info!("MCP session ended: {reason:?}");
+    session.clean_up();
     Ok(())
 }
 
 #[cfg(test)]
 mod tests {
-    use super::SeenIds;
+    use super::{SeenIds, channel_requested};
+
+    fn argv(s: &str) -> Vec<String> {
+        s.split(' ').map(str::to_string).collect()
+    }
+
+    #[test]
+    fn a_channel_is_requested_only_by_name() {
+        assert!(channel_requested(&argv(
+            "claude --dangerously-load-development-channels server:claude-peers"
+        )));
+        assert!(channel_requested(&argv(
+            "claude --channels plugin:x@m plugin:claude-peers@claude-peers --verbose"
+        )));
+        assert!(channel_requested(&argv("claude --channels=server:claude-peers")));
+        assert!(!channel_requested(&argv("claude --channels server:other")));
+        assert!(!channel_requested(&argv("claude --channels server:other -p claude-peers")));
+        assert!(!channel_requested(&argv("claude -p hello")));
+    }
 
     #[test]
     fn seen_ids_hold_uuids_and_other_text() {

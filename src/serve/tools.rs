@@ -96,7 +96,9 @@ pub struct WhoamiOut {
     pub repo: Option<String>,
     pub branch: Option<String>,
     pub summary: String,
-    /// "push" when messages arrive as channel events, "poll" when check_messages reads them.
+    /// How peer messages reach you: "inbox" (Claude Code's own inbox: they arrive as
+    /// <cross-session-message> turns), "channel" (channel events), or "poll"
+    /// (check_messages reads them).
     pub delivery: String,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub notice: Option<String>,
@@ -363,12 +365,7 @@ impl PeersServer {
             repo: me.git_root,
             branch: me.branch,
             summary: me.summary,
-            delivery: if self.session.push.load(Ordering::Relaxed) {
-                "push"
-            } else {
-                "poll"
-            }
-            .into(),
+            delivery: self.session.route().as_str().into(),
             notice: self.notice(),
         }))
     }
@@ -523,12 +520,19 @@ impl ServerHandler for PeersServer {
             .experimental
             .as_ref()
             .is_some_and(|e| e.contains_key("claude/channel"));
-        let push = match self.push {
-            PushMode::Auto => channel,
-            PushMode::Always => true,
-            PushMode::Never => false,
-        };
-        self.session.push.store(push, Ordering::Relaxed);
+        let parent = crate::platform::parent_pid();
+        let host_argv = crate::platform::command_line(parent).unwrap_or_default();
+        let route = super::Route::choose(
+            self.push,
+            super::inbox::Inbox::discover(parent),
+            channel,
+            &host_argv,
+        );
+        let push = !matches!(route, super::Route::Poll);
+        if let super::Route::Inbox(inbox) = &route {
+            tracing::info!(socket = %inbox.socket().display(), "mail goes to Claude Code's inbox");
+        }
+        *self.session.route.lock().expect("route lock") = route;
         {
             let mut id = self.session.identity.lock().expect("identity lock");
             id.push = push;
@@ -554,6 +558,13 @@ impl ServerHandler for PeersServer {
     async fn on_initialized(&self, _context: NotificationContext<RoleServer>) {
         self.session.initialized.store(true, Ordering::Release);
         self.session.initialized_signal.notify_one();
+        // A client that stays past a health check's few milliseconds is a session: it
+        // registers (at once, if it calls a tool first).
+        let session = self.session.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(super::REGISTER_AFTER).await;
+            session.want_registration();
+        });
     }
 }
 
