@@ -807,7 +807,10 @@ mod tests {
         s.mark("m2", "b", AckState::Held, 24).unwrap();
         let no = s.mark("m2", "b", AckState::Denied, 25).unwrap();
         assert_eq!(no, Some(Marked::FromHeld));
-        assert_eq!(s.log_entry("m2", "b").unwrap().unwrap().state, DeliveryState::Denied);
+        assert_eq!(
+            s.log_entry("m2", "b").unwrap().unwrap().state,
+            DeliveryState::Denied
+        );
         assert_eq!(s.mark("m2", "b", AckState::Delivered, 26).unwrap(), None);
         assert!(s.pending_for("b").unwrap().is_empty());
     }

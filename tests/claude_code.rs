@@ -92,3 +92,277 @@ fn interactive_session_draws_the_answer() {
         session.diagnostics()
     );
 }
+
+/// Allows `rules` in the session's permission settings, beside our MCP server, as a user
+/// who answered "don't ask again" would.
+fn allow(cc: &ClaudeHome, rules: &[&str]) {
+    let mut allow = vec![json!(common::claude::mcp_tool("").trim_end_matches("__"))];
+    allow.extend(rules.iter().map(|r| json!(r)));
+    std::fs::write(
+        cc.home.join(".claude/settings.json"),
+        json!({ "permissions": { "allow": allow } }).to_string(),
+    )
+    .unwrap();
+}
+
+/// Waits until the broker lists `name` online (the session registered).
+fn wait_online(peers: &Home, name: &str, session: &Interactive) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let out = peers.run(&["peers", "--json"]);
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
+        let online = v
+            .as_array()
+            .or_else(|| v["peers"].as_array())
+            .is_some_and(|ps| ps.iter().any(|p| p["name"] == name && p["online"] == true));
+        if online {
+            return;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{name} never came online: {}\n{}",
+            String::from_utf8_lossy(&out.stdout),
+            session.diagnostics()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// The `from="uds:…"` address of the wrapper around `text` in a request the model saw.
+fn from_address(text: &str, marker: &str) -> String {
+    let at = text.find(marker).expect("the message is in the request");
+    let before = &text[..at];
+    let start = before.rfind("from=\"uds:").expect("a from address") + "from=\"".len();
+    let end = start + before[start..].find('"').unwrap();
+    before[start..end].to_string()
+}
+
+/// Mail to an idle interactive session starts a turn by itself: nothing is typed, and the
+/// model's request holds the text, wrapped with the sender's name and the message id.
+/// The sender is told `delivered`.
+#[test]
+fn mail_to_an_idle_session_starts_a_turn() {
+    require_claude!();
+    require_tmux!();
+    let peers = Home::new();
+    let api = StubApi::start();
+    let mut cc = ClaudeHome::new(&peers, &api);
+    cc.server_env("CLAUDE_PEERS_NAME", "bob");
+    let session = Interactive::start(&cc, &[]);
+    wait_online(&peers, "bob", &session);
+    session.wait_idle(Duration::from_secs(30));
+
+    let out = peers.run(&[
+        "send",
+        "bob",
+        "idle hello from alice",
+        "--from",
+        "alice",
+        "--json",
+    ]);
+    assert!(out.status.success(), "{out:?}");
+    let sent: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let id = sent["message_id"].as_str().unwrap().to_string();
+    let shown = api.wait_for_request(
+        |r| r.is_main() && r.messages_text().contains("idle hello from alice"),
+        Duration::from_secs(30),
+    );
+    let Some(shown) = shown else {
+        panic!(
+            "the model was never shown the message\n{}",
+            session.diagnostics()
+        );
+    };
+    let text = shown.messages_text();
+    assert!(
+        text.contains("Another Claude session sent a message"),
+        "{text}"
+    );
+    assert!(text.contains("from-name=\"alice\""), "{text}");
+    assert!(text.contains(&format!("message-id=\"{id}\"")), "{text}");
+    assert_eq!(sent["recipients"][0]["state"], "delivered", "{sent}");
+    assert_eq!(
+        text.matches("idle hello from alice").count(),
+        1,
+        "shown once: {text}"
+    );
+}
+
+/// Mail to a session in the middle of a turn joins that turn at its next tool result.
+#[test]
+fn mail_to_a_busy_session_arrives_in_that_turn() {
+    require_claude!();
+    require_tmux!();
+    let peers = Home::new();
+    let api = StubApi::start();
+    let mut cc = ClaudeHome::new(&peers, &api);
+    cc.server_env("CLAUDE_PEERS_NAME", "bob");
+    let gate = Gate::new();
+    // The turn's first answer is a tool call, held until the mail was sent.
+    api.push(
+        Reply::when_shown(
+            "start a long task",
+            vec![Block::ToolUse {
+                name: "ToolSearch".into(),
+                input: json!({"query": "select:mcp__claude-peers__whoami"}),
+            }],
+        )
+        .held(&gate),
+    );
+    let session = Interactive::start(&cc, &[]);
+    wait_online(&peers, "bob", &session);
+    session.submit("start a long task");
+    if session
+        .wait_until(|s| s.contains("esc to interrupt"), Duration::from_secs(30))
+        .is_none()
+    {
+        panic!("the turn never started\n{}", session.diagnostics());
+    }
+    let out = peers.run(&["send", "bob", "busy hello from alice", "--from", "alice"]);
+    assert!(out.status.success(), "{out:?}");
+    gate.open();
+    let shown = api.wait_for_request(
+        |r| r.is_main() && r.messages_text().contains("busy hello from alice"),
+        Duration::from_secs(30),
+    );
+    let Some(shown) = shown else {
+        panic!(
+            "the model was never shown the message\n{}",
+            session.diagnostics()
+        );
+    };
+    let text = shown.messages_text();
+    assert!(
+        text.contains("start a long task"),
+        "not the same turn: {text}"
+    );
+    assert!(text.contains("while you were working"), "{text}");
+}
+
+/// The model answers with Claude Code's built-in SendMessage to the `from=` address: the
+/// reply reaches the sender once, threaded to the message it answers.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_reply_through_the_builtin_send_message_reaches_the_sender_once() {
+    require_claude!();
+    require_tmux!();
+    let peers = Home::new();
+    let api = StubApi::start();
+    let mut cc = ClaudeHome::new(&peers, &api);
+    cc.server_env("CLAUDE_PEERS_NAME", "bob");
+    allow(&cc, &["SendMessage"]);
+    let gate = Gate::new();
+    api.push(
+        Reply::when_shown(
+            "question from alice",
+            vec![Block::ToolUse {
+                name: "ToolSearch".into(),
+                input: json!({"query": "select:SendMessage"}),
+            }],
+        )
+        .held(&gate),
+    );
+    let _broker = peers.broker(&[]);
+    let session = Interactive::start(&cc, &[]);
+    let (mut alice, _) = peers.peer("alice", "/work/alice").await;
+    wait_online(&peers, "bob", &session);
+
+    let sent = alice
+        .call(common::send("bob", "question from alice"))
+        .await
+        .unwrap();
+    let shown = api.wait_for_request(
+        |r| r.is_main() && r.messages_text().contains("question from alice"),
+        Duration::from_secs(30),
+    );
+    let Some(shown) = shown else {
+        panic!(
+            "the model was never shown the message\n{}",
+            session.diagnostics()
+        );
+    };
+    let to = from_address(&shown.messages_text(), "question from alice");
+    api.push(
+        Reply::tool(
+            "SendMessage",
+            json!({"to": to, "message": "answer from bob's model"}),
+        )
+        .only_if(|r| r.has_tool("SendMessage")),
+    );
+    gate.open();
+
+    let d = tokio::time::timeout(Duration::from_secs(30), common::next_delivery(&mut alice))
+        .await
+        .unwrap_or_else(|_| panic!("no reply reached alice\n{}", session.diagnostics()));
+    assert_eq!(d.from, "bob");
+    assert_eq!(d.text, "answer from bob's model");
+    assert_eq!(d.in_reply_to.as_deref(), Some(sent.message_id.as_str()));
+    alice
+        .notify(claude_peers::protocol::Ack::delivered(vec![d.id]))
+        .unwrap();
+    common::assert_no_delivery(&mut alice, Duration::from_millis(500)).await;
+}
+
+/// The model answers with this server's send_message: the reply reaches the sender once.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_reply_through_send_message_reaches_the_sender_once() {
+    require_claude!();
+    require_tmux!();
+    let peers = Home::new();
+    let api = StubApi::start();
+    let mut cc = ClaudeHome::new(&peers, &api);
+    cc.server_env("CLAUDE_PEERS_NAME", "bob");
+    let gate = Gate::new();
+    let [search, _] = call_mcp_tool("send_message", json!({}));
+    api.push(search.held(&gate));
+    let _broker = peers.broker(&[]);
+    let session = Interactive::start(&cc, &[]);
+    let (mut alice, _) = peers.peer("alice", "/work/alice").await;
+    wait_online(&peers, "bob", &session);
+
+    let sent = alice
+        .call(common::send("bob", "second question from alice"))
+        .await
+        .unwrap();
+    let [_, call] = call_mcp_tool(
+        "send_message",
+        json!({"to": "alice", "message": "tool answer from bob", "in_reply_to": sent.message_id}),
+    );
+    api.push(call);
+    gate.open();
+
+    let d = tokio::time::timeout(Duration::from_secs(30), common::next_delivery(&mut alice))
+        .await
+        .unwrap_or_else(|_| panic!("no reply reached alice\n{}", session.diagnostics()));
+    assert_eq!(
+        (d.from.as_str(), d.text.as_str()),
+        ("bob", "tool answer from bob")
+    );
+    assert_eq!(d.in_reply_to.as_deref(), Some(sent.message_id.as_str()));
+    alice
+        .notify(claude_peers::protocol::Ack::delivered(vec![d.id]))
+        .unwrap();
+    common::assert_no_delivery(&mut alice, Duration::from_millis(500)).await;
+}
+
+/// `claude mcp list` starts our server to check it and stops it at once: no peer is left.
+#[test]
+fn claude_mcp_list_leaves_no_peer() {
+    require_claude!();
+    let peers = Home::new();
+    let api = StubApi::start();
+    let mut cc = ClaudeHome::new(&peers, &api);
+    cc.server_env("CLAUDE_PEERS_NAME", "health-check");
+    let out = cc.print_with(&["mcp", "list"], Duration::from_secs(60));
+    let listed = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        listed.contains("claude-peers") && listed.contains("Connected"),
+        "{listed}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // Give a server that outlived the check the time it would take to register.
+    std::thread::sleep(Duration::from_secs(1));
+    let out = peers.run(&["peers", "--all", "--json"]);
+    assert!(out.status.success(), "{out:?}");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(!text.contains("health-check"), "{text}");
+}

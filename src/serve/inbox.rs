@@ -210,11 +210,9 @@ fn reply_path(dir: &Path, pid: u32, peer: &str) -> PathBuf {
     if named.as_os_str().len() < 100 {
         return named;
     }
-    let hash = peer
-        .bytes()
-        .fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
-            (h ^ b as u64).wrapping_mul(0x100_0000_01b3)
-        });
+    let hash = peer.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+        (h ^ b as u64).wrapping_mul(0x100_0000_01b3)
+    });
     dir.join(format!("cp-{pid}-{hash:016x}.sock"))
 }
 
@@ -255,7 +253,9 @@ pub fn wrap(d: &Delivery, reply: &Path) -> String {
 
 /// An attribute value with the characters that could end it removed.
 fn attr(s: &str) -> String {
-    s.chars().filter(|c| !matches!(c, '"' | '<' | '>')).collect()
+    s.chars()
+        .filter(|c| !matches!(c, '"' | '<' | '>'))
+        .collect()
 }
 
 /// The text of a message written to us, without the wrapper a Claude Code sender puts
@@ -382,7 +382,10 @@ mod tests {
         let line = r#"{"msgV":1,"msg_id":"e0","type":"user","message":{"role":"user","content":"<cross-session-message from=\"uds:/tmp/cc-socks/1.sock\" from-name=\"proj\" from-mode=\"prompting\">\nreply\nsecond line\n</cross-session-message>"},"priority":"next","from":"uds:/tmp/cc-socks/1.sock"}"#;
         match parse_inbound(line, "alice") {
             Some(Inbound::Reply { peer, text }) => {
-                assert_eq!((peer.as_str(), text.as_str()), ("alice", "reply\nsecond line"));
+                assert_eq!(
+                    (peer.as_str(), text.as_str()),
+                    ("alice", "reply\nsecond line")
+                );
             }
             other => panic!("{other:?}"),
         }

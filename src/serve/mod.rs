@@ -497,23 +497,41 @@ impl Session {
                 tracing::info!(id = %message_id, %status, "inbox receipt");
                 match status.as_str() {
                     "held" => {
-                        self.held.lock().expect("held lock").insert(message_id.clone());
-                        if self.in_inbox.lock().expect("in_inbox lock").contains_key(&message_id) {
+                        self.held
+                            .lock()
+                            .expect("held lock")
+                            .insert(message_id.clone());
+                        if self
+                            .in_inbox
+                            .lock()
+                            .expect("in_inbox lock")
+                            .contains_key(&message_id)
+                        {
                             self.ack_as(vec![message_id], AckState::Held);
                         }
                     }
                     "delivered" => {
-                        self.in_inbox.lock().expect("in_inbox lock").remove(&message_id);
+                        self.in_inbox
+                            .lock()
+                            .expect("in_inbox lock")
+                            .remove(&message_id);
                         self.ack(vec![message_id]);
                     }
                     "denied" => {
-                        self.in_inbox.lock().expect("in_inbox lock").remove(&message_id);
+                        self.in_inbox
+                            .lock()
+                            .expect("in_inbox lock")
+                            .remove(&message_id);
                         self.ack_as(vec![message_id], AckState::Denied);
                     }
                     "expired" | "dropped" => {
                         // It never reached the model: queued again, and kept here for
                         // check_messages.
-                        let d = self.in_inbox.lock().expect("in_inbox lock").remove(&message_id);
+                        let d = self
+                            .in_inbox
+                            .lock()
+                            .expect("in_inbox lock")
+                            .remove(&message_id);
                         self.held.lock().expect("held lock").remove(&message_id);
                         if let Some(d) = d {
                             self.seen.lock().expect("seen lock").remove(&message_id);
@@ -525,7 +543,12 @@ impl Session {
                 }
             }
             Inbound::Reply { peer, text } => {
-                let in_reply_to = self.last_from.lock().expect("last_from lock").get(&peer).cloned();
+                let in_reply_to = self
+                    .last_from
+                    .lock()
+                    .expect("last_from lock")
+                    .get(&peer)
+                    .cloned();
                 let sent = match self.client().await {
                     Ok(c) => c
                         .call(crate::protocol::Send {
@@ -539,8 +562,12 @@ impl Session {
                     Err(e) => Err(e),
                 };
                 match sent {
-                    Ok(s) => tracing::info!(to = %peer, id = %s.message_id, "relayed a reply from the inbox"),
-                    Err(e) => tracing::warn!(to = %peer, "could not relay a reply from the inbox: {e}"),
+                    Ok(s) => {
+                        tracing::info!(to = %peer, id = %s.message_id, "relayed a reply from the inbox")
+                    }
+                    Err(e) => {
+                        tracing::warn!(to = %peer, "could not relay a reply from the inbox: {e}")
+                    }
                 }
             }
         }
@@ -641,9 +668,13 @@ mod tests {
         assert!(channel_requested(&argv(
             "claude --channels plugin:x@m plugin:claude-peers@claude-peers --verbose"
         )));
-        assert!(channel_requested(&argv("claude --channels=server:claude-peers")));
+        assert!(channel_requested(&argv(
+            "claude --channels=server:claude-peers"
+        )));
         assert!(!channel_requested(&argv("claude --channels server:other")));
-        assert!(!channel_requested(&argv("claude --channels server:other -p claude-peers")));
+        assert!(!channel_requested(&argv(
+            "claude --channels server:other -p claude-peers"
+        )));
         assert!(!channel_requested(&argv("claude -p hello")));
     }
 
