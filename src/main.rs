@@ -37,6 +37,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 paths,
                 args.name.as_deref(),
                 args.push,
+                args.bypass_inbox,
             ))?;
             // Do not wait for background tasks (the broker connection): the session is over.
             std::process::exit(0)

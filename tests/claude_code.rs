@@ -366,3 +366,46 @@ fn claude_mcp_list_leaves_no_peer() {
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(!text.contains("health-check"), "{text}");
 }
+
+/// A session that bypasses permissions holds mail from other sessions for its user, but
+/// would take its own server's unasked: so by default its mail does not start turns,
+/// it waits for check_messages, and the sender is told `queued`, not `delivered`.
+/// `CLAUDE_PEERS_BYPASS_INBOX=true` opts in.
+#[test]
+fn a_bypass_mode_session_does_not_get_unapproved_mail_in_its_inbox() {
+    require_claude!();
+    require_tmux!();
+    for opted_in in [false, true] {
+        let peers = Home::new();
+        let api = StubApi::start();
+        let mut cc = ClaudeHome::new(&peers, &api);
+        cc.server_env("CLAUDE_PEERS_NAME", "bob");
+        if opted_in {
+            cc.server_env("CLAUDE_PEERS_BYPASS_INBOX", "true");
+        }
+        let session = Interactive::start(&cc, &["--dangerously-skip-permissions"]);
+        wait_online(&peers, "bob", &session);
+        session.wait_idle(Duration::from_secs(30));
+        let out = peers.run(&[
+            "send",
+            "bob",
+            "unapproved hello",
+            "--from",
+            "alice",
+            "--json",
+        ]);
+        assert!(out.status.success(), "{out:?}");
+        let sent: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        let shown = api.wait_for(
+            |r| r.is_main() && r.messages_text().contains("unapproved hello"),
+            Duration::from_secs(if opted_in { 30 } else { 3 }),
+        );
+        if opted_in {
+            assert!(shown.is_some(), "opted in: {}", session.diagnostics());
+            assert_eq!(sent["recipients"][0]["state"], "delivered", "{sent}");
+        } else {
+            assert!(shown.is_none(), "the model was shown unapproved mail");
+            assert_eq!(sent["recipients"][0]["state"], "queued", "{sent}");
+        }
+    }
+}

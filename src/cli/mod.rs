@@ -97,6 +97,9 @@ pub struct ServeArgs {
     /// How mail reaches the model: auto (Claude Code's inbox when the session has one, else channel events when the host enabled this server's channel, else polling), inbox, channel (alias always), never.
     #[arg(long, env = "CLAUDE_PEERS_PUSH", default_value = "auto")]
     pub push: crate::serve::PushMode,
+    /// Write mail into the inbox of a Claude Code session that bypasses permissions too. Such a session holds messages from other sessions for its user's approval, but takes its own server's unasked; by default its mail waits for check_messages instead.
+    #[arg(long, env = "CLAUDE_PEERS_BYPASS_INBOX")]
+    pub bypass_inbox: bool,
 }
 
 #[derive(Debug, Args)]

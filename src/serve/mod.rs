@@ -79,12 +79,19 @@ pub enum Route {
 impl Route {
     /// The route for `mode`, given the host's inbox, whether the client declared the
     /// channel capability, and the host's command line.
+    ///
+    /// A Claude Code session that bypasses permissions holds inbox mail from senders that
+    /// do not, for its user to approve; but `serve` is its own child, whose messages it
+    /// takes unasked. So unless the user opted in (`bypass_inbox`), such a session gets no
+    /// inbox route: claude-peers must not become a way around that hold.
     pub fn choose(
         mode: PushMode,
         inbox: Option<Inbox>,
         declared_channel: bool,
         host_argv: &[String],
+        bypass_inbox: bool,
     ) -> Route {
+        let inbox = inbox.filter(|_| bypass_inbox || !bypasses_permissions(host_argv));
         match (mode, inbox) {
             (PushMode::Auto | PushMode::Inbox, Some(inbox)) => Route::Inbox(Arc::new(inbox)),
             (PushMode::Auto, None) if declared_channel || channel_requested(host_argv) => {
@@ -103,6 +110,37 @@ impl Route {
             Route::Poll => "poll",
         }
     }
+}
+
+/// Whether a Claude Code command line, or the user's settings, make the session bypass
+/// permission prompts.
+pub fn bypasses_permissions(argv: &[String]) -> bool {
+    let on_command_line = argv.iter().enumerate().any(|(i, a)| {
+        a == "--dangerously-skip-permissions"
+            || a == "--permission-mode=bypassPermissions"
+            || (a == "--permission-mode"
+                && argv.get(i + 1).map(String::as_str) == Some("bypassPermissions"))
+    });
+    on_command_line || default_mode_bypasses()
+}
+
+/// `permissions.defaultMode` in the user's Claude Code settings.
+fn default_mode_bypasses() -> bool {
+    let Some(dir) = inbox::config_dir() else {
+        return false;
+    };
+    let Ok(text) = std::fs::read(dir.join("settings.json")) else {
+        return false;
+    };
+    serde_json::from_slice::<serde_json::Value>(&text)
+        .ok()
+        .and_then(|v| {
+            v.get("permissions")?
+                .get("defaultMode")?
+                .as_str()
+                .map(|m| m == "bypassPermissions")
+        })
+        .unwrap_or(false)
 }
 
 /// Whether a host command line (Claude Code's) enabled a channel named like this server:
@@ -597,9 +635,14 @@ impl Session {
 
 /// Runs the MCP server on stdio until stdin closes, the parent process dies, or a signal
 /// ends it.
-pub async fn run(paths: Paths, name: Option<&str>, push: PushMode) -> Result<()> {
+pub async fn run(
+    paths: Paths,
+    name: Option<&str>,
+    push: PushMode,
+    bypass_inbox: bool,
+) -> Result<()> {
     let session = Session::new(paths, name)?;
-    let server = tools::PeersServer::new(session.clone(), push);
+    let server = tools::PeersServer::new(session.clone(), push, bypass_inbox);
     let parent = platform::parent_pid();
     {
         let session = session.clone();
@@ -658,6 +701,22 @@ mod tests {
 
     fn argv(s: &str) -> Vec<String> {
         s.split(' ').map(str::to_string).collect()
+    }
+
+    #[test]
+    fn bypass_mode_is_read_from_the_command_line() {
+        assert!(super::bypasses_permissions(&argv(
+            "claude --dangerously-skip-permissions"
+        )));
+        assert!(super::bypasses_permissions(&argv(
+            "claude --permission-mode bypassPermissions"
+        )));
+        assert!(super::bypasses_permissions(&argv(
+            "claude --permission-mode=bypassPermissions"
+        )));
+        assert!(!super::bypasses_permissions(&argv(
+            "claude --permission-mode acceptEdits"
+        )));
     }
 
     #[test]
