@@ -148,6 +148,8 @@ fn mail_to_an_idle_session_starts_a_turn() {
     let api = StubApi::start();
     let mut cc = ClaudeHome::new(&peers, &api);
     cc.server_env("CLAUDE_PEERS_NAME", "bob");
+    // The send waits for the session's ack long enough for a loaded machine.
+    let _broker = peers.broker(&["--ack-wait", "10s"]);
     let session = Interactive::start(&cc, &[]);
     wait_online(&peers, "bob", &session);
     session.wait_idle(Duration::from_secs(30));
@@ -383,6 +385,7 @@ fn a_bypass_mode_session_does_not_get_unapproved_mail_in_its_inbox() {
         if opted_in {
             cc.server_env("CLAUDE_PEERS_BYPASS_INBOX", "true");
         }
+        let _broker = peers.broker(&["--ack-wait", "10s"]);
         let session = Interactive::start(&cc, &["--dangerously-skip-permissions"]);
         wait_online(&peers, "bob", &session);
         session.wait_idle(Duration::from_secs(30));
