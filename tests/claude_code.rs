@@ -412,3 +412,46 @@ fn a_bypass_mode_session_does_not_get_unapproved_mail_in_its_inbox() {
         }
     }
 }
+
+/// A session whose settings hold other sessions' messages (`crossSessionInbound`) would
+/// still take its own server's: so its mail waits for check_messages instead.
+#[test]
+fn a_session_that_holds_cross_session_mail_is_not_written_to() {
+    require_claude!();
+    require_tmux!();
+    let peers = Home::new();
+    let api = StubApi::start();
+    let mut cc = ClaudeHome::new(&peers, &api);
+    cc.server_env("CLAUDE_PEERS_NAME", "bob");
+    std::fs::write(
+        cc.home.join(".claude/settings.json"),
+        json!({
+            "permissions": { "allow": ["mcp__claude-peers"] },
+            "crossSessionInbound": "hold"
+        })
+        .to_string(),
+    )
+    .unwrap();
+    let _broker = peers.broker(&["--ack-wait", "10s"]);
+    let session = Interactive::start(&cc, &[]);
+    wait_online(&peers, "bob", &session);
+    let out = peers.run(&[
+        "send",
+        "bob",
+        "held by setting",
+        "--from",
+        "alice",
+        "--json",
+    ]);
+    assert!(out.status.success(), "{out:?}");
+    let sent: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(sent["recipients"][0]["state"], "queued", "{sent}");
+    let shown = api.wait_for(
+        |r| r.is_main() && r.messages_text().contains("held by setting"),
+        Duration::from_secs(3),
+    );
+    assert!(
+        shown.is_none(),
+        "the model was shown mail its settings hold"
+    );
+}

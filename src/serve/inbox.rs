@@ -123,8 +123,18 @@ impl Inbox {
     /// The socket and session id to write to now. The record is re-read each time: the
     /// session id moves on (`/clear`), and a session that ended takes its record and
     /// socket with it, so mail never reaches a later process that reused the pid.
-    fn target(&self) -> std::io::Result<(PathBuf, String)> {
-        let (socket, id) = match read_record(&self.record) {
+    async fn target(&self) -> std::io::Result<(PathBuf, String)> {
+        // A record that exists but does not parse is being rewritten: read it again
+        // rather than fall back to an id that may be stale.
+        let mut record = read_record(&self.record);
+        for _ in 0..5 {
+            if record.is_some() || !self.record.exists() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+            record = read_record(&self.record);
+        }
+        let (socket, id) = match record {
             Some(Record {
                 session_id: Some(id),
                 messaging_socket_path: Some(s),
@@ -171,7 +181,7 @@ impl Inbox {
     /// its sender). Returns once the session has read the line and closed the
     /// connection: it has the message (held or not; a hold is told by a receipt).
     pub async fn write(&self, d: &Delivery, reply: &Path) -> std::io::Result<()> {
-        let (socket, session_id) = self.target()?;
+        let (socket, session_id) = self.target().await?;
         let line = message_line(d, &session_id, reply);
         let work = async {
             let mut s = UnixStream::connect(&socket).await?;
@@ -277,8 +287,14 @@ pub fn unwrap(content: &str) -> &str {
 /// or a message (a reply to `peer`).
 async fn listen(listener: UnixListener, peer: String, events: UnboundedSender<Inbound>) {
     loop {
-        let Ok((stream, _)) = listener.accept().await else {
-            return;
+        let stream = match listener.accept().await {
+            Ok((stream, _)) => stream,
+            Err(e) => {
+                // Out of descriptors, say: wait, and keep listening.
+                tracing::warn!("a reply socket could not accept: {e}");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
         };
         if platform::peer_uid(&stream).ok() != Some(platform::current_uid()) {
             tracing::warn!("refused a connection to a reply socket from another uid");

@@ -83,7 +83,8 @@ impl Route {
     /// A Claude Code session that bypasses permissions holds inbox mail from senders that
     /// do not, for its user to approve; but `serve` is its own child, whose messages it
     /// takes unasked. So unless the user opted in (`bypass_inbox`), such a session gets no
-    /// inbox route: claude-peers must not become a way around that hold.
+    /// inbox route: claude-peers must not become a way around that hold. The same goes
+    /// for a session whose settings hold or refuse other sessions' messages.
     pub fn choose(
         mode: PushMode,
         inbox: Option<Inbox>,
@@ -91,7 +92,8 @@ impl Route {
         host_argv: &[String],
         bypass_inbox: bool,
     ) -> Route {
-        let inbox = inbox.filter(|_| bypass_inbox || !bypasses_permissions(host_argv));
+        let inbox = inbox
+            .filter(|_| bypass_inbox || !(bypasses_permissions(host_argv) || inbound_restricted()));
         match (mode, inbox) {
             (PushMode::Auto | PushMode::Inbox, Some(inbox)) => Route::Inbox(Arc::new(inbox)),
             (PushMode::Auto, None) if declared_channel || channel_requested(host_argv) => {
@@ -112,7 +114,7 @@ impl Route {
     }
 }
 
-/// Whether a Claude Code command line, or the user's settings, make the session bypass
+/// Whether a Claude Code command line, or its settings, make the session bypass
 /// permission prompts.
 pub fn bypasses_permissions(argv: &[String]) -> bool {
     let on_command_line = argv.iter().enumerate().any(|(i, a)| {
@@ -121,26 +123,46 @@ pub fn bypasses_permissions(argv: &[String]) -> bool {
             || (a == "--permission-mode"
                 && argv.get(i + 1).map(String::as_str) == Some("bypassPermissions"))
     });
-    on_command_line || default_mode_bypasses()
+    on_command_line
+        || claude_settings()
+            .iter()
+            .any(|v| setting(v, &["permissions", "defaultMode"]) == Some("bypassPermissions"))
 }
 
-/// `permissions.defaultMode` in the user's Claude Code settings.
-fn default_mode_bypasses() -> bool {
-    let Some(dir) = inbox::config_dir() else {
-        return false;
-    };
-    let Ok(text) = std::fs::read(dir.join("settings.json")) else {
-        return false;
-    };
-    serde_json::from_slice::<serde_json::Value>(&text)
-        .ok()
-        .and_then(|v| {
-            v.get("permissions")?
-                .get("defaultMode")?
-                .as_str()
-                .map(|m| m == "bypassPermissions")
-        })
-        .unwrap_or(false)
+/// Whether Claude Code's settings hold or refuse messages from other sessions
+/// (`crossSessionInbound`). It takes its own children's messages even then, so writing
+/// into its inbox would get around the user's choice.
+pub fn inbound_restricted() -> bool {
+    claude_settings().iter().any(|v| {
+        matches!(
+            setting(v, &["crossSessionInbound"]),
+            Some(m) if m != "accept"
+        )
+    })
+}
+
+fn setting<'a>(v: &'a serde_json::Value, path: &[&str]) -> Option<&'a str> {
+    path.iter().try_fold(v, |v, k| v.get(k))?.as_str()
+}
+
+/// Claude Code's settings files that exist: managed, the user's, and the project's
+/// (shared and local) for our working directory.
+fn claude_settings() -> Vec<serde_json::Value> {
+    let mut files = vec![std::path::PathBuf::from(
+        "/etc/claude-code/managed-settings.json",
+    )];
+    if let Some(dir) = inbox::config_dir() {
+        files.push(dir.join("settings.json"));
+    }
+    if let Ok(cwd) = std::env::current_dir() {
+        files.push(cwd.join(".claude/settings.json"));
+        files.push(cwd.join(".claude/settings.local.json"));
+    }
+    files
+        .iter()
+        .filter_map(|f| std::fs::read(f).ok())
+        .filter_map(|t| serde_json::from_slice(&t).ok())
+        .collect()
 }
 
 /// Whether a host command line (Claude Code's) enabled a channel named like this server:
@@ -458,6 +480,16 @@ impl Session {
         let already = self.seen.lock().expect("seen lock").contains(&d.id);
         if already {
             self.ack(vec![d.id]);
+            return;
+        }
+        let waiting = self
+            .unread
+            .lock()
+            .expect("unread lock")
+            .iter()
+            .any(|u| u.id == d.id);
+        if waiting {
+            // Kept for check_messages after the inbox did not take it: shown there only.
             return;
         }
         match self.route() {
