@@ -93,6 +93,29 @@ fn interactive_session_draws_the_answer() {
     );
 }
 
+/// A peers home, a stub API and a Claude Code home whose server is named `bob`.
+fn bob() -> (Home, StubApi, ClaudeHome) {
+    let peers = Home::new();
+    let api = StubApi::start();
+    let mut cc = ClaudeHome::new(&peers, &api);
+    cc.server_env("CLAUDE_PEERS_NAME", "bob");
+    (peers, api, cc)
+}
+
+/// The first main-loop request that shows the model `text`, within 30 s.
+fn shown_to_model(api: &StubApi, text: &str, session: &Interactive) -> common::claude::Request {
+    api.wait_for_request(
+        |r| r.is_main() && r.messages_text().contains(text),
+        Duration::from_secs(30),
+    )
+    .unwrap_or_else(|| {
+        panic!(
+            "the model was never shown {text:?}\n{}",
+            session.diagnostics()
+        )
+    })
+}
+
 /// Allows `rules` in the session's permission settings, beside our MCP server, as a user
 /// who answered "don't ask again" would.
 fn allow(cc: &ClaudeHome, rules: &[&str]) {
@@ -144,10 +167,7 @@ fn from_address(text: &str, marker: &str) -> String {
 fn mail_to_an_idle_session_starts_a_turn() {
     require_claude!();
     require_tmux!();
-    let peers = Home::new();
-    let api = StubApi::start();
-    let mut cc = ClaudeHome::new(&peers, &api);
-    cc.server_env("CLAUDE_PEERS_NAME", "bob");
+    let (peers, api, cc) = bob();
     // The send waits for the session's ack long enough for a loaded machine.
     let _broker = peers.broker(&["--ack-wait", "10s"]);
     let session = Interactive::start(&cc, &[]);
@@ -165,16 +185,7 @@ fn mail_to_an_idle_session_starts_a_turn() {
     assert!(out.status.success(), "{out:?}");
     let sent: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     let id = sent["message_id"].as_str().unwrap().to_string();
-    let shown = api.wait_for_request(
-        |r| r.is_main() && r.messages_text().contains("idle hello from alice"),
-        Duration::from_secs(30),
-    );
-    let Some(shown) = shown else {
-        panic!(
-            "the model was never shown the message\n{}",
-            session.diagnostics()
-        );
-    };
+    let shown = shown_to_model(&api, "idle hello from alice", &session);
     let text = shown.messages_text();
     assert!(
         text.contains("Another Claude session sent a message"),
@@ -195,10 +206,7 @@ fn mail_to_an_idle_session_starts_a_turn() {
 fn mail_to_a_busy_session_arrives_in_that_turn() {
     require_claude!();
     require_tmux!();
-    let peers = Home::new();
-    let api = StubApi::start();
-    let mut cc = ClaudeHome::new(&peers, &api);
-    cc.server_env("CLAUDE_PEERS_NAME", "bob");
+    let (peers, api, cc) = bob();
     let gate = Gate::new();
     // The turn's first answer is a tool call, held until the mail was sent.
     api.push(
@@ -223,16 +231,7 @@ fn mail_to_a_busy_session_arrives_in_that_turn() {
     let out = peers.run(&["send", "bob", "busy hello from alice", "--from", "alice"]);
     assert!(out.status.success(), "{out:?}");
     gate.open();
-    let shown = api.wait_for_request(
-        |r| r.is_main() && r.messages_text().contains("busy hello from alice"),
-        Duration::from_secs(30),
-    );
-    let Some(shown) = shown else {
-        panic!(
-            "the model was never shown the message\n{}",
-            session.diagnostics()
-        );
-    };
+    let shown = shown_to_model(&api, "busy hello from alice", &session);
     let text = shown.messages_text();
     assert!(
         text.contains("start a long task"),
@@ -247,10 +246,7 @@ fn mail_to_a_busy_session_arrives_in_that_turn() {
 async fn a_reply_through_the_builtin_send_message_reaches_the_sender_once() {
     require_claude!();
     require_tmux!();
-    let peers = Home::new();
-    let api = StubApi::start();
-    let mut cc = ClaudeHome::new(&peers, &api);
-    cc.server_env("CLAUDE_PEERS_NAME", "bob");
+    let (peers, api, cc) = bob();
     allow(&cc, &["SendMessage"]);
     let gate = Gate::new();
     api.push(
@@ -272,16 +268,7 @@ async fn a_reply_through_the_builtin_send_message_reaches_the_sender_once() {
         .call(common::send("bob", "question from alice"))
         .await
         .unwrap();
-    let shown = api.wait_for_request(
-        |r| r.is_main() && r.messages_text().contains("question from alice"),
-        Duration::from_secs(30),
-    );
-    let Some(shown) = shown else {
-        panic!(
-            "the model was never shown the message\n{}",
-            session.diagnostics()
-        );
-    };
+    let shown = shown_to_model(&api, "question from alice", &session);
     let to = from_address(&shown.messages_text(), "question from alice");
     api.push(
         Reply::tool(
@@ -309,10 +296,7 @@ async fn a_reply_through_the_builtin_send_message_reaches_the_sender_once() {
 async fn a_reply_through_send_message_reaches_the_sender_once() {
     require_claude!();
     require_tmux!();
-    let peers = Home::new();
-    let api = StubApi::start();
-    let mut cc = ClaudeHome::new(&peers, &api);
-    cc.server_env("CLAUDE_PEERS_NAME", "bob");
+    let (peers, api, cc) = bob();
     let gate = Gate::new();
     let [search, _] = call_mcp_tool("send_message", json!({}));
     api.push(search.held(&gate));
@@ -378,10 +362,7 @@ fn a_bypass_mode_session_does_not_get_unapproved_mail_in_its_inbox() {
     require_claude!();
     require_tmux!();
     for opted_in in [false, true] {
-        let peers = Home::new();
-        let api = StubApi::start();
-        let mut cc = ClaudeHome::new(&peers, &api);
-        cc.server_env("CLAUDE_PEERS_NAME", "bob");
+        let (peers, api, mut cc) = bob();
         if opted_in {
             cc.server_env("CLAUDE_PEERS_BYPASS_INBOX", "true");
         }
@@ -419,10 +400,7 @@ fn a_bypass_mode_session_does_not_get_unapproved_mail_in_its_inbox() {
 fn a_session_that_holds_cross_session_mail_is_not_written_to() {
     require_claude!();
     require_tmux!();
-    let peers = Home::new();
-    let api = StubApi::start();
-    let mut cc = ClaudeHome::new(&peers, &api);
-    cc.server_env("CLAUDE_PEERS_NAME", "bob");
+    let (peers, api, cc) = bob();
     std::fs::write(
         cc.home.join(".claude/settings.json"),
         json!({
