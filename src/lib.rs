@@ -22,6 +22,7 @@ pub mod cli;
 pub mod client;
 pub mod config;
 pub mod git;
+pub mod hook;
 pub mod names;
 pub mod paths;
 pub mod platform;

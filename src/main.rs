@@ -29,6 +29,13 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             opts.protocol = args.protocol_version;
             broker::run(opts)
         }
+        Command::Hook { kind } => {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?;
+            let code = rt.block_on(claude_peers::hook::run(&paths, kind));
+            std::process::exit(code)
+        }
         Command::Serve(args) => {
             let rt = tokio::runtime::Builder::new_current_thread()
                 .enable_all()

@@ -115,3 +115,28 @@ pub fn command_line(pid: u32) -> Option<Vec<String>> {
             .collect(),
     )
 }
+
+/// The parent of process `pid`, where the OS shows it (`/proc/<pid>/stat` on Linux).
+pub fn parent_of(pid: u32) -> Option<u32> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // "pid (comm) state ppid …": comm may hold spaces and parentheses, so read after the
+    // last ')'.
+    let rest = &stat[stat.rfind(')')? + 1..];
+    rest.split_whitespace().nth(1)?.parse().ok()
+}
+
+/// Our own ancestors, nearest first, at most `depth` of them, stopping before pid 1.
+pub fn ancestors(depth: usize) -> Vec<u32> {
+    let mut out = Vec::new();
+    let mut pid = std::process::id();
+    while out.len() < depth {
+        match parent_of(pid) {
+            Some(p) if p > 1 => {
+                out.push(p);
+                pid = p;
+            }
+            _ => break,
+        }
+    }
+    out
+}

@@ -38,6 +38,13 @@ pub struct Cli {
 pub enum Command {
     /// Run the MCP channel server for one Claude Code session (stdio).
     Serve(ServeArgs),
+    /// Run as an agent hook: `prompt` adds unread mail to the prompt (UserPromptSubmit,
+    /// SessionStart); `wait` sleeps until mail arrives, then wakes the session with it
+    /// (Stop/SessionStart with async and asyncRewake; exits 2 with the mail on stderr).
+    Hook {
+        #[arg(value_enum)]
+        kind: crate::hook::HookKind,
+    },
     /// Run the broker in the foreground (clients start one on demand).
     Broker(BrokerArgs),
     /// Show the broker: pid, version, uptime, socket, database, peers, queued mail.
@@ -176,7 +183,9 @@ pub async fn run(command: Command, paths: Paths) -> Result<()> {
             json,
         } => log(&paths, follow, limit, peer, json).await,
         Command::Stop => stop(&paths).await,
-        Command::Serve(_) | Command::Broker(_) => unreachable!("handled by main"),
+        Command::Serve(_) | Command::Broker(_) | Command::Hook { .. } => {
+            unreachable!("handled by main")
+        }
     }
 }
 

@@ -14,6 +14,7 @@ mod inbox;
 mod tools;
 
 use std::collections::{HashMap, HashSet, VecDeque};
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -224,6 +225,8 @@ pub struct Session {
     held: Mutex<HashSet<String>>,
     /// The newest message id from each sender, to thread a reply made through the inbox.
     last_from: Mutex<HashMap<String, String>>,
+    /// Our hook socket, once bound (removed at exit).
+    hook_socket: Mutex<Option<PathBuf>>,
     /// Set by the first tool call or a while after `initialized`: only then does the
     /// session register, so a client that connects and leaves at once (a health check
     /// such as `claude mcp list`) leaves no peer behind.
@@ -232,8 +235,10 @@ pub struct Session {
     /// Set when `notifications/initialized` arrives; pushes wait for it.
     initialized: AtomicBool,
     initialized_signal: Notify,
-    /// Mail waiting for `check_messages` (when not pushing), oldest first.
+    /// Mail waiting for `check_messages` or a hook, oldest first.
     unread: Mutex<VecDeque<Delivery>>,
+    /// Woken when mail is added to `unread`, for a waiting hook.
+    mail_arrived: Notify,
     /// Ids already shown to the model in this process's life: a redelivery after a broker
     /// restart is acked again but never shown twice.
     seen: Mutex<SeenIds>,
@@ -333,11 +338,13 @@ impl Session {
             in_inbox: Mutex::new(HashMap::new()),
             held: Mutex::new(HashSet::new()),
             last_from: Mutex::new(HashMap::new()),
+            hook_socket: Mutex::new(None),
             wanted: Notify::new(),
             wanted_flag: AtomicBool::new(false),
             initialized: AtomicBool::new(false),
             initialized_signal: Notify::new(),
             unread: Mutex::new(VecDeque::new()),
+            mail_arrived: Notify::new(),
             seen: Mutex::new(SeenIds::default()),
             peer: Mutex::new(None),
             broker_exe: std::env::current_exe().ok(),
@@ -500,10 +507,138 @@ impl Session {
     }
 
     fn keep_unread(&self, d: Delivery) {
-        let mut unread = self.unread.lock().expect("unread lock");
-        if !unread.iter().any(|u| u.id == d.id) {
+        {
+            let mut unread = self.unread.lock().expect("unread lock");
+            if unread.iter().any(|u| u.id == d.id) {
+                return;
+            }
             unread.push_back(d);
         }
+        self.mail_arrived.notify_waiters();
+    }
+
+    /// Serves the hooks of this session (`claude-peers hook prompt|wait`) on
+    /// `hooks/<host pid>.sock`: lends them the unread mail, which their `shown` settles
+    /// and their going away gives back.
+    async fn serve_hooks(self: Arc<Self>, path: PathBuf) {
+        let listener = match path
+            .parent()
+            .map(crate::paths::secure_dir)
+            .transpose()
+            .map_err(|e| std::io::Error::other(e.to_string()))
+            .and_then(|_| {
+                // Another live `serve` of the same host (two servers in one agent) keeps
+                // its socket: its hooks keep working, ours are not served.
+                if std::os::unix::net::UnixStream::connect(&path).is_ok() {
+                    return Err(std::io::Error::new(
+                        std::io::ErrorKind::AddrInUse,
+                        "another serve of this host answers there",
+                    ));
+                }
+                let _ = std::fs::remove_file(&path);
+                tokio::net::UnixListener::bind(&path)
+            }) {
+            Ok(l) => l,
+            Err(e) => {
+                tracing::warn!("no socket for hooks at {}: {e}", path.display());
+                return;
+            }
+        };
+        *self.hook_socket.lock().expect("hook_socket lock") = Some(path);
+        loop {
+            let stream = match listener.accept().await {
+                Ok((s, _)) => s,
+                Err(e) => {
+                    tracing::warn!("the hook socket could not accept: {e}");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            };
+            if platform::peer_uid(&stream).ok() != Some(platform::current_uid()) {
+                tracing::warn!("refused a hook connection from another uid");
+                continue;
+            }
+            tokio::spawn(self.clone().lend_to_hook(stream));
+        }
+    }
+
+    /// One hook's connection: its request, the lent mail, and `shown` or going away.
+    async fn lend_to_hook(self: Arc<Self>, stream: tokio::net::UnixStream) {
+        use crate::hook::{HookReply, HookRequest};
+        use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+        let mut stream = BufReader::new(stream);
+        let mut line = String::new();
+        if !matches!(stream.read_line(&mut line).await, Ok(n) if n > 0) {
+            return;
+        }
+        let lent = match serde_json::from_str::<HookRequest>(&line) {
+            Ok(HookRequest::Take) => self.lend(),
+            Ok(HookRequest::Wait) => {
+                // Until mail arrives, or the hook goes away (its host ended it).
+                let mut probe = String::new();
+                loop {
+                    let arrived = self.mail_arrived.notified();
+                    tokio::pin!(arrived);
+                    // Registered before looking, so mail added in between still wakes us.
+                    arrived.as_mut().enable();
+                    let lent = self.lend();
+                    if !lent.is_empty() {
+                        break lent;
+                    }
+                    tokio::select! {
+                        _ = arrived => {}
+                        _ = stream.read_line(&mut probe) => return,
+                    }
+                }
+            }
+            _ => return,
+        };
+        self.want_registration();
+        let name = self.name().unwrap_or_default();
+        let reply = HookReply {
+            name,
+            messages: lent,
+        };
+        let mut text = serde_json::to_string(&reply).expect("serializable");
+        text.push('\n');
+        let lent = reply.messages;
+        if stream.get_mut().write_all(text.as_bytes()).await.is_err() {
+            self.give_back(lent);
+            return;
+        }
+        line.clear();
+        match stream.read_line(&mut line).await {
+            Ok(n) if n > 0 && matches!(serde_json::from_str(&line), Ok(HookRequest::Shown)) => {
+                let ids: Vec<String> = lent.into_iter().map(|d| d.id).collect();
+                {
+                    let mut seen = self.seen.lock().expect("seen lock");
+                    for id in &ids {
+                        seen.insert(id);
+                    }
+                }
+                self.ack(ids);
+            }
+            _ => self.give_back(lent),
+        }
+    }
+
+    /// Every unread message, for a hook to show.
+    fn lend(&self) -> Vec<Delivery> {
+        self.unread.lock().expect("unread lock").drain(..).collect()
+    }
+
+    /// Lent mail a hook did not show, back at the front of the queue.
+    fn give_back(&self, lent: Vec<Delivery>) {
+        if lent.is_empty() {
+            return;
+        }
+        {
+            let mut unread = self.unread.lock().expect("unread lock");
+            for d in lent.into_iter().rev() {
+                unread.push_front(d);
+            }
+        }
+        self.mail_arrived.notify_waiters();
     }
 
     /// A channel event, acked as `pushed`: nothing tells whether the host shows it.
@@ -662,6 +797,9 @@ impl Session {
         if let Route::Inbox(inbox) = self.route() {
             inbox.remove_sockets();
         }
+        if let Some(p) = self.hook_socket.lock().expect("hook_socket lock").take() {
+            let _ = std::fs::remove_file(p);
+        }
     }
 }
 
@@ -718,6 +856,11 @@ pub async fn run(
     }
     // Non-blocking pipes on the reactor when stdin/stdout are pipes (as under Claude Code):
     // no hand-off to tokio's blocking pool for every line read or written.
+    tokio::spawn(
+        session
+            .clone()
+            .serve_hooks(crate::hook::socket_path(&session.paths, parent)),
+    );
     let service = server.serve(stdio_pipes()).await?;
     *session.peer.lock().expect("peer lock") = Some(service.peer().clone());
     tokio::spawn(session.clone().connection_loop());
