@@ -433,3 +433,77 @@ fn a_session_that_holds_cross_session_mail_is_not_written_to() {
         "the model was shown mail its settings hold"
     );
 }
+
+/// `claude-peers setup claude` registers the server (Claude Code lists it and it
+/// answers) and the hooks; run again it changes nothing; `--uninstall` takes both out and
+/// keeps the rest of the files, with backups of what was there.
+#[test]
+fn setup_claude_registers_and_uninstalls() {
+    require_claude!();
+    let peers = Home::new();
+    let api = StubApi::start();
+    let mut cc = ClaudeHome::new(&peers, &api);
+    cc.config(|c| {
+        c["mcpServers"]
+            .as_object_mut()
+            .unwrap()
+            .remove("claude-peers");
+    });
+    let setup = |args: &[&str]| {
+        let out = peers
+            .cmd()
+            .args(["setup", "claude"])
+            .args(args)
+            .env("HOME", &cc.home)
+            .env_remove("CLAUDE_CONFIG_DIR")
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{out:?}");
+        String::from_utf8(out.stdout).unwrap()
+    };
+    let listed = || {
+        let out = cc.print_with(&["mcp", "list"], Duration::from_secs(60));
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    assert!(!listed().contains("claude-peers"));
+
+    let said = setup(&[]);
+    assert!(
+        said.contains("registered the MCP server claude-peers"),
+        "{said}"
+    );
+    assert!(said.contains("wrote the mail hooks"), "{said}");
+    let list = listed();
+    assert!(
+        list.lines()
+            .any(|l| l.starts_with("claude-peers") && l.contains("Connected")),
+        "{list}"
+    );
+    let settings_file = cc.home.join(".claude/settings.json");
+    let settings: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&settings_file).unwrap()).unwrap();
+    assert!(
+        settings["hooks"]["Stop"][0]["hooks"][0]["command"]
+            .as_str()
+            .unwrap()
+            .ends_with("hook wait")
+    );
+    assert_eq!(
+        settings["permissions"]["allow"][0], "mcp__claude-peers",
+        "kept"
+    );
+    assert!(cc.home.join(".claude.json.claude-peers.bak").exists());
+
+    assert!(setup(&[]).contains("nothing to change"));
+
+    let said = setup(&["--uninstall"]);
+    assert!(said.contains("removed the MCP server"), "{said}");
+    assert!(!listed().contains("claude-peers"));
+    let settings: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&settings_file).unwrap()).unwrap();
+    assert_eq!(
+        settings,
+        json!({"permissions": {"allow": ["mcp__claude-peers"]}}),
+        "only our hooks were taken out"
+    );
+}

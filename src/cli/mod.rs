@@ -3,6 +3,7 @@
 //! Every verb is a client of the broker like any other. Tables for people, `--json` for
 //! scripts; errors go to stderr in one line. Exit codes: 0 ok, 1 failure, 2 usage.
 
+pub mod setup;
 pub mod table;
 
 use std::io::{Read, Write};
@@ -38,6 +39,15 @@ pub struct Cli {
 pub enum Command {
     /// Run the MCP channel server for one Claude Code session (stdio).
     Serve(ServeArgs),
+    /// Register the MCP server and the mail hooks with an agent (for people who do not
+    /// use the plugin); --uninstall takes them out. Changed files are backed up first.
+    Setup {
+        #[arg(value_enum)]
+        agent: SetupAgent,
+        /// Remove what setup added.
+        #[arg(long)]
+        uninstall: bool,
+    },
     /// Run as an agent hook: `prompt` adds unread mail to the prompt (UserPromptSubmit,
     /// SessionStart); `wait` sleeps until mail arrives, then wakes the session with it
     /// (Stop/SessionStart with async and asyncRewake; exits 2 with the mail on stderr).
@@ -94,6 +104,13 @@ pub enum Command {
     /// Ask the broker to shut down cleanly.
     #[command(alias = "kill-broker")]
     Stop,
+}
+
+/// The agents `setup` knows.
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+pub enum SetupAgent {
+    /// Claude Code: ~/.claude.json and ~/.claude/settings.json.
+    Claude,
 }
 
 #[derive(Debug, Args)]
@@ -183,6 +200,29 @@ pub async fn run(command: Command, paths: Paths) -> Result<()> {
             json,
         } => log(&paths, follow, limit, peer, json).await,
         Command::Stop => stop(&paths).await,
+        Command::Setup { agent, uninstall } => {
+            let SetupAgent::Claude = agent;
+            let done = setup::claude(uninstall)?;
+            if done.is_empty() {
+                println!(
+                    "nothing to change: claude-peers is {} Claude Code",
+                    if uninstall {
+                        "not set up in"
+                    } else {
+                        "already set up in"
+                    }
+                );
+            }
+            for line in &done {
+                println!("{line}");
+            }
+            if !uninstall && !done.is_empty() {
+                println!(
+                    "new Claude Code sessions run claude-peers; allow its tools once, or add the permission rule mcp__claude-peers"
+                );
+            }
+            Ok(())
+        }
         Command::Serve(_) | Command::Broker(_) | Command::Hook { .. } => {
             unreachable!("handled by main")
         }

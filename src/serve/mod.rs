@@ -31,6 +31,7 @@ use crate::names::PeerName;
 use crate::paths::Paths;
 use crate::platform;
 use crate::protocol::{Ack, AckState, Delivery, Register};
+pub use inbox::config_dir as claude_config_dir;
 use inbox::{Inbound, Inbox};
 
 /// How deliveries may reach the model, as the user set it (`--push`).
