@@ -507,3 +507,102 @@ fn setup_claude_registers_and_uninstalls() {
         "only our hooks were taken out"
     );
 }
+
+/// A hooks-only setup: `serve` may not use the inbox (`--push never` here, as for a
+/// host without one), and the hooks `claude-peers setup claude` writes show the mail.
+/// Returns the session's home with those hooks, pointing at the test's broker.
+fn hooks_only(peers: &Home, api: &StubApi, events: &[&str]) -> ClaudeHome {
+    let mut cc = ClaudeHome::new(peers, api);
+    cc.server_env("CLAUDE_PEERS_NAME", "bob");
+    cc.server_env("CLAUDE_PEERS_PUSH", "never");
+    // Hooks run with Claude Code's environment.
+    cc.env("CLAUDE_PEERS_HOME", peers.root().to_str().unwrap());
+    let out = peers
+        .cmd()
+        .args(["setup", "claude"])
+        .env("HOME", &cc.home)
+        .env_remove("CLAUDE_CONFIG_DIR")
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    // setup registered its own server entry (without our test environment): keep ours,
+    // and only the hook events this test wants.
+    cc.config(|_| {});
+    let file = cc.home.join(".claude/settings.json");
+    let mut settings: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&file).unwrap()).unwrap();
+    settings["hooks"]
+        .as_object_mut()
+        .unwrap()
+        .retain(|event, _| events.contains(&event.as_str()));
+    std::fs::write(&file, settings.to_string()).unwrap();
+    cc
+}
+
+/// Hooks only: mail that arrived while the session was idle is shown with the next
+/// prompt (UserPromptSubmit additional context), once, and the log says delivered.
+#[test]
+fn hooks_show_mail_at_the_next_prompt() {
+    require_claude!();
+    require_tmux!();
+    let peers = Home::new();
+    let api = StubApi::start();
+    let _broker = peers.broker(&[]);
+    let cc = hooks_only(&peers, &api, &["UserPromptSubmit"]);
+    let session = Interactive::start(&cc, &[]);
+    wait_online(&peers, "bob", &session);
+    let out = peers.run(&["send", "bob", "mail for the next prompt", "--from", "alice"]);
+    assert!(out.status.success(), "{out:?}");
+    let quiet = api.wait_for(
+        |r| r.is_main() && r.messages_text().contains("mail for the next prompt"),
+        Duration::from_secs(2),
+    );
+    assert!(quiet.is_none(), "shown before any prompt");
+    session.submit("what is new?");
+    let shown = shown_to_model(&api, "mail for the next prompt", &session);
+    let text = shown.messages_text();
+    assert!(
+        text.contains("UserPromptSubmit hook additional context"),
+        "{text}"
+    );
+    assert!(text.contains("from=\"alice\""), "{text}");
+    session.wait_idle(Duration::from_secs(30));
+    session.submit("anything else?");
+    let next = shown_to_model(&api, "anything else?", &session);
+    assert_eq!(
+        next.messages_text()
+            .matches("mail for the next prompt")
+            .count(),
+        1,
+        "shown once, kept in the history only"
+    );
+    let log = peers.run(&["log", "--json"]);
+    assert!(
+        String::from_utf8_lossy(&log.stdout).contains("\"delivered\""),
+        "{log:?}"
+    );
+}
+
+/// Hooks only: an idle session is woken by `hook wait` (Stop/SessionStart, asyncRewake)
+/// when mail arrives, with no input typed.
+#[test]
+fn hook_wait_wakes_an_idle_session() {
+    require_claude!();
+    require_tmux!();
+    let peers = Home::new();
+    let api = StubApi::start();
+    let _broker = peers.broker(&[]);
+    let cc = hooks_only(&peers, &api, &["SessionStart", "Stop"]);
+    let session = Interactive::start(&cc, &[]);
+    wait_online(&peers, "bob", &session);
+    session.wait_idle(Duration::from_secs(30));
+    let out = peers.run(&["send", "bob", "wake up for this", "--from", "alice"]);
+    assert!(out.status.success(), "{out:?}");
+    let shown = shown_to_model(&api, "wake up for this", &session);
+    let text = shown.messages_text();
+    assert!(
+        text.contains("Mail from another session (claude-peers)"),
+        "{text}"
+    );
+    assert!(text.contains("from=\"alice\""), "{text}");
+}

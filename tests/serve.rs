@@ -652,9 +652,19 @@ async fn hooks_show_unread_mail_once_and_wake_on_new_mail() {
         claude_peers::protocol::DeliveryState::Delivered
     );
 
-    // `hook wait` sleeps until mail comes, then wakes the session with it.
-    let mut waiting = hook(&home, "wait", r#"{"hook_event_name":"Stop"}"#);
+    // `hook wait` sleeps until mail comes, then wakes the session with it. The host
+    // starts one after every turn and leaves the older ones: a newer one replaces them.
+    let mut older = hook(&home, "wait", r#"{"hook_event_name":"Stop"}"#);
     std::thread::sleep(Duration::from_millis(300));
+    assert!(
+        older.try_wait().unwrap().is_none(),
+        "wait returned with no mail"
+    );
+    let mut waiting = hook(&home, "wait", r#"{"hook_event_name":"Stop"}"#);
+    let replaced = older.wait_with_output().unwrap();
+    assert_eq!(replaced.status.code(), Some(0), "{replaced:?}");
+    assert!(replaced.stderr.is_empty(), "{replaced:?}");
+    std::thread::sleep(Duration::from_millis(200));
     assert!(
         waiting.try_wait().unwrap().is_none(),
         "wait returned with no mail"

@@ -88,8 +88,17 @@ fn remove_server(user: &mut Value) {
 fn our_hooks(exe: &Path) -> Vec<(&'static str, Value)> {
     let cmd = |kind: &str| format!("\"{}\" hook {kind}", exe.display());
     let prompt = json!({"type": "command", "command": cmd("prompt")});
-    let wait =
-        json!({"type": "command", "command": cmd("wait"), "async": true, "asyncRewake": true});
+    // A day, not the default 10 minutes, after which Claude Code ends a hook silently;
+    // and our wording instead of "Stop hook blocking error".
+    let wait = json!({
+        "type": "command",
+        "command": cmd("wait"),
+        "async": true,
+        "asyncRewake": true,
+        "timeout": 86400,
+        "rewakeSummary": "Peer message",
+        "rewakeMessage": "Mail from another session (claude-peers):"
+    });
     vec![
         ("UserPromptSubmit", json!({"hooks": [prompt.clone()]})),
         ("SessionStart", json!({"hooks": [prompt, wait.clone()]})),

@@ -238,8 +238,11 @@ pub struct Session {
     initialized_signal: Notify,
     /// Mail waiting for `check_messages` or a hook, oldest first.
     unread: Mutex<VecDeque<Delivery>>,
-    /// Woken when mail is added to `unread`, for a waiting hook.
+    /// Woken when mail is added to `unread`, for a waiting hook (and when a newer wait
+    /// replaces it).
     mail_arrived: Notify,
+    /// How many `hook wait`s have come; only the newest waits.
+    hook_waits: std::sync::atomic::AtomicU64,
     /// Ids already shown to the model in this process's life: a redelivery after a broker
     /// restart is acked again but never shown twice.
     seen: Mutex<SeenIds>,
@@ -346,6 +349,7 @@ impl Session {
             initialized_signal: Notify::new(),
             unread: Mutex::new(VecDeque::new()),
             mail_arrived: Notify::new(),
+            hook_waits: std::sync::atomic::AtomicU64::new(0),
             seen: Mutex::new(SeenIds::default()),
             peer: Mutex::new(None),
             broker_exe: std::env::current_exe().ok(),
@@ -575,13 +579,20 @@ impl Session {
         let lent = match serde_json::from_str::<HookRequest>(&line) {
             Ok(HookRequest::Take) => self.lend(),
             Ok(HookRequest::Wait) => {
-                // Until mail arrives, or the hook goes away (its host ended it).
+                // Until mail arrives, the hook goes away (its host ended it), or a newer
+                // wait replaces this one: the host starts one after every turn and does
+                // not end the older ones.
+                let me = self.hook_waits.fetch_add(1, Ordering::AcqRel) + 1;
+                self.mail_arrived.notify_waiters();
                 let mut probe = String::new();
                 loop {
                     let arrived = self.mail_arrived.notified();
                     tokio::pin!(arrived);
-                    // Registered before looking, so mail added in between still wakes us.
+                    // Registered before looking, so what happens in between still wakes us.
                     arrived.as_mut().enable();
+                    if self.hook_waits.load(Ordering::Acquire) != me {
+                        return;
+                    }
                     let lent = self.lend();
                     if !lent.is_empty() {
                         break lent;
