@@ -606,3 +606,120 @@ fn hook_wait_wakes_an_idle_session() {
     );
     assert!(text.contains("from=\"alice\""), "{text}");
 }
+
+/// Calls one of our tools on a `serve` driven by rmcp's client; its structured content.
+async fn tool(
+    service: &rmcp::service::RunningService<rmcp::service::RoleClient, common::mcp::TestClient>,
+    name: &str,
+    args: serde_json::Value,
+) -> serde_json::Value {
+    let args = args.as_object().cloned().unwrap_or_default();
+    let r = service
+        .call_tool(rmcp::model::CallToolRequestParams::new(name.to_string()).with_arguments(args))
+        .await
+        .unwrap();
+    assert_eq!(r.is_error, Some(false), "{name}: {r:?}");
+    r.structured_content.expect("structured content")
+}
+
+/// A Claude Code session that does not run claude-peers is a peer too: `list_peers`
+/// shows it (as `cc:<name>`), `send_message` writes its inbox (its model is shown the
+/// message with our name), and its answer through the built-in SendMessage comes back
+/// to us, threaded.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_claude_code_session_without_claude_peers_is_a_peer() {
+    require_claude!();
+    require_tmux!();
+    use rmcp::ServiceExt;
+    let peers = Home::new();
+    let api = StubApi::start();
+    let mut cc = ClaudeHome::new(&peers, &api);
+    cc.config(|c| {
+        c["mcpServers"]
+            .as_object_mut()
+            .unwrap()
+            .remove("claude-peers");
+    });
+    allow(&cc, &["SendMessage"]);
+    let gate = Gate::new();
+    api.push(
+        Reply::when_shown(
+            "hello native session",
+            vec![Block::ToolUse {
+                name: "ToolSearch".into(),
+                input: json!({"query": "select:SendMessage"}),
+            }],
+        )
+        .held(&gate),
+    );
+    let native = Interactive::start(&cc, &[]);
+    native.wait_inbox_socket(Duration::from_secs(30));
+    let _broker = peers.broker(&[]);
+
+    // Our session, reading Claude Code's session records from the same HOME.
+    let mut cmd = tokio::process::Command::from(peers.cmd());
+    cmd.arg("serve")
+        .env("HOME", &cc.home)
+        .env_remove("CLAUDE_CONFIG_DIR")
+        .env("CLAUDE_PEERS_NAME", "alice")
+        .env("CLAUDE_PEERS_PUSH", "never")
+        .stderr(std::process::Stdio::null());
+    let (tx, _events) = tokio::sync::mpsc::unbounded_channel();
+    let alice = common::mcp::TestClient {
+        channel: false,
+        events: tx,
+    }
+    .serve(rmcp::transport::TokioChildProcess::new(cmd).unwrap())
+    .await
+    .unwrap();
+
+    let listed = tool(&alice, "list_peers", json!({})).await;
+    let native_peer = listed["peers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["kind"] == "claude-code")
+        .unwrap_or_else(|| panic!("no Claude Code session listed: {listed}"))
+        .clone();
+    let address = native_peer["name"].as_str().unwrap().to_string();
+    assert!(address.starts_with("cc:"), "{native_peer}");
+    assert_eq!(native_peer["cwd"], cc.project.to_str().unwrap());
+
+    let sent = tool(
+        &alice,
+        "send_message",
+        json!({"to": address, "message": "hello native session"}),
+    )
+    .await;
+    assert_eq!(sent["recipients"][0]["state"], "delivered", "{sent}");
+    let id = sent["message_id"].as_str().unwrap().to_string();
+    let shown = shown_to_model(&api, "hello native session", &native);
+    let text = shown.messages_text();
+    assert!(text.contains("from-name=\"alice\""), "{text}");
+    assert!(text.contains("from-mode=\"prompting\""), "{text}");
+    let to = from_address(&text, "hello native session");
+    api.push(
+        Reply::tool("SendMessage", json!({"to": to, "message": "native answer"}))
+            .only_if(|r| r.has_tool("SendMessage")),
+    );
+    gate.open();
+
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    let got = loop {
+        let got = tool(&alice, "check_messages", json!({})).await;
+        if !got["messages"].as_array().unwrap().is_empty() {
+            break got;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no answer came back\n{}",
+            native.diagnostics()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let m = &got["messages"][0];
+    assert_eq!(m["from"], address.as_str(), "{got}");
+    assert_eq!(m["text"], "native answer");
+    assert_eq!(m["in_reply_to"], id.as_str());
+    assert_eq!(got["messages"].as_array().unwrap().len(), 1, "once: {got}");
+}

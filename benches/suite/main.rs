@@ -1,10 +1,11 @@
 //! `cargo bench`: every figure of the broker, serve and hardening issues, measured on real
 //! processes, printed as one table (figure, target, measured, met).
 //!
-//! `BENCH_ONLY=broker,serve,scale,store` runs a subset. Each group starts what it needs in
-//! temp directories and stops it after.
+//! `BENCH_ONLY=broker,serve,scale,store,claude` runs a subset. Each group starts what it
+//! needs in temp directories and stops it after.
 
 mod broker;
+mod claude;
 mod raw;
 mod scale;
 mod serve;
@@ -110,6 +111,9 @@ fn main() {
     }
     if wanted("store") {
         rt.block_on(store::run(&mut rows));
+    }
+    if wanted("claude") {
+        rt.block_on(claude::run(&mut rows));
     }
 
     let yard_after = yardstick();

@@ -11,6 +11,7 @@
 //! stdout carries JSON-RPC only; logs go to stderr.
 
 mod inbox;
+mod native;
 mod tools;
 
 use std::collections::{HashMap, HashSet, VecDeque};
@@ -32,7 +33,8 @@ use crate::paths::Paths;
 use crate::platform;
 use crate::protocol::{Ack, AckState, Delivery, Register};
 pub use inbox::config_dir as claude_config_dir;
-use inbox::{Inbound, Inbox};
+use inbox::{Inbound, Inbox, Replies};
+use native::Native;
 
 /// How deliveries may reach the model, as the user set it (`--push`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -202,6 +204,16 @@ pub fn channel_requested(argv: &[String]) -> bool {
 /// first. `claude mcp list` ends its servers about 10 ms after `tools/list`.
 const REGISTER_AFTER: Duration = Duration::from_millis(500);
 
+/// The hosts not to list as native sessions: ours, and those of these `serve` pids.
+fn native_skip(peer_pids: impl Iterator<Item = u32>) -> HashSet<u32> {
+    let mut skip: HashSet<u32> = peer_pids.filter_map(platform::parent_of).collect();
+    skip.insert(platform::parent_pid());
+    skip
+}
+
+/// How long a send to a native Claude Code session waits for a `held` receipt.
+const NATIVE_HOLD_WAIT: Duration = Duration::from_millis(150);
+
 /// How long a tool waits for the broker connection before failing.
 const BROKER_WAIT: Duration = Duration::from_secs(5);
 
@@ -216,7 +228,9 @@ pub struct Session {
     name: Mutex<Option<String>>,
     /// How deliveries reach the model (decided at initialize).
     route: Mutex<Route>,
-    /// Receipts and replies from the inbox's reply sockets.
+    /// Our reply sockets in Claude Code's socket directories.
+    replies: Replies,
+    /// Receipts and replies from the reply sockets.
     inbound: tokio::sync::mpsc::UnboundedSender<Inbound>,
     inbound_rx: Mutex<Option<tokio::sync::mpsc::UnboundedReceiver<Inbound>>>,
     /// Messages written to the inbox and not yet settled by a receipt, for a receipt that
@@ -337,6 +351,7 @@ impl Session {
             conn: watch::channel(None).0,
             name: Mutex::new(None),
             route: Mutex::new(Route::Poll),
+            replies: Replies::default(),
             inbound,
             inbound_rx: Mutex::new(Some(inbound_rx)),
             in_inbox: Mutex::new(HashMap::new()),
@@ -679,7 +694,7 @@ impl Session {
     /// holds it for its user. A message the inbox cannot take waits for
     /// `check_messages` instead.
     async fn write_inbox(&self, inbox: &Inbox, d: Delivery) {
-        let written = match inbox.reply_socket(&d.from, &self.inbound) {
+        let written = match self.replies.socket(inbox.dir(), &d.from, &self.inbound) {
             Ok(reply) => inbox.write(&d, &reply).await,
             Err(e) => Err(e),
         };
@@ -705,6 +720,71 @@ impl Session {
             self.in_inbox.lock().expect("in_inbox lock").remove(&id);
             self.ack(vec![id]);
         }
+    }
+
+    /// The live Claude Code sessions that do not run claude-peers: all but our own host
+    /// and the hosts of `peer_pids` (our peers' `serve` processes).
+    pub fn natives(&self, peer_pids: impl Iterator<Item = u32>) -> Vec<Native> {
+        native::list(&native_skip(peer_pids))
+    }
+
+    /// Sends to a Claude Code session that does not run claude-peers (`cc:<name>`),
+    /// straight into its inbox; `skip` are the hosts of our own peers. Answers the
+    /// message id and `delivered` (the session took it) or `held` (its user must approve
+    /// it, as for any session of another permission mode).
+    pub async fn send_native(
+        &self,
+        address: &str,
+        text: String,
+        in_reply_to: Option<String>,
+        peer_pids: impl Iterator<Item = u32>,
+    ) -> Result<(String, &'static str), String> {
+        let skip = native_skip(peer_pids);
+        let target = native::find(address, native::list(&skip)).ok_or_else(|| {
+            format!("no live Claude Code session is {address}; list_peers shows those there are")
+        })?;
+        let dir = target
+            .socket
+            .parent()
+            .ok_or_else(|| format!("{address} has no inbox"))?;
+        let me = self
+            .name()
+            .unwrap_or_else(|| self.identity.lock().expect("identity lock").name.clone());
+        let d = Delivery {
+            id: uuid::Uuid::now_v7().to_string(),
+            from: me,
+            to: address.to_string(),
+            text,
+            in_reply_to,
+            sent_at: crate::protocol::now_millis(),
+            from_cwd: None,
+            from_repo: None,
+            from_branch: None,
+            from_summary: None,
+        };
+        // Its replies come back to this socket, as from `address`.
+        let reply = self
+            .replies
+            .socket(dir, address, &self.inbound)
+            .map_err(|e| format!("cannot listen for {address}'s answers: {e}"))?;
+        let host_argv = platform::command_line(platform::parent_pid()).unwrap_or_default();
+        let mode = if bypasses_permissions(&host_argv) {
+            "bypass"
+        } else {
+            "prompting"
+        };
+        let line = inbox::message_line(&d, &target.session_id, &reply, Some(mode));
+        inbox::write_line(&target.socket, &line)
+            .await
+            .map_err(|e| format!("{address} did not take the message: {e}"))?;
+        self.last_from
+            .lock()
+            .expect("last_from lock")
+            .insert(address.to_string(), d.id.clone());
+        // A session that holds it says so at once, on another connection.
+        tokio::time::sleep(NATIVE_HOLD_WAIT).await;
+        let held = self.held.lock().expect("held lock").remove(&d.id);
+        Ok((d.id, if held { "held" } else { "delivered" }))
     }
 
     /// A receipt or a reply from one of the inbox's reply sockets.
@@ -759,6 +839,29 @@ impl Session {
                     _ => {}
                 }
             }
+            Inbound::Reply { peer, text } if peer.starts_with("cc:") => {
+                // A Claude Code session without claude-peers answered us: shown to our
+                // model by our own path (not through the broker, which does not know it).
+                let in_reply_to = self
+                    .last_from
+                    .lock()
+                    .expect("last_from lock")
+                    .get(&peer)
+                    .cloned();
+                let d = Delivery {
+                    id: uuid::Uuid::now_v7().to_string(),
+                    from: peer,
+                    to: self.name().unwrap_or_default(),
+                    text,
+                    in_reply_to,
+                    sent_at: crate::protocol::now_millis(),
+                    from_cwd: None,
+                    from_repo: None,
+                    from_branch: None,
+                    from_summary: None,
+                };
+                self.deliver(d).await;
+            }
             Inbound::Reply { peer, text } => {
                 let in_reply_to = self
                     .last_from
@@ -806,9 +909,7 @@ impl Session {
     /// Removes what this process made outside its own memory (the inbox's reply
     /// sockets), before it exits.
     fn clean_up(&self) {
-        if let Route::Inbox(inbox) = self.route() {
-            inbox.remove_sockets();
-        }
+        self.replies.remove_all();
         if let Some(p) = self.hook_socket.lock().expect("hook_socket lock").take() {
             let _ = std::fs::remove_file(p);
         }

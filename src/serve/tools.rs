@@ -110,9 +110,15 @@ pub struct WhoamiOut {
 /// they can be: a listing of hundreds of peers copies each string once, into the result.
 #[derive(Debug, Serialize, JsonSchema)]
 pub struct PeerOut<'a> {
+    /// The address to send to: a peer name, or `cc:<name>` for a Claude Code session
+    /// that does not run claude-peers.
     pub name: Cow<'a, str>,
     /// "online" or "offline".
     pub state: &'static str,
+    /// "claude-peers" (a peer: offline mail, history, broadcast) or "claude-code" (a
+    /// Claude Code session without claude-peers, reached through its own inbox while
+    /// it runs).
+    pub kind: &'static str,
     pub cwd: Cow<'a, str>,
     pub repo: Option<Cow<'a, str>>,
     pub branch: Option<Cow<'a, str>>,
@@ -135,6 +141,7 @@ struct ListedPeer<'a> {
     #[serde(borrow)]
     name: Cow<'a, str>,
     online: bool,
+    pid: u32,
     #[serde(borrow)]
     cwd: Cow<'a, str>,
     #[serde(borrow)]
@@ -156,6 +163,7 @@ impl<'a> From<ListedPeer<'a>> for PeerOut<'a> {
     fn from(p: ListedPeer<'a>) -> Self {
         PeerOut {
             state: if p.online { "online" } else { "offline" },
+            kind: "claude-peers",
             last_seen: if p.online {
                 "now".into()
             } else {
@@ -194,6 +202,9 @@ impl PeerListing {
         };
         for p in peers {
             let _ = write!(text, "\n- {} ({}", p.name, p.state);
+            if p.kind == "claude-code" {
+                let _ = write!(text, ", Claude Code without claude-peers");
+            }
             if p.state != "online" {
                 let _ = write!(text, ", last seen {}", p.last_seen);
             }
@@ -333,6 +344,34 @@ impl PeersServer {
         Ok(Json(self.sent_out(sent)))
     }
 
+    /// To a Claude Code session without claude-peers: through its inbox, not the broker.
+    async fn send_native(
+        &self,
+        to: String,
+        message: String,
+        in_reply_to: Option<String>,
+    ) -> Result<Json<SentOut>, String> {
+        let client = self.session.client().await?;
+        let online = client
+            .call_encoded(ListPeers::default())
+            .await
+            .map_err(|e| e.to_string())?;
+        let listed: Listed<'_> = online.read().map_err(|e| e.to_string())?;
+        let pids = listed.peers.iter().filter(|p| p.online).map(|p| p.pid);
+        let (id, state) = self
+            .session
+            .send_native(&to, message, in_reply_to, pids)
+            .await?;
+        Ok(Json(SentOut {
+            message_id: id,
+            recipients: vec![RecipientOut {
+                name: to,
+                state: state.into(),
+            }],
+            notice: self.notice(),
+        }))
+    }
+
     fn sent_out(&self, sent: protocol::Sent) -> SentOut {
         SentOut {
             message_id: sent.message_id,
@@ -393,8 +432,31 @@ impl PeersServer {
             .await
             .map_err(|e| e.to_string())?;
         let listed: Listed<'_> = answer.read().map_err(|e| e.to_string())?;
+        let natives = match args.scope {
+            ScopeArg::Machine => self
+                .session
+                .natives(listed.peers.iter().filter(|p| p.online).map(|p| p.pid)),
+            _ => Vec::new(),
+        };
+        let mut peers: Vec<PeerOut<'_>> = listed.peers.into_iter().map(PeerOut::from).collect();
+        peers.extend(natives.into_iter().map(|n| {
+            PeerOut {
+                name: n.address.into(),
+                state: "online",
+                kind: "claude-code",
+                cwd: n.cwd.into(),
+                repo: None,
+                branch: None,
+                summary: n
+                    .status
+                    .map(|s| format!("({s})"))
+                    .unwrap_or_default()
+                    .into(),
+                last_seen: "now".into(),
+            }
+        }));
         PeerListing::new(&PeersOut {
-            peers: listed.peers.into_iter().map(PeerOut::from).collect(),
+            peers,
             notice: self.notice(),
         })
     }
@@ -426,6 +488,9 @@ impl PeersServer {
                 );
             }
         };
+        if to.starts_with("cc:") {
+            return self.send_native(to, args.message, args.in_reply_to).await;
+        }
         self.do_send(to, args.message, args.in_reply_to).await
     }
 
@@ -613,7 +678,7 @@ mod tests {
         let value = serde_json::to_value(&out).unwrap();
         assert_eq!(
             value["peers"][0],
-            serde_json::json!({"name": "bob", "state": "online", "cwd": "/w/a \"quoted\"",
+            serde_json::json!({"name": "bob", "state": "online", "kind": "claude-peers", "cwd": "/w/a \"quoted\"",
                 "repo": "/w", "branch": null, "summary": "line\nbreak", "last_seen": "now"})
         );
         assert_eq!(value["peers"][1]["state"], "offline");
