@@ -52,6 +52,25 @@ pub enum HookRequest {
     Wait,
     /// The lent messages were shown to the model.
     Shown,
+    /// How this session's mail reaches its model (for `claude-peers doctor`).
+    Status,
+}
+
+/// A session's answer to [`HookRequest::Status`].
+#[derive(Debug, Serialize, Deserialize)]
+pub struct SessionStatus {
+    /// Its peer name (empty until registered).
+    pub name: String,
+    /// `serve`'s pid and its host's.
+    pub pid: u32,
+    pub host_pid: u32,
+    /// The host's command line.
+    pub host: Vec<String>,
+    /// `inbox`, `channel` or `poll`, and why.
+    pub route: String,
+    pub why: String,
+    /// Messages waiting for `check_messages` or a hook.
+    pub unread: usize,
 }
 
 /// `serve`'s answer: its name and the lent messages, oldest first.
@@ -160,6 +179,33 @@ fn read_event() -> Option<String> {
     }
     let v: serde_json::Value = serde_json::from_reader(std::io::stdin().lock()).ok()?;
     Some(v.get("hook_event_name")?.as_str()?.to_string())
+}
+
+/// Every live session's status, from the session sockets in the runtime directory.
+pub async fn statuses(paths: &Paths) -> Vec<SessionStatus> {
+    let Ok(entries) = std::fs::read_dir(paths.runtime_dir.join("hooks")) else {
+        return Vec::new();
+    };
+    let mut out = Vec::new();
+    for e in entries.flatten() {
+        let Some(stream) = connect(&e.path()).await else {
+            continue;
+        };
+        let ask = async {
+            let mut stream = BufReader::new(stream);
+            let mut line = serde_json::to_string(&HookRequest::Status).expect("serializable");
+            line.push('\n');
+            stream.get_mut().write_all(line.as_bytes()).await.ok()?;
+            let mut answer = String::new();
+            stream.read_line(&mut answer).await.ok()?;
+            serde_json::from_str::<SessionStatus>(&answer).ok()
+        };
+        if let Ok(Some(s)) = tokio::time::timeout(std::time::Duration::from_secs(2), ask).await {
+            out.push(s);
+        }
+    }
+    out.sort_by(|a, b| a.name.cmp(&b.name));
+    out
 }
 
 /// The connection to our session's `serve`: the first ancestor of ours with a socket.

@@ -128,6 +128,19 @@ fn allow(cc: &ClaudeHome, rules: &[&str]) {
     .unwrap();
 }
 
+/// `claude-peers doctor --json` as the user of `cc` runs it.
+fn doctor(peers: &Home, cc: &ClaudeHome) -> serde_json::Value {
+    let out = peers
+        .cmd()
+        .args(["doctor", "--json"])
+        .env("HOME", &cc.home)
+        .env_remove("CLAUDE_CONFIG_DIR")
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
 /// Waits until the broker lists `name` online (the session registered).
 fn wait_online(peers: &Home, name: &str, session: &Interactive) {
     let deadline = std::time::Instant::now() + Duration::from_secs(30);
@@ -199,6 +212,16 @@ fn mail_to_an_idle_session_starts_a_turn() {
         1,
         "shown once: {text}"
     );
+
+    // doctor tells the path and why, and how claude-peers is set up.
+    let report = doctor(&peers, &cc);
+    let bob = &report["sessions"][0];
+    assert_eq!(bob["route"], "inbox", "{report}");
+    assert!(bob["why"].as_str().unwrap().contains("inbox"), "{report}");
+    assert_eq!(bob["host_pid"], session.pid(), "{report}");
+    assert_eq!(report["claude"]["inbox"], true, "{report}");
+    assert_eq!(report["setup"]["server"], true, "{report}");
+    assert_eq!(report["broker"]["running"], true, "{report}");
 }
 
 /// Mail to a session in the middle of a turn joins that turn at its next tool result.
@@ -384,12 +407,23 @@ fn a_bypass_mode_session_does_not_get_unapproved_mail_in_its_inbox() {
             |r| r.is_main() && r.messages_text().contains("unapproved hello"),
             Duration::from_secs(if opted_in { 30 } else { 3 }),
         );
+        let why = doctor(&peers, &cc)["sessions"][0].clone();
+        assert_eq!(why["name"], "bob", "{why}");
         if opted_in {
             assert!(shown.is_some(), "opted in: {}", session.diagnostics());
             assert_eq!(sent["recipients"][0]["state"], "delivered", "{sent}");
+            assert_eq!(why["route"], "inbox", "{why}");
         } else {
             assert!(shown.is_none(), "the model was shown unapproved mail");
             assert_eq!(sent["recipients"][0]["state"], "queued", "{sent}");
+            assert_eq!(why["route"], "poll", "{why}");
+            assert!(
+                why["why"]
+                    .as_str()
+                    .unwrap()
+                    .contains("bypasses permissions"),
+                "{why}"
+            );
         }
     }
 }

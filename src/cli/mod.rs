@@ -3,6 +3,7 @@
 //! Every verb is a client of the broker like any other. Tables for people, `--json` for
 //! scripts; errors go to stderr in one line. Exit codes: 0 ok, 1 failure, 2 usage.
 
+pub mod doctor;
 pub mod setup;
 pub mod table;
 
@@ -39,6 +40,13 @@ pub struct Cli {
 pub enum Command {
     /// Run the MCP channel server for one Claude Code session (stdio).
     Serve(ServeArgs),
+    /// Why mail does or does not arrive: the broker, Claude Code and how claude-peers is
+    /// set up in it, the path each live session's mail takes and why.
+    Doctor {
+        /// One JSON object.
+        #[arg(long)]
+        json: bool,
+    },
     /// Register the MCP server and the mail hooks with an agent (for people who do not
     /// use the plugin); --uninstall takes them out. Changed files are backed up first.
     Setup {
@@ -200,6 +208,7 @@ pub async fn run(command: Command, paths: Paths) -> Result<()> {
             json,
         } => log(&paths, follow, limit, peer, json).await,
         Command::Stop => stop(&paths).await,
+        Command::Doctor { json } => doctor::run(&paths, json).await,
         Command::Setup { agent, uninstall } => {
             let SetupAgent::Claude = agent;
             let done = setup::claude(uninstall)?;

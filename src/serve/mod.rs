@@ -34,7 +34,7 @@ use crate::platform;
 use crate::protocol::{Ack, AckState, Delivery, Register};
 pub use inbox::config_dir as claude_config_dir;
 use inbox::{Inbound, Inbox, Replies};
-use native::Native;
+pub use native::Native;
 
 /// How deliveries may reach the model, as the user set it (`--push`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -95,16 +95,45 @@ impl Route {
         declared_channel: bool,
         host_argv: &[String],
         bypass_inbox: bool,
-    ) -> Route {
-        let inbox = inbox
-            .filter(|_| bypass_inbox || !(bypasses_permissions(host_argv) || inbound_restricted()));
+    ) -> (Route, String) {
+        let had_inbox = inbox.is_some();
+        let withheld = if bypass_inbox || !had_inbox {
+            None
+        } else if bypasses_permissions(host_argv) {
+            Some(
+                "the session bypasses permissions and holds other sessions' mail, which its own server would get around (--bypass-inbox to use its inbox anyway)",
+            )
+        } else if inbound_restricted() {
+            Some(
+                "Claude Code's settings hold or refuse mail from other sessions (crossSessionInbound)",
+            )
+        } else {
+            None
+        };
+        let inbox = inbox.filter(|_| withheld.is_none());
         match (mode, inbox) {
-            (PushMode::Auto | PushMode::Inbox, Some(inbox)) => Route::Inbox(Arc::new(inbox)),
-            (PushMode::Auto, None) if declared_channel || channel_requested(host_argv) => {
-                Route::Channel
+            (PushMode::Auto | PushMode::Inbox, Some(inbox)) => {
+                let why = format!("Claude Code's inbox {}", inbox.socket().display());
+                (Route::Inbox(Arc::new(inbox)), why)
             }
-            (PushMode::Channel, _) => Route::Channel,
-            _ => Route::Poll,
+            (PushMode::Auto, None) if declared_channel => (
+                Route::Channel,
+                "no inbox; the client declared claude/channel".into(),
+            ),
+            (PushMode::Auto, None) if channel_requested(host_argv) => (
+                Route::Channel,
+                "no inbox; the host's command line enables this server's channel".into(),
+            ),
+            (PushMode::Channel, _) => (Route::Channel, "--push channel".into()),
+            (PushMode::Never, _) => (Route::Poll, "--push never".into()),
+            _ => (
+                Route::Poll,
+                match withheld {
+                    Some(why) => why.into(),
+                    None if had_inbox => "no inbox".into(),
+                    None => "the host has no Claude Code inbox (another agent, Claude Code before 2.1.224, or a health check)".into(),
+                },
+            ),
         }
     }
 
@@ -204,6 +233,12 @@ pub fn channel_requested(argv: &[String]) -> bool {
 /// first. `claude mcp list` ends its servers about 10 ms after `tools/list`.
 const REGISTER_AFTER: Duration = Duration::from_millis(500);
 
+/// The live Claude Code sessions that do not run claude-peers, except the hosts in
+/// `hosts` (for `doctor`).
+pub fn native_sessions(hosts: impl Iterator<Item = u32>) -> Vec<Native> {
+    native::list(&hosts.collect())
+}
+
 /// The hosts not to list as native sessions: ours, and those of these `serve` pids.
 fn native_skip(peer_pids: impl Iterator<Item = u32>) -> HashSet<u32> {
     let mut skip: HashSet<u32> = peer_pids.filter_map(platform::parent_of).collect();
@@ -226,8 +261,9 @@ pub struct Session {
     conn: watch::Sender<Option<Arc<Client>>>,
     /// Our assigned name, once registered.
     name: Mutex<Option<String>>,
-    /// How deliveries reach the model (decided at initialize).
+    /// How deliveries reach the model (decided at initialize), and why.
     route: Mutex<Route>,
+    route_why: Mutex<String>,
     /// Our reply sockets in Claude Code's socket directories.
     replies: Replies,
     /// Receipts and replies from the reply sockets.
@@ -351,6 +387,7 @@ impl Session {
             conn: watch::channel(None).0,
             name: Mutex::new(None),
             route: Mutex::new(Route::Poll),
+            route_why: Mutex::new("the client has not initialized yet".into()),
             replies: Replies::default(),
             inbound,
             inbound_rx: Mutex::new(Some(inbound_rx)),
@@ -592,6 +629,22 @@ impl Session {
             return;
         }
         let lent = match serde_json::from_str::<HookRequest>(&line) {
+            Ok(HookRequest::Status) => {
+                let parent = platform::parent_pid();
+                let status = crate::hook::SessionStatus {
+                    name: self.name().unwrap_or_default(),
+                    pid: std::process::id(),
+                    host_pid: parent,
+                    host: platform::command_line(parent).unwrap_or_default(),
+                    route: self.route().as_str().into(),
+                    why: self.route_why.lock().expect("route lock").clone(),
+                    unread: self.unread_count(),
+                };
+                let mut text = serde_json::to_string(&status).expect("serializable");
+                text.push('\n');
+                let _ = stream.get_mut().write_all(text.as_bytes()).await;
+                return;
+            }
             Ok(HookRequest::Take) => self.lend(),
             Ok(HookRequest::Wait) => {
                 // Until mail arrives, the hook goes away (its host ended it), or a newer
