@@ -543,7 +543,16 @@ impl Session {
     async fn deliver(&self, d: Delivery) {
         let already = self.seen.lock().expect("seen lock").contains(&d.id);
         if already {
-            self.ack(vec![d.id]);
+            // Acked again as what it was (its first ack may have been lost with the
+            // connection): a held message is still held, a channel event still unconfirmed.
+            let state = if self.held.lock().expect("held lock").contains(&d.id) {
+                AckState::Held
+            } else if matches!(self.route(), Route::Channel) {
+                AckState::Pushed
+            } else {
+                AckState::Delivered
+            };
+            self.ack_as(vec![d.id], state);
             return;
         }
         let waiting = self
