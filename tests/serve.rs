@@ -710,3 +710,46 @@ async fn mail_lent_to_a_hook_that_dies_is_given_back() {
     assert_eq!(msgs.len(), 1, "{got}");
     assert_eq!(msgs[0]["text"], "still here");
 }
+
+/// A session that bypasses permissions is never woken by mail through `hook wait`
+/// (that would get around the hold Claude Code puts on other sessions' mail); `hook
+/// prompt` still shows it when its user prompts.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_bypass_session_is_not_woken_by_hook_wait() {
+    let home = Home::new();
+    let _b = home.broker(&[]);
+    let (alice, _) = home.peer("alice", "/work/alice").await;
+    // `serve`'s host is this test process; its settings say bypass.
+    let claude_dir = home.dir.path().join("claude-config");
+    std::fs::create_dir_all(&claude_dir).unwrap();
+    std::fs::write(
+        claude_dir.join("settings.json"),
+        r#"{"permissions":{"defaultMode":"bypassPermissions"}}"#,
+    )
+    .unwrap();
+    let dir = claude_dir.to_str().unwrap().to_string();
+    let bob = home
+        .session_in(
+            "bob",
+            false,
+            home.dir.path(),
+            &[("CLAUDE_CONFIG_DIR", &dir)],
+        )
+        .await;
+    bob.whoami_when_ready().await;
+    let mut waiting = hook(&home, "wait", "{}");
+    alice.call(send("bob", "do not wake")).await.unwrap();
+    std::thread::sleep(Duration::from_millis(500));
+    assert!(
+        waiting.try_wait().unwrap().is_none(),
+        "a bypass session was woken by mail"
+    );
+    let out = hook(&home, "prompt", "{}").wait_with_output().unwrap();
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let context = v["hookSpecificOutput"]["additionalContext"]
+        .as_str()
+        .unwrap();
+    assert!(context.contains("do not wake"), "{context}");
+    waiting.kill().unwrap();
+    let _ = waiting.wait();
+}

@@ -95,9 +95,9 @@ impl Route {
         declared_channel: bool,
         host_argv: &[String],
         bypass_inbox: bool,
-    ) -> (Route, String) {
+    ) -> (Route, String, bool) {
         let had_inbox = inbox.is_some();
-        let withheld = if bypass_inbox || !had_inbox {
+        let withheld = if bypass_inbox {
             None
         } else if bypasses_permissions(host_argv) {
             Some(
@@ -114,25 +114,36 @@ impl Route {
         match (mode, inbox) {
             (PushMode::Auto | PushMode::Inbox, Some(inbox)) => {
                 let why = format!("Claude Code's inbox {}", inbox.socket().display());
-                (Route::Inbox(Arc::new(inbox)), why)
+                (Route::Inbox(Arc::new(inbox)), why, false)
             }
+            (_, _) if withheld.is_some() => (
+                Route::Poll,
+                format!(
+                    "{}; mail waits for the next prompt",
+                    withheld.unwrap_or_default()
+                ),
+                true,
+            ),
             (PushMode::Auto, None) if declared_channel => (
                 Route::Channel,
                 "no inbox; the client declared claude/channel".into(),
+                false,
             ),
             (PushMode::Auto, None) if channel_requested(host_argv) => (
                 Route::Channel,
                 "no inbox; the host's command line enables this server's channel".into(),
+                false,
             ),
-            (PushMode::Channel, _) => (Route::Channel, "--push channel".into()),
-            (PushMode::Never, _) => (Route::Poll, "--push never".into()),
+            (PushMode::Channel, _) => (Route::Channel, "--push channel".into(), false),
+            (PushMode::Never, _) => (Route::Poll, "--push never".into(), false),
             _ => (
                 Route::Poll,
-                match withheld {
-                    Some(why) => why.into(),
-                    None if had_inbox => "no inbox".into(),
-                    None => "the host has no Claude Code inbox (another agent, Claude Code before 2.1.224, or a health check)".into(),
+                if had_inbox {
+                    "no inbox".into()
+                } else {
+                    "the host has no Claude Code inbox (another agent, Claude Code before 2.1.224, or a health check)".into()
                 },
+                false,
             ),
         }
     }
@@ -291,6 +302,9 @@ pub struct Session {
     /// Woken when mail is added to `unread`, for a waiting hook (and when a newer wait
     /// replaces it).
     mail_arrived: Notify,
+    /// Mail may start a turn by itself (through `hook wait`): not where the inbox was
+    /// withheld for the user's hold.
+    may_wake: AtomicBool,
     /// How many `hook wait`s have come; only the newest waits.
     hook_waits: std::sync::atomic::AtomicU64,
     /// Ids already shown to the model in this process's life: a redelivery after a broker
@@ -401,6 +415,7 @@ impl Session {
             initialized_signal: Notify::new(),
             unread: Mutex::new(VecDeque::new()),
             mail_arrived: Notify::new(),
+            may_wake: AtomicBool::new(true),
             hook_waits: std::sync::atomic::AtomicU64::new(0),
             seen: Mutex::new(SeenIds::default()),
             peer: Mutex::new(None),
@@ -670,7 +685,14 @@ impl Session {
                     if self.hook_waits.load(Ordering::Acquire) != me {
                         return;
                     }
-                    let lent = self.lend();
+                    // A session whose inbox was withheld (it bypasses permissions, or its
+                    // settings hold other sessions' mail) is not woken by mail either: it
+                    // sees its mail when its user next prompts.
+                    let lent = if self.may_wake.load(Ordering::Acquire) {
+                        self.lend()
+                    } else {
+                        Vec::new()
+                    };
                     if !lent.is_empty() {
                         break lent;
                     }

@@ -591,7 +591,7 @@ impl ServerHandler for PeersServer {
             .is_some_and(|e| e.contains_key("claude/channel"));
         let parent = crate::platform::parent_pid();
         let host_argv = crate::platform::command_line(parent).unwrap_or_default();
-        let (route, why) = super::Route::choose(
+        let (route, why, withheld) = super::Route::choose(
             self.push,
             super::inbox::Inbox::discover(parent),
             channel,
@@ -604,6 +604,7 @@ impl ServerHandler for PeersServer {
         }
         *self.session.route.lock().expect("route lock") = route;
         *self.session.route_why.lock().expect("route lock") = why;
+        self.session.may_wake.store(!withheld, Ordering::Release);
         {
             let mut id = self.session.identity.lock().expect("identity lock");
             id.push = push;
