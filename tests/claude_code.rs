@@ -757,3 +757,67 @@ async fn a_claude_code_session_without_claude_peers_is_a_peer() {
     assert_eq!(m["in_reply_to"], id.as_str());
     assert_eq!(got["messages"].as_array().unwrap().len(), 1, "once: {got}");
 }
+
+/// kill -9 of the broker while mail streams into a real session's inbox: every send that
+/// was answered reaches the model, and none is shown twice (a redelivery of what `serve`
+/// already wrote is acked again, not written again).
+#[test]
+fn broker_killed_while_mail_streams_into_the_inbox_loses_and_doubles_nothing() {
+    require_claude!();
+    require_tmux!();
+    let (peers, api, cc) = bob();
+    let session = Interactive::start(&cc, &[]);
+    wait_online(&peers, "bob", &session);
+    session.wait_idle(Duration::from_secs(30));
+    let broker_pid = || -> Option<i32> {
+        std::fs::read_to_string(&peers.paths.lock)
+            .ok()?
+            .trim()
+            .parse()
+            .ok()
+    };
+    let mut answered = Vec::new();
+    for i in 0..18 {
+        if i == 6 || i == 12 {
+            let pid = broker_pid().expect("a broker runs");
+            rustix::process::kill_process(
+                rustix::process::Pid::from_raw(pid).unwrap(),
+                rustix::process::Signal::KILL,
+            )
+            .unwrap();
+            common::wait_for(
+                || !claude_peers::platform::process_exists(pid as u32),
+                "broker death",
+            );
+        }
+        let text = format!("stream-{i:02}-marker");
+        let out = peers.run(&["send", "bob", &text, "--from", "alice"]);
+        if out.status.success() {
+            answered.push(text);
+        }
+        std::thread::sleep(Duration::from_millis(150));
+    }
+    assert!(
+        answered.len() >= 16,
+        "most sends are answered: {answered:?}"
+    );
+    let last = answered.last().unwrap().clone();
+    shown_to_model(&api, &last, &session);
+    session.wait_idle(Duration::from_secs(60));
+    // Everything shown so far is in the newest request's history, each once.
+    let newest = api
+        .main_requests()
+        .into_iter()
+        .last()
+        .expect("requests")
+        .messages_text();
+    for text in &answered {
+        assert_eq!(
+            newest.matches(text.as_str()).count(),
+            1,
+            "{text} shown {} times\n{}",
+            newest.matches(text.as_str()).count(),
+            session.diagnostics()
+        );
+    }
+}
