@@ -821,3 +821,71 @@ fn broker_killed_while_mail_streams_into_the_inbox_loses_and_doubles_nothing() {
         );
     }
 }
+
+/// The `serve` processes whose parent is `host`.
+fn serves_of(host: u32) -> Vec<u32> {
+    std::fs::read_dir("/proc")
+        .unwrap()
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|pid| claude_peers::platform::parent_of(*pid) == Some(host))
+        .filter(|pid| {
+            claude_peers::platform::command_line(*pid)
+                .is_some_and(|argv| argv.iter().any(|a| a == "serve"))
+        })
+        .collect()
+}
+
+/// kill -9 of a session's `serve`: mail sent while it is gone is kept, and the next
+/// Claude Code session of that name (same directory) gets it in its inbox, once.
+#[test]
+fn serve_killed_then_a_new_session_of_the_name_gets_the_mail_once() {
+    require_claude!();
+    require_tmux!();
+    let (peers, api, cc) = bob();
+    let _broker = peers.broker(&[]);
+    let first = Interactive::start(&cc, &[]);
+    wait_online(&peers, "bob", &first);
+    let serve = serves_of(first.pid());
+    assert_eq!(serve.len(), 1, "one serve under claude: {serve:?}");
+    rustix::process::kill_process(
+        rustix::process::Pid::from_raw(serve[0] as i32).unwrap(),
+        rustix::process::Signal::KILL,
+    )
+    .unwrap();
+    let c = tokio::runtime::Runtime::new().unwrap();
+    c.block_on(async {
+        let w = peers.client().await;
+        common::wait_offline(&w, "bob").await;
+    });
+    let out = peers.run(&[
+        "send",
+        "bob",
+        "sent while bob was away",
+        "--from",
+        "alice",
+        "--json",
+    ]);
+    assert!(out.status.success(), "{out:?}");
+    let sent: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(sent["recipients"][0]["state"], "queued", "{sent}");
+    drop(first);
+
+    let second = Interactive::start(&cc, &[]);
+    let shown = shown_to_model(&api, "sent while bob was away", &second);
+    assert_eq!(
+        shown
+            .messages_text()
+            .matches("sent while bob was away")
+            .count(),
+        1
+    );
+    second.wait_idle(Duration::from_secs(30));
+    let newest = api
+        .main_requests()
+        .into_iter()
+        .last()
+        .unwrap()
+        .messages_text();
+    assert_eq!(newest.matches("sent while bob was away").count(), 1, "once");
+}
