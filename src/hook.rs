@@ -54,6 +54,8 @@ pub enum HookRequest {
     Shown,
     /// How this session's mail reaches its model (for `claude-peers doctor`).
     Status,
+    /// The session's inbox relay registers; relay events follow on the connection.
+    Relay,
 }
 
 /// A session's answer to [`HookRequest::Status`].

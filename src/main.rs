@@ -29,6 +29,13 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             opts.protocol = args.protocol_version;
             broker::run(opts)
         }
+        Command::InboxRelay { session_socket } => {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?;
+            rt.block_on(claude_peers::serve::run_relay(&session_socket))?;
+            Ok(())
+        }
         Command::Hook { kind } => {
             let rt = tokio::runtime::Builder::new_current_thread()
                 .enable_all()

@@ -377,11 +377,12 @@ fn claude_mcp_list_leaves_no_peer() {
 }
 
 /// A session that bypasses permissions holds mail from other sessions for its user, but
-/// would take its own server's unasked: so by default its mail does not start turns,
-/// it waits for check_messages, and the sender is told `queued`, not `delivered`.
-/// `CLAUDE_PEERS_BYPASS_INBOX=true` opts in.
+/// would take its own server's unasked: so its mail is written by a relay outside the
+/// session's process tree, Claude Code holds it like any other session's, the sender is
+/// told `held`, and the model sees it only once the user approves it in Claude Code's
+/// dialog (then `delivered`). `CLAUDE_PEERS_BYPASS_INBOX=true` opts out of the hold.
 #[test]
-fn a_bypass_mode_session_does_not_get_unapproved_mail_in_its_inbox() {
+fn a_bypass_mode_session_gets_mail_only_once_its_user_approves_it() {
     require_claude!();
     require_tmux!();
     for opted_in in [false, true] {
@@ -403,35 +404,64 @@ fn a_bypass_mode_session_does_not_get_unapproved_mail_in_its_inbox() {
         ]);
         assert!(out.status.success(), "{out:?}");
         let sent: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-        let shown = api.wait_for(
-            |r| r.is_main() && r.messages_text().contains("unapproved hello"),
-            Duration::from_secs(if opted_in { 30 } else { 3 }),
-        );
         let why = doctor(&peers, &cc)["sessions"][0].clone();
-        assert_eq!(why["name"], "bob", "{why}");
+        assert_eq!(
+            (why["name"].as_str(), why["route"].as_str()),
+            (Some("bob"), Some("inbox")),
+            "{why}"
+        );
         if opted_in {
-            assert!(shown.is_some(), "opted in: {}", session.diagnostics());
+            shown_to_model(&api, "unapproved hello", &session);
             assert_eq!(sent["recipients"][0]["state"], "delivered", "{sent}");
-            assert_eq!(why["route"], "inbox", "{why}");
-        } else {
-            assert!(shown.is_none(), "the model was shown unapproved mail");
-            assert_eq!(sent["recipients"][0]["state"], "queued", "{sent}");
-            assert_eq!(why["route"], "poll", "{why}");
+            continue;
+        }
+        assert_eq!(
+            sent["recipients"][0]["state"],
+            "held",
+            "{sent}\n{}",
+            session.diagnostics()
+        );
+        assert!(why["why"].as_str().unwrap().contains("relay"), "{why}");
+        let early = api.wait_for(
+            |r| r.is_main() && r.messages_text().contains("unapproved hello"),
+            Duration::from_secs(2),
+        );
+        assert!(early.is_none(), "the model was shown unapproved mail");
+        // Claude Code asks its user; the cursor starts on Deny.
+        let dialog = session.wait_until(
+            |s| s.contains("Deliver this message to Claude"),
+            Duration::from_secs(30),
+        );
+        assert!(
+            dialog.is_some(),
+            "no approval dialog\n{}",
+            session.diagnostics()
+        );
+        session.send_keys(&["Down"]);
+        std::thread::sleep(Duration::from_millis(300));
+        session.send_keys(&["Enter"]);
+        shown_to_model(&api, "unapproved hello", &session);
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        loop {
+            let log = peers.run(&["log", "--json"]);
+            let text = String::from_utf8_lossy(&log.stdout).into_owned();
+            if text.contains("\"delivered\"") {
+                break;
+            }
             assert!(
-                why["why"]
-                    .as_str()
-                    .unwrap()
-                    .contains("bypasses permissions"),
-                "{why}"
+                std::time::Instant::now() < deadline,
+                "the approval never reached the log: {text}"
             );
+            std::thread::sleep(Duration::from_millis(100));
         }
     }
 }
 
 /// A session whose settings hold other sessions' messages (`crossSessionInbound`) would
-/// still take its own server's: so its mail waits for check_messages instead.
+/// still take its own server's: so the relay writes its mail, Claude Code holds it as
+/// the settings say, and the sender is told `held`.
 #[test]
-fn a_session_that_holds_cross_session_mail_is_not_written_to() {
+fn a_session_that_holds_cross_session_mail_holds_ours_too() {
     require_claude!();
     require_tmux!();
     let (peers, api, cc) = bob();
@@ -457,7 +487,7 @@ fn a_session_that_holds_cross_session_mail_is_not_written_to() {
     ]);
     assert!(out.status.success(), "{out:?}");
     let sent: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-    assert_eq!(sent["recipients"][0]["state"], "queued", "{sent}");
+    assert_eq!(sent["recipients"][0]["state"], "held", "{sent}");
     let shown = api.wait_for(
         |r| r.is_main() && r.messages_text().contains("held by setting"),
         Duration::from_secs(3),

@@ -56,6 +56,10 @@ pub enum Command {
         #[arg(long)]
         uninstall: bool,
     },
+    /// Internal: write a session's mail into its Claude Code inbox from outside the
+    /// session's process tree (started by `serve`; see src/serve/relay.rs).
+    #[command(hide = true)]
+    InboxRelay { session_socket: PathBuf },
     /// Run as an agent hook: `prompt` adds unread mail to the prompt (UserPromptSubmit,
     /// SessionStart); `wait` sleeps until mail arrives, then wakes the session with it
     /// (Stop/SessionStart with async and asyncRewake; exits 2 with the mail on stderr).
@@ -232,7 +236,10 @@ pub async fn run(command: Command, paths: Paths) -> Result<()> {
             }
             Ok(())
         }
-        Command::Serve(_) | Command::Broker(_) | Command::Hook { .. } => {
+        Command::Serve(_)
+        | Command::Broker(_)
+        | Command::Hook { .. }
+        | Command::InboxRelay { .. } => {
             unreachable!("handled by main")
         }
     }

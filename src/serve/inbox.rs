@@ -157,7 +157,7 @@ impl Inbox {
     /// The socket and session id to write to now. The record is re-read each time: the
     /// session id moves on (`/clear`), and a session that ended takes its record and
     /// socket with it, so mail never reaches a later process that reused the pid.
-    async fn target(&self) -> std::io::Result<(PathBuf, String)> {
+    pub async fn target(&self) -> std::io::Result<(PathBuf, String)> {
         // A record that exists but does not parse is being rewritten: read it again
         // rather than fall back to an id that may be stale.
         let mut record = read_record(&self.record);

@@ -12,6 +12,7 @@
 
 mod inbox;
 mod native;
+mod relay;
 mod tools;
 
 use std::collections::{HashMap, HashSet, VecDeque};
@@ -35,6 +36,7 @@ use crate::protocol::{Ack, AckState, Delivery, Register};
 pub use inbox::config_dir as claude_config_dir;
 use inbox::{Inbound, Inbox, Replies};
 pub use native::Native;
+pub use relay::run as run_relay;
 
 /// How deliveries may reach the model, as the user set it (`--push`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -110,8 +112,15 @@ impl Route {
         } else {
             None
         };
-        let inbox = inbox.filter(|_| withheld.is_none());
         match (mode, inbox) {
+            (PushMode::Auto | PushMode::Inbox, Some(inbox)) if withheld.is_some() => {
+                let why = format!(
+                    "Claude Code's inbox {}, written by a relay that is not the session's child, so that Claude Code holds each message for its user as it does other sessions' ({})",
+                    inbox.socket().display(),
+                    withheld.unwrap_or_default()
+                );
+                (Route::Inbox(Arc::new(inbox)), why, true)
+            }
             (PushMode::Auto | PushMode::Inbox, Some(inbox)) => {
                 let why = format!("Claude Code's inbox {}", inbox.socket().display());
                 (Route::Inbox(Arc::new(inbox)), why, false)
@@ -305,6 +314,13 @@ pub struct Session {
     /// Mail may start a turn by itself (through `hook wait`): not where the inbox was
     /// withheld for the user's hold.
     may_wake: AtomicBool,
+    /// Inbox writes go through the relay ([`relay`]), so that Claude Code holds them.
+    use_relay: AtomicBool,
+    /// The relay's connection, once it registered: lines to write to it.
+    relay_tx: Mutex<Option<tokio::sync::mpsc::UnboundedSender<String>>>,
+    relay_ready: Notify,
+    /// Messages given to the relay, waiting for its word: id → whether it was held.
+    relay_pending: Mutex<HashMap<String, tokio::sync::oneshot::Sender<Result<bool, String>>>>,
     /// How many `hook wait`s have come; only the newest waits.
     hook_waits: std::sync::atomic::AtomicU64,
     /// Ids already shown to the model in this process's life: a redelivery after a broker
@@ -416,6 +432,10 @@ impl Session {
             unread: Mutex::new(VecDeque::new()),
             mail_arrived: Notify::new(),
             may_wake: AtomicBool::new(true),
+            use_relay: AtomicBool::new(false),
+            relay_tx: Mutex::new(None),
+            relay_ready: Notify::new(),
+            relay_pending: Mutex::new(HashMap::new()),
             hook_waits: std::sync::atomic::AtomicU64::new(0),
             seen: Mutex::new(SeenIds::default()),
             peer: Mutex::new(None),
@@ -653,6 +673,10 @@ impl Session {
             return;
         }
         let lent = match serde_json::from_str::<HookRequest>(&line) {
+            Ok(HookRequest::Relay) => {
+                self.serve_relay(stream).await;
+                return;
+            }
             Ok(HookRequest::Status) => {
                 let parent = platform::parent_pid();
                 let status = crate::hook::SessionStatus {
@@ -733,6 +757,93 @@ impl Session {
         }
     }
 
+    /// The inbox relay's connection: jobs out, events in, until either side goes.
+    async fn serve_relay(self: Arc<Self>, stream: tokio::io::BufReader<tokio::net::UnixStream>) {
+        use tokio::io::{AsyncBufReadExt, AsyncWriteExt};
+        let (read, mut write) = stream.into_inner().into_split();
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<String>();
+        tokio::spawn(async move {
+            while let Some(line) = rx.recv().await {
+                if write.write_all(line.as_bytes()).await.is_err() {
+                    break;
+                }
+            }
+        });
+        *self.relay_tx.lock().expect("relay lock") = Some(tx);
+        self.relay_ready.notify_waiters();
+        tracing::info!("the inbox relay is connected");
+        let mut lines = tokio::io::BufReader::new(read).lines();
+        while let Ok(Some(line)) = lines.next_line().await {
+            let Ok(ev) = serde_json::from_str::<relay::Event>(&line) else {
+                continue;
+            };
+            match ev {
+                relay::Event::Taken { id, held } => self.relay_done(&id, Ok(held)),
+                relay::Event::Failed { id, error } => self.relay_done(&id, Err(error)),
+                relay::Event::Receipt { message_id, status } => {
+                    self.on_inbound(Inbound::Receipt { message_id, status })
+                        .await
+                }
+                relay::Event::Reply { peer, text } => {
+                    self.on_inbound(Inbound::Reply { peer, text }).await
+                }
+            }
+        }
+        tracing::warn!("the inbox relay went away");
+        *self.relay_tx.lock().expect("relay lock") = None;
+        let pending: Vec<_> = self
+            .relay_pending
+            .lock()
+            .expect("relay lock")
+            .drain()
+            .collect();
+        for (_, done) in pending {
+            let _ = done.send(Err("the inbox relay went away".into()));
+        }
+    }
+
+    fn relay_done(&self, id: &str, result: Result<bool, String>) {
+        if let Some(done) = self.relay_pending.lock().expect("relay lock").remove(id) {
+            let _ = done.send(result);
+        }
+    }
+
+    /// Has the relay write `d` into the inbox; whether the session holds it.
+    async fn relay_write(&self, inbox: &Inbox, d: &Delivery) -> Result<bool, String> {
+        let (socket, session_id) = inbox.target().await.map_err(|e| e.to_string())?;
+        let wait = async {
+            loop {
+                let ready = self.relay_ready.notified();
+                tokio::pin!(ready);
+                ready.as_mut().enable();
+                if let Some(tx) = self.relay_tx.lock().expect("relay lock").clone() {
+                    return tx;
+                }
+                ready.await;
+            }
+        };
+        let tx = tokio::time::timeout(BROKER_WAIT, wait)
+            .await
+            .map_err(|_| "the inbox relay did not start".to_string())?;
+        let (done, result) = tokio::sync::oneshot::channel();
+        self.relay_pending
+            .lock()
+            .expect("relay lock")
+            .insert(d.id.clone(), done);
+        let job = relay::Job {
+            delivery: d.clone(),
+            socket,
+            session_id,
+        };
+        let mut line = serde_json::to_string(&job).expect("serializable");
+        line.push('\n');
+        tx.send(line)
+            .map_err(|_| "the inbox relay went away".to_string())?;
+        result
+            .await
+            .map_err(|_| "the inbox relay went away".to_string())?
+    }
+
     /// Every unread message, for a hook to show.
     fn lend(&self) -> Vec<Delivery> {
         self.unread.lock().expect("unread lock").drain(..).collect()
@@ -778,9 +889,20 @@ impl Session {
     /// holds it for its user. A message the inbox cannot take waits for
     /// `check_messages` instead.
     async fn write_inbox(&self, inbox: &Inbox, d: Delivery) {
-        let written = match self.replies.socket(inbox.dir(), &d.from, &self.inbound) {
-            Ok(reply) => inbox.write(&d, &reply).await,
-            Err(e) => Err(e),
+        let written = if self.use_relay.load(Ordering::Acquire) {
+            match self.relay_write(inbox, &d).await {
+                Ok(true) => {
+                    self.held.lock().expect("held lock").insert(d.id.clone());
+                    Ok(())
+                }
+                Ok(false) => Ok(()),
+                Err(e) => Err(std::io::Error::other(e)),
+            }
+        } else {
+            match self.replies.socket(inbox.dir(), &d.from, &self.inbound) {
+                Ok(reply) => inbox.write(&d, &reply).await,
+                Err(e) => Err(e),
+            }
         };
         if let Err(e) = written {
             tracing::warn!(id = %d.id, "the inbox did not take a message, keeping it for check_messages: {e}");

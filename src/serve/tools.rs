@@ -591,7 +591,7 @@ impl ServerHandler for PeersServer {
             .is_some_and(|e| e.contains_key("claude/channel"));
         let parent = crate::platform::parent_pid();
         let host_argv = crate::platform::command_line(parent).unwrap_or_default();
-        let (route, why, withheld) = super::Route::choose(
+        let (route, why, held_back) = super::Route::choose(
             self.push,
             super::inbox::Inbox::discover(parent),
             channel,
@@ -602,9 +602,19 @@ impl ServerHandler for PeersServer {
         if let super::Route::Inbox(inbox) = &route {
             tracing::info!(socket = %inbox.socket().display(), "mail goes to Claude Code's inbox");
         }
-        *self.session.route.lock().expect("route lock") = route;
         *self.session.route_why.lock().expect("route lock") = why;
-        self.session.may_wake.store(!withheld, Ordering::Release);
+        // Where the user's hold applies, mail is written by the relay (Claude Code holds
+        // it), or waits for the next prompt; it never starts a turn by itself otherwise.
+        self.session.may_wake.store(!held_back, Ordering::Release);
+        let relay = held_back && matches!(route, super::Route::Inbox(_));
+        *self.session.route.lock().expect("route lock") = route;
+        self.session.use_relay.store(relay, Ordering::Release);
+        if relay {
+            let socket = crate::hook::socket_path(&self.session.paths, parent);
+            if let Err(e) = super::relay::spawn(&socket) {
+                tracing::warn!("cannot start the inbox relay: {e}");
+            }
+        }
         {
             let mut id = self.session.identity.lock().expect("identity lock");
             id.push = push;
