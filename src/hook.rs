@@ -30,8 +30,8 @@ use crate::protocol::Delivery;
 /// How far up its ancestors a hook looks for its host (hooks run under a shell or two).
 const MAX_DEPTH: usize = 12;
 /// How often, and how long apart, `hook wait` looks again for a `serve` that is not up
-/// yet (30 s in all).
-const FIND_TRIES: u32 = 150;
+/// yet (15 s in all).
+const FIND_TRIES: u32 = 75;
 const FIND_PAUSE: std::time::Duration = std::time::Duration::from_millis(200);
 
 /// The socket a `serve` whose host is `host_pid` lends its mail on.
@@ -128,8 +128,10 @@ pub async fn run(paths: &Paths, kind: HookKind) -> i32 {
     if kind == HookKind::Wait {
         // At session start the host may run its hooks before its MCP servers are up: look
         // again for a while (only then; once found, the wait is one blocked read).
+        // Not past the life of our host, though: when it ends, we are re-parented.
+        let parent = platform::parent_pid();
         let mut tries = 0;
-        while stream.is_none() && tries < FIND_TRIES {
+        while stream.is_none() && tries < FIND_TRIES && platform::parent_pid() == parent {
             tokio::time::sleep(FIND_PAUSE).await;
             stream = find_serve(paths).await;
             tries += 1;
