@@ -93,7 +93,13 @@ impl Replies {
 pub enum Inbound {
     /// A receipt for a message we wrote: `status` is `held`, `delivered`, `denied` or
     /// `expired`.
-    Receipt { message_id: String, status: String },
+    Receipt {
+        message_id: String,
+        status: String,
+        /// Why a message was dropped (`rate-limited`, `queue-full`, …) or expired
+        /// (`refused`).
+        reason: Option<String>,
+    },
     /// A message to `peer` written into its reply socket: the model answered with the
     /// built-in `SendMessage`.
     Reply { peer: String, text: String },
@@ -337,7 +343,7 @@ async fn listen(listener: UnixListener, peer: String, events: UnboundedSender<In
             let mut lines = BufReader::new(stream).take(MAX_LINE as u64 * 4).lines();
             let read = async {
                 while let Ok(Some(line)) = lines.next_line().await {
-                    if let Some(ev) = parse_inbound(&line, &peer) {
+                    for ev in parse_inbound(&line, &peer) {
                         let _ = events.send(ev);
                     }
                 }
@@ -347,34 +353,57 @@ async fn listen(listener: UnixListener, peer: String, events: UnboundedSender<In
     }
 }
 
-/// One line on a reply socket, when it is something we act on.
-fn parse_inbound(line: &str, peer: &str) -> Option<Inbound> {
-    let v: serde_json::Value = serde_json::from_str(line).ok()?;
-    match v.get("type")?.as_str()? {
-        "control" if v.get("action")?.as_str()? == "peer_message_status" => {
-            Some(Inbound::Receipt {
-                message_id: v.get("orig_msg_id")?.as_str()?.to_string(),
-                status: v.get("status")?.as_str()?.to_string(),
-            })
+/// What one line on a reply socket says that we act on: a receipt for each message it
+/// names (a `dropped` receipt may name several, in `dropped_msg_ids`), or a reply.
+fn parse_inbound(line: &str, peer: &str) -> Vec<Inbound> {
+    let Ok(v) = serde_json::from_str::<serde_json::Value>(line) else {
+        return Vec::new();
+    };
+    let text = |k: &str| v.get(k).and_then(|x| x.as_str());
+    match text("type") {
+        Some("control") if text("action") == Some("peer_message_status") => {
+            let Some(status) = text("status") else {
+                return Vec::new();
+            };
+            let reason = text("drop_reason").or_else(|| text("status_detail"));
+            let mut ids: Vec<&str> = v
+                .get("dropped_msg_ids")
+                .and_then(|x| x.as_array())
+                .map(|a| a.iter().filter_map(|i| i.as_str()).collect())
+                .unwrap_or_default();
+            if let Some(id) = text("orig_msg_id")
+                && !ids.contains(&id)
+            {
+                ids.push(id);
+            }
+            ids.into_iter()
+                .map(|id| Inbound::Receipt {
+                    message_id: id.to_string(),
+                    status: status.to_string(),
+                    reason: reason.map(str::to_string),
+                })
+                .collect()
         }
-        "user" => {
-            let content = v.get("message")?.get("content")?;
-            let text = match content {
-                serde_json::Value::String(s) => s.clone(),
-                serde_json::Value::Array(parts) => parts
+        Some("user") => {
+            let text = match v.get("message").and_then(|m| m.get("content")) {
+                Some(serde_json::Value::String(s)) => s.clone(),
+                Some(serde_json::Value::Array(parts)) => parts
                     .iter()
                     .filter_map(|p| p.get("text").and_then(|t| t.as_str()))
                     .collect::<Vec<_>>()
                     .join("\n"),
-                _ => return None,
+                _ => return Vec::new(),
             };
             let text = unwrap(&text).to_string();
-            (!text.trim().is_empty()).then(|| Inbound::Reply {
+            if text.trim().is_empty() {
+                return Vec::new();
+            }
+            vec![Inbound::Reply {
                 peer: peer.to_string(),
                 text,
-            })
+            }]
         }
-        _ => None,
+        _ => Vec::new(),
     }
 }
 
@@ -428,7 +457,7 @@ mod tests {
     #[test]
     fn a_reply_is_read_without_its_wrapper() {
         let line = r#"{"msgV":1,"msg_id":"e0","type":"user","message":{"role":"user","content":"<cross-session-message from=\"uds:/tmp/cc-socks/1.sock\" from-name=\"proj\" from-mode=\"prompting\">\nreply\nsecond line\n</cross-session-message>"},"priority":"next","from":"uds:/tmp/cc-socks/1.sock"}"#;
-        match parse_inbound(line, "alice") {
+        match parse_inbound(line, "alice").pop() {
             Some(Inbound::Reply { peer, text }) => {
                 assert_eq!(
                     (peer.as_str(), text.as_str()),
@@ -439,7 +468,7 @@ mod tests {
         }
         let plain = r#"{"type":"user","message":{"role":"user","content":"no wrapper"}}"#;
         assert!(matches!(
-            parse_inbound(plain, "a"),
+            parse_inbound(plain, "a").pop(),
             Some(Inbound::Reply { text, .. }) if text == "no wrapper"
         ));
     }
@@ -448,12 +477,25 @@ mod tests {
     fn receipts_are_read() {
         let line = r#"{"type":"control","action":"peer_message_status","status":"held","reason":"…","from":"uds:/tmp/cc-socks/1.sock","orig_msg_id":"m1","msgV":1,"msg_id":"x"}"#;
         assert!(matches!(
-            parse_inbound(line, "a"),
-            Some(Inbound::Receipt { message_id, status }) if message_id == "m1" && status == "held"
+            parse_inbound(line, "a").pop(),
+            Some(Inbound::Receipt { message_id, status, .. }) if message_id == "m1" && status == "held"
         ));
         let idle = r#"{"type":"control","action":"peer_idle_notice","orig_msg_id":"m1"}"#;
-        assert!(parse_inbound(idle, "a").is_none());
-        assert!(parse_inbound("not json", "a").is_none());
+        assert!(parse_inbound(idle, "a").is_empty());
+        assert!(parse_inbound("not json", "a").is_empty());
+        // A drop may name its messages only in dropped_msg_ids.
+        let dropped = r#"{"type":"control","action":"peer_message_status","status":"dropped","drop_reason":"rate-limited","dropped_msg_ids":["m2","m3"]}"#;
+        let got: Vec<(String, Option<String>)> = parse_inbound(dropped, "a")
+            .into_iter()
+            .map(|e| match e {
+                Inbound::Receipt {
+                    message_id, reason, ..
+                } => (message_id, reason),
+                other => panic!("{other:?}"),
+            })
+            .collect();
+        let rl = Some("rate-limited".to_string());
+        assert_eq!(got, vec![("m2".into(), rl.clone()), ("m3".into(), rl)]);
     }
 
     #[test]

@@ -266,6 +266,52 @@ fn native_skip(peer_pids: impl Iterator<Item = u32>) -> HashSet<u32> {
     skip
 }
 
+/// How long after writing into the inbox a message waits for a receipt (`held`,
+/// `dropped`) before it counts as delivered. The session sends one at once, while it
+/// reads the line.
+const RECEIPT_WINDOW: Duration = Duration::from_millis(100);
+/// How many times a message the session dropped for its rate is written, and the pause
+/// before each new write (times the attempt): the session takes one message a sender
+/// every 2 s past a burst of 30.
+const MAX_INBOX_WRITES: u32 = 8;
+const INBOX_RETRY: Duration = Duration::from_millis(2500);
+
+/// The pace of one sender's mail into the inbox: a token bucket under Claude Code's own
+/// limit (measured with 2.1.332: a burst of 30 from one sender, then one every 2 s; past
+/// it, messages are dropped).
+struct SenderPace {
+    tokens: f64,
+    at: tokio::time::Instant,
+}
+
+impl SenderPace {
+    const BURST: f64 = 25.0;
+    /// One message per this long, after the burst.
+    const EVERY: Duration = Duration::from_millis(2200);
+
+    fn new() -> Self {
+        Self {
+            tokens: Self::BURST,
+            at: tokio::time::Instant::now(),
+        }
+    }
+
+    /// Returns when the next message may go.
+    async fn wait(&mut self) {
+        let now = tokio::time::Instant::now();
+        let refill = now.duration_since(self.at).as_secs_f64() / Self::EVERY.as_secs_f64();
+        self.tokens = (self.tokens + refill).min(Self::BURST);
+        self.at = now;
+        if self.tokens < 1.0 {
+            let short = (1.0 - self.tokens) * Self::EVERY.as_secs_f64();
+            tokio::time::sleep(Duration::from_secs_f64(short)).await;
+            self.tokens = 1.0;
+            self.at = tokio::time::Instant::now();
+        }
+        self.tokens -= 1.0;
+    }
+}
+
 /// How long a send to a native Claude Code session waits for a `held` receipt.
 const NATIVE_HOLD_WAIT: Duration = Duration::from_millis(150);
 
@@ -291,7 +337,11 @@ pub struct Session {
     inbound_rx: Mutex<Option<tokio::sync::mpsc::UnboundedReceiver<Inbound>>>,
     /// Messages written to the inbox and not yet settled by a receipt, for a receipt that
     /// gives one back (`expired`): id → the delivery.
-    in_inbox: Mutex<HashMap<String, Delivery>>,
+    in_inbox: Mutex<HashMap<String, (Delivery, u32)>>,
+    /// Per sender, the queue its mail is written to the inbox from, in order and paced.
+    #[allow(clippy::type_complexity)]
+    outboxes:
+        Mutex<HashMap<String, tokio::sync::mpsc::UnboundedSender<(Arc<Inbox>, Delivery, u32)>>>,
     /// Ids a `held` receipt arrived for.
     held: Mutex<HashSet<String>>,
     /// The newest message id from each sender, to thread a reply made through the inbox.
@@ -423,6 +473,7 @@ impl Session {
             inbound_rx: Mutex::new(Some(inbound_rx)),
             in_inbox: Mutex::new(HashMap::new()),
             held: Mutex::new(HashSet::new()),
+            outboxes: Mutex::new(HashMap::new()),
             last_from: Mutex::new(HashMap::new()),
             hook_socket: Mutex::new(None),
             wanted: Notify::new(),
@@ -575,7 +626,16 @@ impl Session {
 
     /// Shows one delivery to the model by the session's route, or keeps it for
     /// `check_messages`.
-    async fn deliver(&self, d: Delivery) {
+    async fn deliver(self: &Arc<Self>, d: Delivery) {
+        if self
+            .in_inbox
+            .lock()
+            .expect("in_inbox lock")
+            .contains_key(&d.id)
+        {
+            // In flight to the inbox: settled (and acked) when the session has answered.
+            return;
+        }
         let already = self.seen.lock().expect("seen lock").contains(&d.id);
         if already {
             // Acked again as what it was (its first ack may have been lost with the
@@ -603,7 +663,7 @@ impl Session {
         match self.route() {
             Route::Poll => self.keep_unread(d),
             Route::Channel => self.push_channel(d).await,
-            Route::Inbox(inbox) => self.write_inbox(&inbox, d).await,
+            Route::Inbox(inbox) => self.to_inbox(inbox, d, 1),
         }
     }
 
@@ -780,9 +840,17 @@ impl Session {
             match ev {
                 relay::Event::Taken { id, held } => self.relay_done(&id, Ok(held)),
                 relay::Event::Failed { id, error } => self.relay_done(&id, Err(error)),
-                relay::Event::Receipt { message_id, status } => {
-                    self.on_inbound(Inbound::Receipt { message_id, status })
-                        .await
+                relay::Event::Receipt {
+                    message_id,
+                    status,
+                    reason,
+                } => {
+                    self.on_inbound(Inbound::Receipt {
+                        message_id,
+                        status,
+                        reason,
+                    })
+                    .await
                 }
                 relay::Event::Reply { peer, text } => {
                     self.on_inbound(Inbound::Reply { peer, text }).await
@@ -885,14 +953,58 @@ impl Session {
         }
     }
 
-    /// Into Claude Code's inbox: `delivered` once the session took it, unless it said it
-    /// holds it for its user. A message the inbox cannot take waits for
-    /// `check_messages` instead.
-    async fn write_inbox(&self, inbox: &Inbox, d: Delivery) {
-        let written = if self.use_relay.load(Ordering::Acquire) {
+    /// Queues a message for the inbox behind the others from its sender. Each sender's
+    /// mail is written in order by a task of its own, paced below the rate Claude Code
+    /// takes from one sender ([`SenderPace`]): past it, the session drops messages and
+    /// says so only seconds later, after we would have counted them delivered.
+    fn to_inbox(self: &Arc<Self>, inbox: Arc<Inbox>, d: Delivery, attempt: u32) {
+        // In flight from here: a redelivery meanwhile is not queued again.
+        self.in_inbox
+            .lock()
+            .expect("in_inbox lock")
+            .insert(d.id.clone(), (d.clone(), attempt));
+        let mut outboxes = self.outboxes.lock().expect("outboxes lock");
+        let tx = outboxes.entry(d.from.clone()).or_insert_with(|| {
+            let (tx, mut rx) =
+                tokio::sync::mpsc::unbounded_channel::<(Arc<Inbox>, Delivery, u32)>();
+            let me = self.clone();
+            tokio::spawn(async move {
+                let mut pace = SenderPace::new();
+                while let Some((inbox, d, attempt)) = rx.recv().await {
+                    pace.wait().await;
+                    me.write_inbox(&inbox, d, attempt).await;
+                }
+            });
+            tx
+        });
+        let _ = tx.send((inbox, d, attempt));
+    }
+
+    /// Into Claude Code's inbox. The session answers nothing on the connection; what it
+    /// does with the message it tells by a receipt, at once, on another connection:
+    /// `held` (for its user), or `dropped` (past its per-sender rate, or its queue is
+    /// full). So the message is settled a moment after the write ([`RECEIPT_WINDOW`]):
+    /// `delivered` if no receipt said otherwise. A dropped message is written again
+    /// later; one the inbox cannot take waits for `check_messages` or a hook instead.
+    /// `attempt` counts the writes of this message so far.
+    async fn write_inbox(self: &Arc<Self>, inbox: &Inbox, d: Delivery, attempt: u32) {
+        let id = d.id.clone();
+        // In flight from here: a redelivery meanwhile is not written again, and a receipt
+        // that comes before the write returns finds it.
+        self.seen.lock().expect("seen lock").insert(&id);
+        self.last_from
+            .lock()
+            .expect("last_from lock")
+            .insert(d.from.clone(), id.clone());
+        self.in_inbox
+            .lock()
+            .expect("in_inbox lock")
+            .insert(id.clone(), (d.clone(), attempt));
+        let relay = self.use_relay.load(Ordering::Acquire);
+        let written = if relay {
             match self.relay_write(inbox, &d).await {
                 Ok(true) => {
-                    self.held.lock().expect("held lock").insert(d.id.clone());
+                    self.held.lock().expect("held lock").insert(id.clone());
                     Ok(())
                 }
                 Ok(false) => Ok(()),
@@ -905,27 +1017,75 @@ impl Session {
             }
         };
         if let Err(e) = written {
-            tracing::warn!(id = %d.id, "the inbox did not take a message, keeping it for check_messages: {e}");
+            tracing::warn!(%id, "the inbox did not take a message, keeping it for check_messages: {e}");
+            self.in_inbox.lock().expect("in_inbox lock").remove(&id);
+            self.seen.lock().expect("seen lock").remove(&id);
             self.keep_unread(d);
             return;
         }
-        let id = d.id.clone();
-        self.seen.lock().expect("seen lock").insert(&id);
-        self.last_from
-            .lock()
-            .expect("last_from lock")
-            .insert(d.from.clone(), id.clone());
-        self.in_inbox
+        // The relay already waited for the session's word.
+        let window = if relay {
+            Duration::ZERO
+        } else {
+            RECEIPT_WINDOW
+        };
+        let me = self.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(window).await;
+            me.settle(&id);
+        });
+    }
+
+    /// After the receipt window: `held` if the session said so (it stays in flight for
+    /// the user's answer), else `delivered`; nothing if a receipt already settled it.
+    fn settle(&self, id: &str) {
+        if !self
+            .in_inbox
             .lock()
             .expect("in_inbox lock")
-            .insert(id.clone(), d);
-        let held = self.held.lock().expect("held lock").contains(&id);
-        if held {
-            self.ack_as(vec![id], AckState::Held);
-        } else {
-            self.in_inbox.lock().expect("in_inbox lock").remove(&id);
-            self.ack(vec![id]);
+            .contains_key(id)
+        {
+            return;
         }
+        if self.held.lock().expect("held lock").contains(id) {
+            self.ack_as(vec![id.to_string()], AckState::Held);
+            return;
+        }
+        self.in_inbox.lock().expect("in_inbox lock").remove(id);
+        self.ack(vec![id.to_string()]);
+    }
+
+    /// A message the session dropped or let go unshown: written again after a pause
+    /// while it was for its rate or a full queue, else kept for `check_messages` and the
+    /// hooks. It is queued again at the broker if it had been acked as held.
+    fn retry_or_keep(self: &Arc<Self>, id: &str, reason: Option<&str>) {
+        let Some((d, attempt)) = self.in_inbox.lock().expect("in_inbox lock").remove(id) else {
+            return;
+        };
+        let was_held = self.held.lock().expect("held lock").remove(id);
+        if was_held {
+            self.ack_as(vec![id.to_string()], AckState::Returned);
+        }
+        let transient = matches!(reason, Some("rate-limited" | "queue-full"));
+        if let (true, Route::Inbox(inbox)) = (transient && attempt < MAX_INBOX_WRITES, self.route())
+        {
+            tracing::info!(%id, attempt, "the session dropped a message; writing it again later");
+            // Still in flight while it waits: a redelivery is not written meanwhile.
+            self.in_inbox
+                .lock()
+                .expect("in_inbox lock")
+                .insert(id.to_string(), (d.clone(), attempt));
+            let me = self.clone();
+            let id = id.to_string();
+            tokio::spawn(async move {
+                tokio::time::sleep(INBOX_RETRY * attempt.max(1)).await;
+                me.in_inbox.lock().expect("in_inbox lock").remove(&id);
+                me.to_inbox(inbox, d, attempt + 1);
+            });
+            return;
+        }
+        self.seen.lock().expect("seen lock").remove(id);
+        self.keep_unread(d);
     }
 
     /// The live Claude Code sessions that do not run claude-peers: all but our own host
@@ -994,54 +1154,39 @@ impl Session {
     }
 
     /// A receipt or a reply from one of the inbox's reply sockets.
-    async fn on_inbound(&self, ev: Inbound) {
+    async fn on_inbound(self: &Arc<Self>, ev: Inbound) {
         match ev {
-            Inbound::Receipt { message_id, status } => {
-                tracing::info!(id = %message_id, %status, "inbox receipt");
+            Inbound::Receipt {
+                message_id,
+                status,
+                reason,
+            } => {
+                tracing::info!(id = %message_id, %status, ?reason, "inbox receipt");
                 match status.as_str() {
                     "held" => {
                         self.held
                             .lock()
                             .expect("held lock")
                             .insert(message_id.clone());
-                        if self
+                    }
+                    "delivered" | "denied" => {
+                        let known = self
                             .in_inbox
                             .lock()
                             .expect("in_inbox lock")
-                            .contains_key(&message_id)
-                        {
-                            self.ack_as(vec![message_id], AckState::Held);
-                        }
-                    }
-                    "delivered" => {
-                        self.in_inbox
-                            .lock()
-                            .expect("in_inbox lock")
-                            .remove(&message_id);
-                        self.ack(vec![message_id]);
-                    }
-                    "denied" => {
-                        self.in_inbox
-                            .lock()
-                            .expect("in_inbox lock")
-                            .remove(&message_id);
-                        self.ack_as(vec![message_id], AckState::Denied);
-                    }
-                    "expired" | "dropped" => {
-                        // It never reached the model: queued again, and kept here for
-                        // check_messages.
-                        let d = self
-                            .in_inbox
-                            .lock()
-                            .expect("in_inbox lock")
-                            .remove(&message_id);
+                            .remove(&message_id)
+                            .is_some();
                         self.held.lock().expect("held lock").remove(&message_id);
-                        if let Some(d) = d {
-                            self.seen.lock().expect("seen lock").remove(&message_id);
-                            self.ack_as(vec![message_id], AckState::Returned);
-                            self.keep_unread(d);
+                        if known {
+                            let state = if status == "denied" {
+                                AckState::Denied
+                            } else {
+                                AckState::Delivered
+                            };
+                            self.ack_as(vec![message_id], state);
                         }
                     }
+                    "expired" | "dropped" => self.retry_or_keep(&message_id, reason.as_deref()),
                     _ => {}
                 }
             }

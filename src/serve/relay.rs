@@ -42,8 +42,12 @@ pub enum Event {
     Taken { id: String, held: bool },
     /// It did not.
     Failed { id: String, error: String },
-    /// A receipt that came later (`delivered`, `denied`, `expired`).
-    Receipt { message_id: String, status: String },
+    /// A receipt that came later (`delivered`, `denied`, `expired`, `dropped`).
+    Receipt {
+        message_id: String,
+        status: String,
+        reason: Option<String>,
+    },
     /// A `SendMessage` answer to `peer`.
     Reply { peer: String, text: String },
 }
@@ -87,12 +91,20 @@ pub async fn run(session_socket: &Path) -> std::io::Result<()> {
         tokio::spawn(async move {
             while let Some(ev) = inbound.recv().await {
                 let ev = match ev {
-                    Inbound::Receipt { message_id, status } => {
+                    Inbound::Receipt {
+                        message_id,
+                        status,
+                        reason,
+                    } => {
                         if status == "held" {
                             held.lock().expect("held lock").insert(message_id);
                             continue;
                         }
-                        Event::Receipt { message_id, status }
+                        Event::Receipt {
+                            message_id,
+                            status,
+                            reason,
+                        }
                     }
                     Inbound::Reply { peer, text } => Event::Reply { peer, text },
                 };
