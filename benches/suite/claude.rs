@@ -5,12 +5,18 @@
 //! release-built `serve`, which writes the message into Claude Code's native inbox; the
 //! session is idle, so Claude Code starts a turn by itself.
 //!
-//! Two rows each for p50 and p99: the send by the CLI (a new process each time), and the
+//! Two figures, each as p50 and p99: the send by the CLI (a new process each time), and the
 //! same send through the library client (a new connection each time, as the CLI makes),
 //! so the difference is the CLI's own start-up. The two are interleaved, one of each per
 //! round, so both see the same conversation length and machine load. After each woken
 //! turn the harness waits for the scripted answer to be drawn and the prompt to be idle
 //! again before the next send.
+//!
+//! Claude Code drops mail from a sender that outpaces it (its peer-guard: a token bucket
+//! per sender of 30 messages, refilled at one per 2 s, by default), and the run sends
+//! every message from `alice`. So the sends are spaced evenly, no closer than keeps the
+//! whole run within that bucket: at 30 samples, one send every 1.2 s (the woken turn and
+//! the wait for the idle prompt included).
 //!
 //! The stub records requests without their arrival times: a thread blocked in
 //! `StubApi::wait_for_request` (a condvar the stub signals as it records each request)
@@ -139,16 +145,25 @@ pub async fn run(rows: &mut Vec<Row>) {
     wait_online(&peers, "bob", &session).await;
     session.wait_idle(STEP);
 
-    // One unmeasured round: the first turn of a session does work of its own.
-    for via in [Via::Cli, Via::Library] {
-        sample(&peers, &api, &session, via, "warm").await;
-    }
+    // One unmeasured round first: the first turn of a session does work of its own.
+    let rounds = std::iter::once("warm".to_string()).chain((0..n).map(|i| format!("{i:03}")));
+    let spacing = send_spacing(2 * (n + 1));
+    let mut next_send = Instant::now();
     let mut cli = Vec::with_capacity(n);
     let mut lib = Vec::with_capacity(n);
-    for i in 0..n {
-        let tag = format!("{i:03}");
-        cli.push(sample(&peers, &api, &session, Via::Cli, &tag).await);
-        lib.push(sample(&peers, &api, &session, Via::Library, &tag).await);
+    for (round, tag) in rounds.enumerate() {
+        for via in [Via::Cli, Via::Library] {
+            let wait = next_send.saturating_duration_since(Instant::now());
+            tokio::time::sleep(wait).await;
+            next_send = Instant::now() + spacing;
+            let took = sample(&peers, &api, &session, via, &tag).await;
+            if round > 0 {
+                match via {
+                    Via::Cli => cli.push(took),
+                    Via::Library => lib.push(took),
+                }
+            }
+        }
     }
     cli.sort();
     lib.sort();
@@ -167,6 +182,20 @@ pub async fn run(rows: &mut Vec<Row>) {
             ));
         }
     }
+}
+
+/// The time between the starts of two sends that keeps `messages` sends from one sender
+/// within Claude Code's peer-guard (a bucket of 30, refilled at 0.5 a second), with room
+/// to spare: a bucket of 28 assumed, and 10% added.
+fn send_spacing(messages: usize) -> Duration {
+    const BUCKET: f64 = 28.0;
+    const REFILL_PER_SEC: f64 = 0.5;
+    let m = messages as f64;
+    if m <= BUCKET {
+        return Duration::ZERO;
+    }
+    // The bucket, plus what refills over (m - 1) intervals, must cover m sends.
+    Duration::from_secs_f64(1.1 * (m - BUCKET) / (REFILL_PER_SEC * (m - 1.0)))
 }
 
 /// One message to the idle session: the time from just before the send to the stub's
