@@ -212,8 +212,17 @@ pub async fn statuses(paths: &Paths) -> Vec<SessionStatus> {
     out
 }
 
-/// The connection to our session's `serve`: the first ancestor of ours with a socket.
+/// The connection to our session's `serve`. Claude Code tells its hooks its pid
+/// (`CLAUDE_PID`): only that session's socket will do, so the hook of a session started
+/// inside another never takes the outer one's mail. Other hosts: the first ancestor of
+/// ours with a socket.
 async fn find_serve(paths: &Paths) -> Option<UnixStream> {
+    if let Some(host) = std::env::var("CLAUDE_PID")
+        .ok()
+        .and_then(|p| p.parse::<u32>().ok())
+    {
+        return connect(&socket_path(paths, host)).await;
+    }
     for pid in platform::ancestors(MAX_DEPTH) {
         let path = socket_path(paths, pid);
         if let Some(s) = connect(&path).await {

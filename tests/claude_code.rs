@@ -1019,3 +1019,74 @@ async fn a_burst_past_claude_codes_rate_limit_loses_nothing() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
+
+/// Two real sessions, one with claude-peers and one without: our model's `send_message`
+/// to `cc:<pid>` reaches the other, whose `SendMessage` answer reaches our model signed
+/// with that session's own address, so that our model's answer to it goes straight there
+/// (not back into our own reply socket).
+#[test]
+fn an_answer_from_a_session_without_claude_peers_is_signed_with_its_address() {
+    require_claude!();
+    require_tmux!();
+    let (peers, api, mut cc) = bob();
+    allow(&cc, &["SendMessage"]);
+    cc.server_env("CLAUDE_PEERS_LOG", "warn");
+    let _broker = peers.broker(&[]);
+    let native = Interactive::start(&cc, &["--strict-mcp-config"]);
+    let native_socket = native.wait_inbox_socket(Duration::from_secs(30));
+    let gate = Gate::new();
+    api.push(
+        Reply::when_shown(
+            "question for the native session",
+            vec![Block::ToolUse {
+                name: "ToolSearch".into(),
+                input: json!({"query": "select:SendMessage"}),
+            }],
+        )
+        .held(&gate),
+    );
+    let ours = Interactive::start(&cc, &[]);
+    wait_online(&peers, "bob", &ours);
+    ours.wait_idle(Duration::from_secs(30));
+    api.push_all(call_mcp_tool(
+        "send_message",
+        json!({"to": format!("cc:{}", native.pid()), "message": "question for the native session"}),
+    ));
+    ours.submit("ask the other session");
+    let asked = shown_to_model(&api, "question for the native session", &native);
+    let to = from_address(&asked.messages_text(), "question for the native session");
+    assert!(to.contains("-cc:"), "our reply socket for it: {to}");
+    api.push(
+        Reply::tool(
+            "SendMessage",
+            json!({"to": to, "message": "answer from the native session"}),
+        )
+        .only_if(|r| r.has_tool("SendMessage")),
+    );
+    gate.open();
+    // Our session's request (the other's history holds the text too, as its tool call).
+    let shown = api
+        .wait_for_request(
+            |r| {
+                let t = r.messages_text();
+                r.is_main()
+                    && t.contains("ask the other session")
+                    && t.contains("Another Claude session sent a message")
+                    && t.contains("answer from the native session")
+            },
+            Duration::from_secs(30),
+        )
+        .unwrap_or_else(|| {
+            panic!(
+                "our model was never shown the answer\n{}",
+                ours.diagnostics()
+            )
+        });
+    let text = shown.messages_text();
+    let from = from_address(&text, "answer from the native session");
+    assert_eq!(
+        from,
+        format!("uds:{}", native_socket.display()),
+        "signed with the native session's address\n{text}"
+    );
+}

@@ -597,6 +597,8 @@ fn hook(home: &Home, kind: &str, event: &str) -> std::process::Child {
     let mut child = home
         .cmd()
         .args(["hook", kind])
+        // Not the pid of a Claude Code that may run these tests.
+        .env_remove("CLAUDE_PID")
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())

@@ -192,9 +192,25 @@ fn write_json(path: &Path, v: &Value) -> Result<()> {
     let tmp = path.with_extension("claude-peers.tmp");
     let mut text = serde_json::to_string_pretty(v).expect("a JSON value");
     text.push('\n');
-    std::fs::write(&tmp, text).with_context(|| format!("cannot write {}", tmp.display()))?;
-    let mode = mode.unwrap_or(0o600);
-    std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(mode))?;
+    // Created private (these files hold history and account data), then given the old
+    // file's mode.
+    let _ = std::fs::remove_file(&tmp);
+    let write = || -> std::io::Result<()> {
+        use std::io::Write;
+        use std::os::unix::fs::OpenOptionsExt;
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&tmp)?;
+        f.write_all(text.as_bytes())?;
+        f.sync_all()?;
+        std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(mode.unwrap_or(0o600)))
+    };
+    if let Err(e) = write() {
+        let _ = std::fs::remove_file(&tmp);
+        return Err(e).with_context(|| format!("cannot write {}", tmp.display()));
+    }
     std::fs::rename(&tmp, path).with_context(|| format!("cannot replace {}", path.display()))?;
     Ok(())
 }

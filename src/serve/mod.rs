@@ -276,6 +276,14 @@ const RECEIPT_WINDOW: Duration = Duration::from_millis(100);
 const MAX_INBOX_WRITES: u32 = 8;
 const INBOX_RETRY: Duration = Duration::from_millis(2500);
 
+/// A message on its way into the inbox: queued or waiting to be written again, or
+/// written (`written`) and waiting for the receipt window or the user's answer.
+struct InFlight {
+    d: Delivery,
+    attempt: u32,
+    written: bool,
+}
+
 /// The pace of one sender's mail into the inbox: a token bucket under Claude Code's own
 /// limit (measured with 2.1.332: a burst of 30 from one sender, then one every 2 s; past
 /// it, messages are dropped).
@@ -337,7 +345,7 @@ pub struct Session {
     inbound_rx: Mutex<Option<tokio::sync::mpsc::UnboundedReceiver<Inbound>>>,
     /// Messages written to the inbox and not yet settled by a receipt, for a receipt that
     /// gives one back (`expired`): id → the delivery.
-    in_inbox: Mutex<HashMap<String, (Delivery, u32)>>,
+    in_inbox: Mutex<HashMap<String, InFlight>>,
     /// Per sender, the queue its mail is written to the inbox from, in order and paced.
     #[allow(clippy::type_complexity)]
     outboxes:
@@ -358,6 +366,12 @@ pub struct Session {
     initialized_signal: Notify,
     /// Mail waiting for `check_messages` or a hook, oldest first.
     unread: Mutex<VecDeque<Delivery>>,
+    /// The inbox sockets of the Claude Code sessions without claude-peers we wrote to:
+    /// address (`cc:<name>`) → socket.
+    native_sockets: Mutex<HashMap<String, PathBuf>>,
+    /// Ids lent to a hook and not yet shown or given back: a redelivery meanwhile is not
+    /// kept a second time.
+    lent: Mutex<HashSet<String>>,
     /// Woken when mail is added to `unread`, for a waiting hook (and when a newer wait
     /// replaces it).
     mail_arrived: Notify,
@@ -481,6 +495,8 @@ impl Session {
             initialized: AtomicBool::new(false),
             initialized_signal: Notify::new(),
             unread: Mutex::new(VecDeque::new()),
+            native_sockets: Mutex::new(HashMap::new()),
+            lent: Mutex::new(HashSet::new()),
             mail_arrived: Notify::new(),
             may_wake: AtomicBool::new(true),
             use_relay: AtomicBool::new(false),
@@ -632,8 +648,9 @@ impl Session {
             .lock()
             .expect("in_inbox lock")
             .contains_key(&d.id)
+            || self.lent.lock().expect("lent lock").contains(&d.id)
         {
-            // In flight to the inbox: settled (and acked) when the session has answered.
+            // In flight to the inbox, or lent to a hook: acked when that settles.
             return;
         }
         let already = self.seen.lock().expect("seen lock").contains(&d.id);
@@ -804,14 +821,7 @@ impl Session {
         line.clear();
         match stream.read_line(&mut line).await {
             Ok(n) if n > 0 && matches!(serde_json::from_str(&line), Ok(HookRequest::Shown)) => {
-                let ids: Vec<String> = lent.into_iter().map(|d| d.id).collect();
-                {
-                    let mut seen = self.seen.lock().expect("seen lock");
-                    for id in &ids {
-                        seen.insert(id);
-                    }
-                }
-                self.ack(ids);
+                self.shown_by_hook(lent);
             }
             _ => self.give_back(lent),
         }
@@ -914,7 +924,24 @@ impl Session {
 
     /// Every unread message, for a hook to show.
     fn lend(&self) -> Vec<Delivery> {
-        self.unread.lock().expect("unread lock").drain(..).collect()
+        let lent: Vec<Delivery> = self.unread.lock().expect("unread lock").drain(..).collect();
+        let mut out = self.lent.lock().expect("lent lock");
+        out.extend(lent.iter().map(|d| d.id.clone()));
+        lent
+    }
+
+    /// Lent mail a hook showed: seen, and acked.
+    fn shown_by_hook(&self, lent: Vec<Delivery>) {
+        let ids: Vec<String> = lent.into_iter().map(|d| d.id).collect();
+        {
+            let mut seen = self.seen.lock().expect("seen lock");
+            let mut out = self.lent.lock().expect("lent lock");
+            for id in &ids {
+                seen.insert(id);
+                out.remove(id);
+            }
+        }
+        self.ack(ids);
     }
 
     /// Lent mail a hook did not show, back at the front of the queue.
@@ -924,7 +951,9 @@ impl Session {
         }
         {
             let mut unread = self.unread.lock().expect("unread lock");
+            let mut out = self.lent.lock().expect("lent lock");
             for d in lent.into_iter().rev() {
+                out.remove(&d.id);
                 unread.push_front(d);
             }
         }
@@ -959,10 +988,14 @@ impl Session {
     /// says so only seconds later, after we would have counted them delivered.
     fn to_inbox(self: &Arc<Self>, inbox: Arc<Inbox>, d: Delivery, attempt: u32) {
         // In flight from here: a redelivery meanwhile is not queued again.
-        self.in_inbox
-            .lock()
-            .expect("in_inbox lock")
-            .insert(d.id.clone(), (d.clone(), attempt));
+        self.in_inbox.lock().expect("in_inbox lock").insert(
+            d.id.clone(),
+            InFlight {
+                d: d.clone(),
+                attempt,
+                written: false,
+            },
+        );
         let mut outboxes = self.outboxes.lock().expect("outboxes lock");
         let tx = outboxes.entry(d.from.clone()).or_insert_with(|| {
             let (tx, mut rx) =
@@ -996,10 +1029,14 @@ impl Session {
             .lock()
             .expect("last_from lock")
             .insert(d.from.clone(), id.clone());
-        self.in_inbox
-            .lock()
-            .expect("in_inbox lock")
-            .insert(id.clone(), (d.clone(), attempt));
+        self.in_inbox.lock().expect("in_inbox lock").insert(
+            id.clone(),
+            InFlight {
+                d: d.clone(),
+                attempt,
+                written: false,
+            },
+        );
         let relay = self.use_relay.load(Ordering::Acquire);
         let written = if relay {
             match self.relay_write(inbox, &d).await {
@@ -1011,7 +1048,20 @@ impl Session {
                 Err(e) => Err(std::io::Error::other(e)),
             }
         } else {
-            match self.replies.socket(inbox.dir(), &d.from, &self.inbound) {
+            // An answer from a Claude Code session without claude-peers is signed with
+            // that session's own address: the model's SendMessage reply then goes to it,
+            // not back to us.
+            let native = self
+                .native_sockets
+                .lock()
+                .expect("native lock")
+                .get(&d.from)
+                .cloned();
+            let reply = match native {
+                Some(socket) => Ok(socket),
+                None => self.replies.socket(inbox.dir(), &d.from, &self.inbound),
+            };
+            match reply {
                 Ok(reply) => inbox.write(&d, &reply).await,
                 Err(e) => Err(e),
             }
@@ -1023,6 +1073,12 @@ impl Session {
             self.keep_unread(d);
             return;
         }
+        match self.in_inbox.lock().expect("in_inbox lock").get_mut(&id) {
+            // Still this write's: now it waits for the receipt window.
+            Some(f) if f.attempt == attempt => f.written = true,
+            // A receipt already settled it (or it is waiting to be written again).
+            _ => return,
+        }
         // The relay already waited for the session's word.
         let window = if relay {
             Duration::ZERO
@@ -1032,19 +1088,19 @@ impl Session {
         let me = self.clone();
         tokio::spawn(async move {
             tokio::time::sleep(window).await;
-            me.settle(&id);
+            me.settle(&id, attempt);
         });
     }
 
-    /// After the receipt window: `held` if the session said so (it stays in flight for
-    /// the user's answer), else `delivered`; nothing if a receipt already settled it.
-    fn settle(&self, id: &str) {
-        if !self
-            .in_inbox
-            .lock()
-            .expect("in_inbox lock")
-            .contains_key(id)
-        {
+    /// After the receipt window of write `attempt`: `held` if the session said so (it
+    /// stays in flight for the user's answer), else `delivered`; nothing if a receipt
+    /// settled it meanwhile or it is waiting to be written again.
+    fn settle(&self, id: &str, attempt: u32) {
+        let current = matches!(
+            self.in_inbox.lock().expect("in_inbox lock").get(id),
+            Some(f) if f.written && f.attempt == attempt
+        );
+        if !current {
             return;
         }
         if self.held.lock().expect("held lock").contains(id) {
@@ -1059,7 +1115,9 @@ impl Session {
     /// while it was for its rate or a full queue, else kept for `check_messages` and the
     /// hooks. It is queued again at the broker if it had been acked as held.
     fn retry_or_keep(self: &Arc<Self>, id: &str, reason: Option<&str>) {
-        let Some((d, attempt)) = self.in_inbox.lock().expect("in_inbox lock").remove(id) else {
+        let Some(InFlight { d, attempt, .. }) =
+            self.in_inbox.lock().expect("in_inbox lock").remove(id)
+        else {
             return;
         };
         let was_held = self.held.lock().expect("held lock").remove(id);
@@ -1071,10 +1129,14 @@ impl Session {
         {
             tracing::info!(%id, attempt, "the session dropped a message; writing it again later");
             // Still in flight while it waits: a redelivery is not written meanwhile.
-            self.in_inbox
-                .lock()
-                .expect("in_inbox lock")
-                .insert(id.to_string(), (d.clone(), attempt));
+            self.in_inbox.lock().expect("in_inbox lock").insert(
+                id.to_string(),
+                InFlight {
+                    d: d.clone(),
+                    attempt,
+                    written: false,
+                },
+            );
             let me = self.clone();
             let id = id.to_string();
             tokio::spawn(async move {
@@ -1147,6 +1209,10 @@ impl Session {
             .lock()
             .expect("last_from lock")
             .insert(address.to_string(), d.id.clone());
+        self.native_sockets
+            .lock()
+            .expect("native lock")
+            .insert(address.to_string(), target.socket.clone());
         // A session that holds it says so at once, on another connection.
         tokio::time::sleep(NATIVE_HOLD_WAIT).await;
         let held = self.held.lock().expect("held lock").remove(&d.id);
