@@ -185,11 +185,12 @@ pub async fn run(rows: &mut Vec<Row>) {
 }
 
 /// The time between the starts of two sends that keeps `messages` sends from one sender
-/// within Claude Code's peer-guard (a bucket of 30, refilled at 0.5 a second), with room
-/// to spare: a bucket of 28 assumed, and 10% added.
+/// within the pace `serve` writes one sender's mail into the inbox at (a burst of 25,
+/// then one every 2.2 s, under Claude Code's own limit of 30 and one every 2 s), with
+/// 10% to spare: faster, the figure would be `serve` waiting its turn, not a wake-up.
 fn send_spacing(messages: usize) -> Duration {
-    const BUCKET: f64 = 28.0;
-    const REFILL_PER_SEC: f64 = 0.5;
+    const BUCKET: f64 = 25.0;
+    const REFILL_PER_SEC: f64 = 1.0 / 2.2;
     let m = messages as f64;
     if m <= BUCKET {
         return Duration::ZERO;
