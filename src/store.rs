@@ -491,6 +491,26 @@ impl Store {
                 .execute(params![id, recipient, code, at, from])?;
             Ok(n == 1)
         };
+        // A session may say late that it held or dropped what it seemed to take: a
+        // delivery acked delivered within `REOPEN_GRACE` may still move to held or back
+        // to the queue, never later.
+        let reopen = |code: i64| -> Result<bool, StoreError> {
+            let n = self
+                .conn
+                .prepare_cached(
+                    "UPDATE deliveries SET state = ?3, delivered_at = ?4
+                     WHERE recipient = ?2 AND message_id = ?1 AND state = 1
+                       AND delivered_at >= ?5",
+                )?
+                .execute(params![
+                    id,
+                    recipient,
+                    code,
+                    if code == 0 { None } else { Some(at) },
+                    at - REOPEN_GRACE
+                ])?;
+            Ok(n == 1)
+        };
         if to == AckState::Returned {
             let n = self
                 .conn
@@ -499,13 +519,19 @@ impl Store {
                      WHERE recipient = ?2 AND message_id = ?1 AND state = 3",
                 )?
                 .execute(params![id, recipient])?;
-            return Ok((n == 1).then_some(Marked::Requeued));
+            if n == 1 || reopen(0)? {
+                return Ok(Some(Marked::Requeued));
+            }
+            return Ok(None);
         }
         let code = state_code(to);
         if update(code, 0)? {
             return Ok(Some(Marked::FromQueued));
         }
         if matches!(to, AckState::Delivered | AckState::Denied) && update(code, 3)? {
+            return Ok(Some(Marked::FromHeld));
+        }
+        if to == AckState::Held && reopen(3)? {
             return Ok(Some(Marked::FromHeld));
         }
         Ok(None)
@@ -643,14 +669,20 @@ impl Store {
     }
 }
 
+/// How long after a delivery was acked delivered a late receipt may still move it to
+/// held or back to the queue (Claude Code tells of a drop up to seconds late).
+pub const REOPEN_GRACE: Millis = 30_000;
+
 /// Where a delivery moved from, when [`Store::mark`] moved it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Marked {
     /// It was queued: one fewer unread message for the recipient.
     FromQueued,
-    /// It was held and is now delivered or denied.
+    /// It was held and is now delivered or denied, or it was delivered a moment ago and
+    /// is held after all: the unread count does not change.
     FromHeld,
-    /// It was held and is queued again: one more unread message.
+    /// It was held (or delivered a moment ago) and is queued again: one more unread
+    /// message.
     Requeued,
 }
 
@@ -813,6 +845,28 @@ mod tests {
         );
         assert_eq!(s.mark("m2", "b", AckState::Delivered, 26).unwrap(), None);
         assert!(s.pending_for("b").unwrap().is_empty());
+
+        // Delivered, then a late word from the session: held, or dropped (queued again),
+        // within the grace; after it, delivered is final.
+        s.insert_message(&msg("m3", "late", 30), &["b"]).unwrap();
+        s.mark("m3", "b", AckState::Delivered, 1_000).unwrap();
+        let held = s.mark("m3", "b", AckState::Held, 2_000).unwrap();
+        assert_eq!(held, Some(Marked::FromHeld));
+        s.mark("m3", "b", AckState::Delivered, 3_000).unwrap();
+        let back = s.mark("m3", "b", AckState::Returned, 4_000).unwrap();
+        assert_eq!(back, Some(Marked::Requeued));
+        assert_eq!(s.pending_for("b").unwrap()[0].id, "m3");
+        s.mark("m3", "b", AckState::Delivered, 5_000).unwrap();
+        let too_late = 5_000 + REOPEN_GRACE + 1;
+        assert_eq!(
+            s.mark("m3", "b", AckState::Returned, too_late).unwrap(),
+            None
+        );
+        assert_eq!(s.mark("m3", "b", AckState::Held, too_late).unwrap(), None);
+        assert_eq!(
+            s.log_entry("m3", "b").unwrap().unwrap().state,
+            DeliveryState::Delivered
+        );
     }
 
     #[test]

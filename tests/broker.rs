@@ -114,6 +114,34 @@ async fn held_and_pushed_acks_are_what_the_sender_sees_and_are_not_pushed_again(
     assert_eq!(entry.state, DeliveryState::Delivered);
 }
 
+/// A session may tell late that it dropped what it seemed to take (Claude Code's drop
+/// notices come seconds after): a `returned` ack soon after `delivered` queues the
+/// message again, and it is delivered again on the next registration.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_late_returned_ack_queues_a_delivered_message_again() {
+    let home = Home::new();
+    let _b = home.broker(&[]);
+    let (a, _) = home.peer("alice", "/a").await;
+    let (mut b, _) = home.peer("bob", "/b").await;
+    let sent = a.call(send("bob", "dropped after all")).await.unwrap();
+    let d = next_delivery(&mut b).await;
+    b.call(Ack::delivered(vec![d.id.clone()])).await.unwrap();
+    assert_eq!(b.call(WhoamiCall).await.unwrap().unread, 0);
+    b.call(Ack {
+        ids: vec![d.id.clone()],
+        state: AckState::Returned,
+    })
+    .await
+    .unwrap();
+    assert_eq!(b.call(WhoamiCall).await.unwrap().unread, 1);
+    drop(b);
+    let w = home.client().await;
+    wait_offline(&w, "bob").await;
+    let mut b = home.client().await;
+    assert_eq!(b.call(register("bob", "/b")).await.unwrap().queued, 1);
+    assert_eq!(next_delivery(&mut b).await.id, sent.message_id);
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn offline_mail_is_delivered_on_reconnect() {
     let home = Home::new();

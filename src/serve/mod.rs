@@ -270,6 +270,10 @@ fn native_skip(peer_pids: impl Iterator<Item = u32>) -> HashSet<u32> {
 /// `dropped`) before it counts as delivered. The session sends one at once, while it
 /// reads the line.
 const RECEIPT_WINDOW: Duration = Duration::from_millis(100);
+/// How long an inbox message acked delivered is kept for a late receipt (under the
+/// store's grace, `store::REOPEN_GRACE`).
+const RECENT: Duration = Duration::from_secs(20);
+
 /// How many times a message the session dropped for its rate is written, and the pause
 /// before each new write (times the attempt): the session takes one message a sender
 /// every 2 s past a burst of 30.
@@ -366,6 +370,9 @@ pub struct Session {
     initialized_signal: Notify,
     /// Mail waiting for `check_messages` or a hook, oldest first.
     unread: Mutex<VecDeque<Delivery>>,
+    /// Inbox messages acked delivered in the last [`RECENT`]: a late receipt (Claude Code
+    /// tells of a drop seconds after) may still hold them or send them back.
+    recent: Mutex<VecDeque<(tokio::time::Instant, Delivery, u32)>>,
     /// The inbox sockets of the Claude Code sessions without claude-peers we wrote to:
     /// address (`cc:<name>`) → socket.
     native_sockets: Mutex<HashMap<String, PathBuf>>,
@@ -495,6 +502,7 @@ impl Session {
             initialized: AtomicBool::new(false),
             initialized_signal: Notify::new(),
             unread: Mutex::new(VecDeque::new()),
+            recent: Mutex::new(VecDeque::new()),
             native_sockets: Mutex::new(HashMap::new()),
             lent: Mutex::new(HashSet::new()),
             mail_arrived: Notify::new(),
@@ -1107,21 +1115,45 @@ impl Session {
             self.ack_as(vec![id.to_string()], AckState::Held);
             return;
         }
-        self.in_inbox.lock().expect("in_inbox lock").remove(id);
+        if let Some(f) = self.in_inbox.lock().expect("in_inbox lock").remove(id) {
+            let now = tokio::time::Instant::now();
+            let mut recent = self.recent.lock().expect("recent lock");
+            while recent
+                .front()
+                .is_some_and(|(at, _, _)| now.duration_since(*at) > RECENT || recent.len() >= 512)
+            {
+                recent.pop_front();
+            }
+            recent.push_back((now, f.d, f.attempt));
+        }
         self.ack(vec![id.to_string()]);
+    }
+
+    /// A message acked delivered a moment ago, taken back for a late receipt.
+    fn take_recent(&self, id: &str) -> Option<(Delivery, u32)> {
+        let mut recent = self.recent.lock().expect("recent lock");
+        let at = recent.iter().position(|(_, d, _)| d.id == id)?;
+        recent.remove(at).map(|(_, d, attempt)| (d, attempt))
     }
 
     /// A message the session dropped or let go unshown: written again after a pause
     /// while it was for its rate or a full queue, else kept for `check_messages` and the
     /// hooks. It is queued again at the broker if it had been acked as held.
     fn retry_or_keep(self: &Arc<Self>, id: &str, reason: Option<&str>) {
-        let Some(InFlight { d, attempt, .. }) =
-            self.in_inbox.lock().expect("in_inbox lock").remove(id)
+        let in_flight = self
+            .in_inbox
+            .lock()
+            .expect("in_inbox lock")
+            .remove(id)
+            .map(|f| (f.d, f.attempt, false));
+        // Or acked delivered a moment ago, and dropped after all.
+        let Some((d, attempt, was_delivered)) =
+            in_flight.or_else(|| self.take_recent(id).map(|(d, a)| (d, a, true)))
         else {
             return;
         };
         let was_held = self.held.lock().expect("held lock").remove(id);
-        if was_held {
+        if was_held || was_delivered {
             self.ack_as(vec![id.to_string()], AckState::Returned);
         }
         let transient = matches!(reason, Some("rate-limited" | "queue-full"));
@@ -1234,6 +1266,19 @@ impl Session {
                             .lock()
                             .expect("held lock")
                             .insert(message_id.clone());
+                        // Acked delivered a moment ago: held after all, in flight again
+                        // until its user answers.
+                        if let Some((d, attempt)) = self.take_recent(&message_id) {
+                            self.in_inbox.lock().expect("in_inbox lock").insert(
+                                message_id.clone(),
+                                InFlight {
+                                    d,
+                                    attempt,
+                                    written: true,
+                                },
+                            );
+                            self.ack_as(vec![message_id], AckState::Held);
+                        }
                     }
                     "delivered" | "denied" => {
                         let known = self
