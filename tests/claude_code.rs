@@ -1090,3 +1090,83 @@ fn an_answer_from_a_session_without_claude_peers_is_signed_with_its_address() {
         "signed with the native session's address\n{text}"
     );
 }
+
+/// Past Claude Code's rate after all (our pace set above it, as if Claude Code had
+/// lowered its limit): it drops messages and says so seconds after we acked them
+/// delivered. Those late notices still count: each message is queued again and written
+/// again, reaches the model once, and ends delivered.
+#[tokio::test(flavor = "multi_thread")]
+async fn messages_claude_code_drops_late_are_written_again() {
+    require_claude!();
+    require_tmux!();
+    const N: usize = 36;
+    let (peers, api, mut cc) = bob();
+    cc.server_env("CLAUDE_PEERS_INBOX_BURST", "60");
+    let _broker = peers.broker(&["--send-rate", "0", "--ack-wait", "0"]);
+    let session = Interactive::start(&cc, &[]);
+    let (alice, _) = peers.peer("alice", "/work/alice").await;
+    wait_online(&peers, "bob", &session);
+    session.wait_idle(Duration::from_secs(30));
+    let mut ids = Vec::new();
+    for i in 0..N {
+        let sent = alice
+            .call(common::send("bob", &format!("late-{i:02}-marker")))
+            .await
+            .unwrap();
+        ids.push(sent.message_id);
+    }
+    let deadline = std::time::Instant::now() + Duration::from_secs(150);
+    loop {
+        let all = api.main_requests().into_iter().last().is_some_and(|r| {
+            let text = r.messages_text();
+            (0..N).all(|i| text.contains(&format!("late-{i:02}-marker")))
+        });
+        if all {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "not every message reached the model\n{}",
+            session.diagnostics()
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    session.wait_idle(Duration::from_secs(60));
+    let newest = api
+        .main_requests()
+        .into_iter()
+        .last()
+        .unwrap()
+        .messages_text();
+    for i in 0..N {
+        let marker = format!("late-{i:02}-marker");
+        assert_eq!(newest.matches(&marker).count(), 1, "{marker}");
+    }
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let log = alice
+            .call(claude_peers::protocol::LogQuery {
+                limit: Some(100),
+                peer: Some("bob".into()),
+            })
+            .await
+            .unwrap();
+        let pending: Vec<usize> = ids
+            .iter()
+            .enumerate()
+            .filter(|(_, id)| {
+                log.messages.iter().find(|e| &e.id == *id).unwrap().state
+                    != claude_peers::protocol::DeliveryState::Delivered
+            })
+            .map(|(i, _)| i)
+            .collect();
+        if pending.is_empty() {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "not delivered: {pending:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}

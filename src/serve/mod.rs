@@ -293,17 +293,26 @@ struct InFlight {
 /// it, messages are dropped).
 struct SenderPace {
     tokens: f64,
+    burst: f64,
     at: tokio::time::Instant,
 }
 
 impl SenderPace {
+    /// The burst, unless `CLAUDE_PEERS_INBOX_BURST` says otherwise (should Claude Code's
+    /// limit change).
     const BURST: f64 = 25.0;
     /// One message per this long, after the burst.
     const EVERY: Duration = Duration::from_millis(2200);
 
     fn new() -> Self {
+        let burst = std::env::var("CLAUDE_PEERS_INBOX_BURST")
+            .ok()
+            .and_then(|b| b.parse::<u32>().ok())
+            .filter(|b| *b > 0)
+            .map_or(Self::BURST, f64::from);
         Self {
-            tokens: Self::BURST,
+            tokens: burst,
+            burst,
             at: tokio::time::Instant::now(),
         }
     }
@@ -312,7 +321,7 @@ impl SenderPace {
     async fn wait(&mut self) {
         let now = tokio::time::Instant::now();
         let refill = now.duration_since(self.at).as_secs_f64() / Self::EVERY.as_secs_f64();
-        self.tokens = (self.tokens + refill).min(Self::BURST);
+        self.tokens = (self.tokens + refill).min(self.burst);
         self.at = now;
         if self.tokens < 1.0 {
             let short = (1.0 - self.tokens) * Self::EVERY.as_secs_f64();
