@@ -920,106 +920,6 @@ fn serve_killed_then_a_new_session_of_the_name_gets_the_mail_once() {
     assert_eq!(newest.matches("sent while bob was away").count(), 1, "once");
 }
 
-/// Claude Code drops mail past its per-sender rate (a burst of 30, then one every 2 s)
-/// and says so in a `dropped` receipt: nothing is lost, each message reaches the model
-/// once (what was dropped is written again later), and none is reported delivered
-/// before the session kept it.
-#[tokio::test(flavor = "multi_thread")]
-async fn a_burst_past_claude_codes_rate_limit_loses_nothing() {
-    require_claude!();
-    require_tmux!();
-    const N: usize = 36;
-    let (peers, api, cc) = bob();
-    let _broker = peers.broker(&["--send-rate", "0", "--ack-wait", "0"]);
-    let session = Interactive::start(&cc, &[]);
-    let (alice, _) = peers.peer("alice", "/work/alice").await;
-    wait_online(&peers, "bob", &session);
-    session.wait_idle(Duration::from_secs(30));
-    let mut ids = Vec::new();
-    for i in 0..N {
-        let sent = alice
-            .call(common::send("bob", &format!("burst-{i:02}-marker")))
-            .await
-            .unwrap();
-        ids.push(sent.message_id);
-    }
-    let deadline = std::time::Instant::now() + Duration::from_secs(90);
-    loop {
-        let seen_all = api.main_requests().into_iter().last().is_some_and(|r| {
-            let text = r.messages_text();
-            (0..N).all(|i| text.contains(&format!("burst-{i:02}-marker")))
-        });
-        if seen_all {
-            break;
-        }
-        if std::time::Instant::now() >= deadline {
-            let text = api
-                .main_requests()
-                .into_iter()
-                .last()
-                .map(|r| r.messages_text())
-                .unwrap_or_default();
-            let missing: Vec<usize> = (0..N)
-                .filter(|i| !text.contains(&format!("burst-{i:02}-marker")))
-                .collect();
-            let log = std::fs::read_to_string(&cc.debug_file).unwrap_or_default();
-            let notes: Vec<&str> = log
-                .lines()
-                .filter(|l| {
-                    l.contains("drop")
-                        || l.contains("rate")
-                        || l.contains("claude_peers")
-                        || l.contains("receipt")
-                })
-                .filter(|l| !l.contains("Inject") && !l.contains("Connect when"))
-                .collect();
-            panic!(
-                "not every message reached the model: missing {missing:?}\n{}\n{}",
-                notes[notes.len().saturating_sub(60)..].join("\n"),
-                session.diagnostics()
-            );
-        }
-        std::thread::sleep(Duration::from_millis(200));
-    }
-    session.wait_idle(Duration::from_secs(60));
-    let newest = api
-        .main_requests()
-        .into_iter()
-        .last()
-        .unwrap()
-        .messages_text();
-    for i in 0..N {
-        let marker = format!("burst-{i:02}-marker");
-        assert_eq!(newest.matches(&marker).count(), 1, "{marker}");
-    }
-    // Each is acked delivered once the session kept it (the ack follows the write by
-    // the receipt window, so the newest may still be on its way).
-    let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    loop {
-        let log = alice
-            .call(claude_peers::protocol::LogQuery {
-                limit: Some(100),
-                peer: Some("bob".into()),
-            })
-            .await
-            .unwrap();
-        let pending: Vec<(usize, claude_peers::protocol::DeliveryState)> = ids
-            .iter()
-            .enumerate()
-            .map(|(i, id)| (i, log.messages.iter().find(|e| &e.id == id).unwrap().state))
-            .filter(|(_, s)| *s != claude_peers::protocol::DeliveryState::Delivered)
-            .collect();
-        if pending.is_empty() {
-            break;
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "not delivered: {pending:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-}
-
 /// Two real sessions, one with claude-peers and one without: our model's `send_message`
 /// to `cc:<pid>` reaches the other, whose `SendMessage` answer reaches our model signed
 /// with that session's own address, so that our model's answer to it goes straight there
@@ -1091,57 +991,53 @@ fn an_answer_from_a_session_without_claude_peers_is_signed_with_its_address() {
     );
 }
 
-/// Past Claude Code's rate after all (our pace set above it, as if Claude Code had
-/// lowered its limit): it drops messages and says so seconds after we acked them
-/// delivered. Those late notices still count: each message is queued again and written
-/// again, reaches the model once, and ends delivered.
-#[tokio::test(flavor = "multi_thread")]
-async fn messages_claude_code_drops_late_are_written_again() {
-    require_claude!();
-    require_tmux!();
-    const N: usize = 36;
+/// Sends `n` messages from alice to a real session `bob` at once, and checks that each
+/// reaches the model exactly once and ends `delivered` in the log, within `within`.
+/// `server_env` is set in bob's `serve`.
+async fn burst_arrives_once(n: usize, tag: &str, server_env: &[(&str, &str)], within: Duration) {
     let (peers, api, mut cc) = bob();
-    cc.server_env("CLAUDE_PEERS_INBOX_BURST", "60");
+    for (k, v) in server_env {
+        cc.server_env(k, v);
+    }
     let _broker = peers.broker(&["--send-rate", "0", "--ack-wait", "0"]);
     let session = Interactive::start(&cc, &[]);
     let (alice, _) = peers.peer("alice", "/work/alice").await;
     wait_online(&peers, "bob", &session);
     session.wait_idle(Duration::from_secs(30));
+    let marker = |i: usize| format!("{tag}-{i:02}-marker");
     let mut ids = Vec::new();
-    for i in 0..N {
-        let sent = alice
-            .call(common::send("bob", &format!("late-{i:02}-marker")))
-            .await
-            .unwrap();
+    for i in 0..n {
+        let sent = alice.call(common::send("bob", &marker(i))).await.unwrap();
         ids.push(sent.message_id);
     }
-    let deadline = std::time::Instant::now() + Duration::from_secs(150);
+    let newest = || {
+        api.main_requests()
+            .into_iter()
+            .last()
+            .map(|r| r.messages_text())
+            .unwrap_or_default()
+    };
+    let deadline = std::time::Instant::now() + within;
     loop {
-        let all = api.main_requests().into_iter().last().is_some_and(|r| {
-            let text = r.messages_text();
-            (0..N).all(|i| text.contains(&format!("late-{i:02}-marker")))
-        });
-        if all {
+        let text = newest();
+        let missing: Vec<usize> = (0..n).filter(|i| !text.contains(&marker(*i))).collect();
+        if missing.is_empty() {
             break;
         }
         assert!(
             std::time::Instant::now() < deadline,
-            "not every message reached the model\n{}",
+            "never reached the model: {missing:?}\n{}",
             session.diagnostics()
         );
-        tokio::time::sleep(Duration::from_millis(250)).await;
+        tokio::time::sleep(Duration::from_millis(200)).await;
     }
     session.wait_idle(Duration::from_secs(60));
-    let newest = api
-        .main_requests()
-        .into_iter()
-        .last()
-        .unwrap()
-        .messages_text();
-    for i in 0..N {
-        let marker = format!("late-{i:02}-marker");
-        assert_eq!(newest.matches(&marker).count(), 1, "{marker}");
+    let text = newest();
+    for i in 0..n {
+        assert_eq!(text.matches(&marker(i)).count(), 1, "{}", marker(i));
     }
+    // Each is acked delivered once the session kept it (the ack follows the write by the
+    // receipt window, so the newest may still be on its way).
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
     loop {
         let log = alice
@@ -1169,4 +1065,28 @@ async fn messages_claude_code_drops_late_are_written_again() {
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+}
+
+/// Claude Code drops mail past its per-sender rate (a burst of 30, then one every 2 s)
+/// and says so in a `dropped` receipt: nothing is lost, each message reaches the model
+/// once (what was dropped is written again later), and none is reported delivered
+/// before the session kept it.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_burst_past_claude_codes_rate_limit_loses_nothing() {
+    require_claude!();
+    require_tmux!();
+    burst_arrives_once(36, "burst", &[], Duration::from_secs(90)).await;
+}
+
+/// Past Claude Code's rate after all (our pace set above it, as if Claude Code had
+/// lowered its limit): it drops messages and says so seconds after we acked them
+/// delivered. Those late notices still count: each message is queued again and written
+/// again, reaches the model once, and ends delivered.
+
+#[tokio::test(flavor = "multi_thread")]
+async fn messages_claude_code_drops_late_are_written_again() {
+    require_claude!();
+    require_tmux!();
+    let above_its_limit = [("CLAUDE_PEERS_INBOX_BURST", "60")];
+    burst_arrives_once(36, "late", &above_its_limit, Duration::from_secs(150)).await;
 }

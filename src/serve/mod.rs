@@ -259,6 +259,23 @@ pub fn native_sessions(hosts: impl Iterator<Item = u32>) -> Vec<Native> {
     native::list(&hosts.collect())
 }
 
+/// A message between us and a Claude Code session without claude-peers, which the
+/// broker never sees: a fresh id, sent now.
+fn local_delivery(from: String, to: String, text: String, in_reply_to: Option<String>) -> Delivery {
+    Delivery {
+        id: uuid::Uuid::now_v7().to_string(),
+        from,
+        to,
+        text,
+        in_reply_to,
+        sent_at: crate::protocol::now_millis(),
+        from_cwd: None,
+        from_repo: None,
+        from_branch: None,
+        from_summary: None,
+    }
+}
+
 /// The hosts not to list as native sessions: ours, and those of these `serve` pids.
 fn native_skip(peer_pids: impl Iterator<Item = u32>) -> HashSet<u32> {
     let mut skip: HashSet<u32> = peer_pids.filter_map(platform::parent_of).collect();
@@ -1219,18 +1236,7 @@ impl Session {
         let me = self
             .name()
             .unwrap_or_else(|| self.identity.lock().expect("identity lock").name.clone());
-        let d = Delivery {
-            id: uuid::Uuid::now_v7().to_string(),
-            from: me,
-            to: address.to_string(),
-            text,
-            in_reply_to,
-            sent_at: crate::protocol::now_millis(),
-            from_cwd: None,
-            from_repo: None,
-            from_branch: None,
-            from_summary: None,
-        };
+        let d = local_delivery(me, address.to_string(), text, in_reply_to);
         // Its replies come back to this socket, as from `address`.
         let reply = self
             .replies
@@ -1319,18 +1325,7 @@ impl Session {
                     .expect("last_from lock")
                     .get(&peer)
                     .cloned();
-                let d = Delivery {
-                    id: uuid::Uuid::now_v7().to_string(),
-                    from: peer,
-                    to: self.name().unwrap_or_default(),
-                    text,
-                    in_reply_to,
-                    sent_at: crate::protocol::now_millis(),
-                    from_cwd: None,
-                    from_repo: None,
-                    from_branch: None,
-                    from_summary: None,
-                };
+                let d = local_delivery(peer, self.name().unwrap_or_default(), text, in_reply_to);
                 self.deliver(d).await;
             }
             Inbound::Reply { peer, text } => {
