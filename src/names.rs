@@ -27,8 +27,29 @@ pub enum NameError {
         "peer name {0:?} has the character {1:?}; names use only letters, digits, '.', '_' and '-'"
     )]
     BadChar(String, char),
-    #[error("peer name {0:?} is reserved")]
+    #[error(
+        "peer name {0:?} is reserved: a session may not pose as the user, the model or the command line; choose another name"
+    )]
     Reserved(String),
+}
+
+/// Names no session may take, in any case: a model reading a message from `user`,
+/// `system` or `cli` could take it for more than a peer's words. (`cli` stays the
+/// default signature of the command line's own sends.)
+pub const RESERVED: &[&str] = &[
+    "user",
+    "system",
+    "assistant",
+    "claude",
+    "human",
+    "developer",
+    "anthropic",
+    "cli",
+];
+
+/// Whether `s` is one of the [`RESERVED`] names, in any case.
+pub fn is_reserved(s: &str) -> bool {
+    RESERVED.iter().any(|r| r.eq_ignore_ascii_case(s))
 }
 
 fn allowed(c: char) -> bool {
@@ -76,9 +97,21 @@ impl PeerName {
         let cut = cut.trim_end_matches(['-', '.']);
         if cut.is_empty() {
             Self("session".to_string())
+        } else if is_reserved(cut) {
+            // A directory named `user` gives `user-session`, never `user`.
+            Self(format!("{cut}-session"))
         } else {
             Self(cut.to_string())
         }
+    }
+
+    /// Checks that a session may take this name: valid and not [`RESERVED`].
+    pub fn registrable(s: &str) -> Result<Self, NameError> {
+        let name = Self::new(s)?;
+        if is_reserved(s) {
+            return Err(NameError::Reserved(s.to_string()));
+        }
+        Ok(name)
     }
 
     /// The name with a numeric suffix (`name-2`), shortened so the result stays within the
@@ -179,5 +212,23 @@ mod tests {
             PeerName::new("web").unwrap().with_suffix(2).as_str(),
             "web-2"
         );
+    }
+
+    #[test]
+    fn reserved_names_in_any_case_are_not_registrable_and_never_derived() {
+        for r in ["user", "User", "SYSTEM", "Claude", "cli"] {
+            assert!(
+                matches!(PeerName::registrable(r), Err(NameError::Reserved(_))),
+                "{r}"
+            );
+            assert!(
+                PeerName::new(r).is_ok(),
+                "still a valid name to send from or to: {r}"
+            );
+        }
+        assert!(PeerName::registrable("user-api").is_ok());
+        assert_eq!(PeerName::sanitize("user").as_str(), "user-session");
+        assert_eq!(PeerName::sanitize("Claude").as_str(), "Claude-session");
+        assert_eq!(PeerName::sanitize("users").as_str(), "users");
     }
 }

@@ -142,6 +142,26 @@ async fn a_late_returned_ack_queues_a_delivered_message_again() {
     assert_eq!(next_delivery(&mut b).await.id, sent.message_id);
 }
 
+/// No session may register under a name that poses as the user, the model or the CLI,
+/// in any case: its mail would arrive "from user".
+#[tokio::test(flavor = "multi_thread")]
+async fn names_that_pose_as_the_user_or_the_model_cannot_be_registered() {
+    let home = Home::new();
+    let _b = home.broker(&[]);
+    for name in ["user", "Claude", "SYSTEM", "cli", "Assistant", "human"] {
+        let c = home.client().await;
+        let err = c.call(register(name, "/w")).await.unwrap_err();
+        let text = err.to_string();
+        assert!(text.contains("reserved"), "{name}: {text}");
+    }
+    // Names that merely contain them are fine.
+    let c = home.client().await;
+    assert_eq!(
+        c.call(register("user-api", "/w")).await.unwrap().name,
+        "user-api"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn offline_mail_is_delivered_on_reconnect() {
     let home = Home::new();
@@ -628,8 +648,9 @@ async fn the_wal_is_checkpointed_after_writes() {
         for _ in 0..500 {
             alice.call(send("bob", &text)).await.unwrap();
         }
-        // Time for the checkpoint to finish, so the next commit starts the WAL over.
-        tokio::time::sleep(Duration::from_millis(150)).await;
+        // Time for the checkpoint to finish, so the next commit starts the WAL over
+        // (150 ms was too short once on this 2-core VM with other tests running).
+        tokio::time::sleep(Duration::from_millis(400)).await;
     }
     let wal = home.paths.db.with_extension("db-wal");
     let size = std::fs::metadata(&wal).unwrap().len();

@@ -120,7 +120,7 @@ pub fn validate(request: &Request, limits: &Limits) -> Result<(), ErrorBody> {
             at_most("version", Some(&h.version), MAX_FIELD_BYTES)
         }
         Request::Register(r) => {
-            PeerName::new(&r.name)
+            PeerName::registrable(&r.name)
                 .map_err(|e| ErrorBody::new(ErrorCode::BadName, e.to_string()))?;
             if r.cwd.is_empty() {
                 return Err(bad_request("register needs the session's cwd"));

@@ -476,7 +476,7 @@ pub fn wanted_name(flag: Option<&str>, cwd: &std::path::Path) -> Result<(PeerNam
     .flatten()
     .find(|v| !v.is_empty());
     if let Some(v) = chosen {
-        let name = PeerName::new(&v).map_err(|e| anyhow::anyhow!("session name: {e}"))?;
+        let name = PeerName::registrable(&v).map_err(|e| anyhow::anyhow!("session name: {e}"))?;
         return Ok((name, true));
     }
     let base = cwd
