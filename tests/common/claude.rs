@@ -953,7 +953,11 @@ impl Interactive {
     /// Starts `claude <args>` in a 200x50 pane and waits for its prompt (60 s), getting
     /// past any first-run dialog on the way.
     pub fn start(home: &ClaudeHome, args: &[&str]) -> Self {
-        let socket = home.dir.path().join("tmux.sock");
+        // A socket of its own per session: a second session from the same home must not
+        // meet the first one's tmux server on its way out ("server exited unexpectedly").
+        static SESSIONS: AtomicU64 = AtomicU64::new(0);
+        let n = SESSIONS.fetch_add(1, Ordering::Relaxed);
+        let socket = home.dir.path().join(format!("tmux-{n}.sock"));
         let conf = home.dir.path().join("tmux.conf");
         // remain-on-exit: a `claude` that exits leaves its last screen to capture.
         std::fs::write(
