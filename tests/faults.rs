@@ -1034,3 +1034,29 @@ fn twenty_clients_starting_at_once_share_one_broker() {
     let log = home.broker_output();
     assert_eq!(log.matches("broker started").count(), 1, "{log}");
 }
+
+/// One broker per database: a second broker (another runtime directory, the same
+/// database, as when logind removed the runtime directory under a running broker) is
+/// refused with an error that names the first, and the first keeps working.
+#[test]
+fn a_second_broker_on_one_database_is_refused() {
+    let first = Home::new();
+    let _b = first.broker(&[]);
+    let second = Home::new();
+    let out = second
+        .cmd()
+        .arg("broker")
+        .env("CLAUDE_PEERS_DB", &first.paths.db)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains(&first.paths.db.display().to_string()), "{err}");
+    assert!(err.contains("another broker"), "{err}");
+    assert!(
+        err.contains(&first.paths.socket.display().to_string()),
+        "names the first broker's socket: {err}"
+    );
+    assert!(!second.paths.socket.exists(), "no second socket");
+    assert!(first.run(&["status"]).status.success());
+}

@@ -575,6 +575,7 @@ fn every_file_is_private_whatever_the_umask() {
         "peers.db",
         "peers.db-wal",
         "peers.db-shm",
+        "peers.db.broker",
     ] {
         assert_eq!(mode(&dir.join(name)), 0o600, "{name}");
     }
@@ -587,6 +588,7 @@ fn every_file_is_private_whatever_the_umask() {
             "peers.db",
             "peers.db-wal",
             "peers.db-shm",
+            "peers.db.broker",
         ]
         .contains(&n.as_str())
     });

@@ -1,6 +1,6 @@
 //! `claude-peers broker`: the per-user daemon that owns the store and routes messages.
 //!
-//! Start-up: take the lock (one broker per runtime directory), clear a stale socket, bind
+//! Start-up: take the locks (one broker per runtime directory, and per database), clear a stale socket, bind
 //! the socket 0600, open the store, start the [`core`] task, accept connections
 //! ([`conn`]), which decode and check each request ([`frame`]) before the core sees it. Shutdown (asked for, idle, SIGTERM/SIGINT): the core finishes its batch and
 //! answers, connections are closed, the socket is removed, then the lock is released.
@@ -90,6 +90,10 @@ pub fn run(opts: BrokerOptions) -> Result<()> {
             paths.runtime_dir.display()
         );
     };
+    // One broker per database too: two runtime directories can name one database (or
+    // the runtime directory was removed under a running broker), and two brokers on one
+    // database would each think the other's sessions offline.
+    let db_lock = DatabaseLock::acquire(paths)?;
     let mut store = Store::open(&paths.db)?;
     let checkpointer = store.spawn_checkpointer(&paths.db)?;
     // One thread: connection tasks and the core hand work to each other without waking
@@ -105,8 +109,53 @@ pub fn run(opts: BrokerOptions) -> Result<()> {
     // The socket goes before the lock, so a new broker never sees a live-looking socket
     // it does not own.
     let _ = std::fs::remove_file(&paths.socket);
+    drop(db_lock);
     drop(lock);
     result
+}
+
+/// The exclusive lock next to the database (`<db>.broker`), held for the broker's life,
+/// with the holder's pid and socket in it for the error a second broker gives.
+pub struct DatabaseLock {
+    _file: File,
+}
+
+impl DatabaseLock {
+    pub fn acquire(paths: &Paths) -> Result<Self> {
+        let path = {
+            let mut p = paths.db.clone().into_os_string();
+            p.push(".broker");
+            std::path::PathBuf::from(p)
+        };
+        let mut file = OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .read(true)
+            .write(true)
+            .mode(0o600)
+            .custom_flags(rustix::fs::OFlags::NOFOLLOW.bits() as i32)
+            .open(&path)
+            .with_context(|| format!("cannot open lock file {}", path.display()))?;
+        match file.try_lock() {
+            Ok(()) => {}
+            Err(std::fs::TryLockError::WouldBlock) => {
+                let holder = std::fs::read_to_string(&path).unwrap_or_default();
+                let mut lines = holder.lines();
+                let pid = lines.next().unwrap_or("?").trim().to_string();
+                let socket = lines.next().unwrap_or("?").trim().to_string();
+                bail!(
+                    "another broker (pid {pid}, socket {socket}) already uses the database {}; one broker per database. Use that broker (point CLAUDE_PEERS_HOME where its socket is), stop it (`claude-peers stop` with that home, or kill {pid}), or point CLAUDE_PEERS_DB elsewhere",
+                    paths.db.display()
+                );
+            }
+            Err(std::fs::TryLockError::Error(e)) => {
+                return Err(e).with_context(|| format!("cannot lock {}", path.display()));
+            }
+        }
+        file.set_len(0)?;
+        writeln!(file, "{}\n{}", std::process::id(), paths.socket.display())?;
+        Ok(Self { _file: file })
+    }
 }
 
 async fn serve(opts: &BrokerOptions, store: Store) -> Result<()> {
