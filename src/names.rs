@@ -33,10 +33,9 @@ pub enum NameError {
     Reserved(String),
 }
 
-/// Names no session may take, in any case: a model reading a message from `user`,
-/// `system` or `cli` could take it for more than a peer's words. (`cli` stays the
-/// default signature of the command line's own sends.)
-pub const RESERVED: &[&str] = &[
+/// Names nobody may sign a message with, in any case: a model reading a message from
+/// `user` or `system` could take it for more than a peer's words.
+pub const RESERVED_SENDERS: &[&str] = &[
     "user",
     "system",
     "assistant",
@@ -44,12 +43,17 @@ pub const RESERVED: &[&str] = &[
     "human",
     "developer",
     "anthropic",
-    "cli",
 ];
 
-/// Whether `s` is one of the [`RESERVED`] names, in any case.
+/// Whether `s` is one of the [`RESERVED_SENDERS`], in any case.
+pub fn is_reserved_sender(s: &str) -> bool {
+    RESERVED_SENDERS.iter().any(|r| r.eq_ignore_ascii_case(s))
+}
+
+/// Whether no session may take the name `s`: a reserved sender, or `cli`, the default
+/// signature of the command line's own sends.
 pub fn is_reserved(s: &str) -> bool {
-    RESERVED.iter().any(|r| r.eq_ignore_ascii_case(s))
+    is_reserved_sender(s) || s.eq_ignore_ascii_case("cli")
 }
 
 fn allowed(c: char) -> bool {
@@ -105,7 +109,7 @@ impl PeerName {
         }
     }
 
-    /// Checks that a session may take this name: valid and not [`RESERVED`].
+    /// Checks that a session may take this name: valid and not reserved ([`is_reserved`]).
     pub fn registrable(s: &str) -> Result<Self, NameError> {
         let name = Self::new(s)?;
         if is_reserved(s) {

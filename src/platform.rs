@@ -118,11 +118,19 @@ pub fn command_line(pid: u32) -> Option<Vec<String>> {
 
 /// The parent of process `pid`, where the OS shows it (`/proc/<pid>/stat` on Linux).
 pub fn parent_of(pid: u32) -> Option<u32> {
+    stat_field(pid, 4)?.parse().ok()
+}
+
+/// Field `n` (counted from 1, as in proc(5): 4 is the parent, 22 the start time) of
+/// `/proc/<pid>/stat`.
+pub fn stat_field(pid: u32, n: usize) -> Option<String> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    // "pid (comm) state ppid …": comm may hold spaces and parentheses, so read after the
-    // last ')'.
+    // "pid (comm) state ppid …": comm may hold spaces and parentheses, so count from
+    // the last ')', after which field 3 comes.
     let rest = &stat[stat.rfind(')')? + 1..];
-    rest.split_whitespace().nth(1)?.parse().ok()
+    rest.split_whitespace()
+        .nth(n.checked_sub(3)?)
+        .map(str::to_string)
 }
 
 /// Our own ancestors, nearest first, at most `depth` of them, stopping before pid 1.

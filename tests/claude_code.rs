@@ -93,6 +93,19 @@ fn interactive_session_draws_the_answer() {
     );
 }
 
+/// The model's first answer once it is shown `text`: `ToolSearch` loading `tool`, held
+/// until `gate` opens (so the turn is busy, and the test can script what comes next).
+fn search_when_shown(text: &str, tool: &str, gate: &Gate) -> Reply {
+    Reply::when_shown(
+        text,
+        vec![Block::ToolUse {
+            name: "ToolSearch".into(),
+            input: json!({ "query": format!("select:{tool}") }),
+        }],
+    )
+    .held(gate)
+}
+
 /// A peers home, a stub API and a Claude Code home whose server is named `bob`.
 fn bob() -> (Home, StubApi, ClaudeHome) {
     let peers = Home::new();
@@ -232,16 +245,11 @@ fn mail_to_a_busy_session_arrives_in_that_turn() {
     let (peers, api, cc) = bob();
     let gate = Gate::new();
     // The turn's first answer is a tool call, held until the mail was sent.
-    api.push(
-        Reply::when_shown(
-            "start a long task",
-            vec![Block::ToolUse {
-                name: "ToolSearch".into(),
-                input: json!({"query": "select:mcp__claude-peers__whoami"}),
-            }],
-        )
-        .held(&gate),
-    );
+    api.push(search_when_shown(
+        "start a long task",
+        "mcp__claude-peers__whoami",
+        &gate,
+    ));
     let session = Interactive::start(&cc, &[]);
     wait_online(&peers, "bob", &session);
     session.submit("start a long task");
@@ -272,16 +280,11 @@ async fn a_reply_through_the_builtin_send_message_reaches_the_sender_once() {
     let (peers, api, cc) = bob();
     allow(&cc, &["SendMessage"]);
     let gate = Gate::new();
-    api.push(
-        Reply::when_shown(
-            "question from alice",
-            vec![Block::ToolUse {
-                name: "ToolSearch".into(),
-                input: json!({"query": "select:SendMessage"}),
-            }],
-        )
-        .held(&gate),
-    );
+    api.push(search_when_shown(
+        "question from alice",
+        "SendMessage",
+        &gate,
+    ));
     let _broker = peers.broker(&[]);
     let session = Interactive::start(&cc, &[]);
     let (mut alice, _) = peers.peer("alice", "/work/alice").await;
@@ -706,16 +709,11 @@ async fn a_claude_code_session_without_claude_peers_is_a_peer() {
     });
     allow(&cc, &["SendMessage"]);
     let gate = Gate::new();
-    api.push(
-        Reply::when_shown(
-            "hello native session",
-            vec![Block::ToolUse {
-                name: "ToolSearch".into(),
-                input: json!({"query": "select:SendMessage"}),
-            }],
-        )
-        .held(&gate),
-    );
+    api.push(search_when_shown(
+        "hello native session",
+        "SendMessage",
+        &gate,
+    ));
     let native = Interactive::start(&cc, &[]);
     native.wait_inbox_socket(Duration::from_secs(30));
     let _broker = peers.broker(&[]);
@@ -935,16 +933,11 @@ fn an_answer_from_a_session_without_claude_peers_is_signed_with_its_address() {
     let native = Interactive::start(&cc, &["--strict-mcp-config"]);
     let native_socket = native.wait_inbox_socket(Duration::from_secs(30));
     let gate = Gate::new();
-    api.push(
-        Reply::when_shown(
-            "question for the native session",
-            vec![Block::ToolUse {
-                name: "ToolSearch".into(),
-                input: json!({"query": "select:SendMessage"}),
-            }],
-        )
-        .held(&gate),
-    );
+    api.push(search_when_shown(
+        "question for the native session",
+        "SendMessage",
+        &gate,
+    ));
     let ours = Interactive::start(&cc, &[]);
     wait_online(&peers, "bob", &ours);
     ours.wait_idle(Duration::from_secs(30));

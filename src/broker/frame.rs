@@ -226,30 +226,16 @@ fn message(
         )));
     }
     match from {
-        Some(f) if RESERVED_SENDERS.contains(&f.to_ascii_lowercase().as_str()) => {
-            Err(ErrorBody::new(
-                ErrorCode::BadName,
-                format!(
-                    "sender: {f:?} is reserved, so no message can pose as coming from the user or the model; sign with another name"
-                ),
-            ))
-        }
+        Some(f) if crate::names::is_reserved_sender(f) => Err(ErrorBody::new(
+            ErrorCode::BadName,
+            format!(
+                "sender: {f:?} is reserved, so no message can pose as coming from the user or the model; sign with another name"
+            ),
+        )),
         Some(f) => name("sender", f),
         None => Ok(()),
     }
 }
-
-/// Names an unregistered sender may not sign with: a model reading a message "from user"
-/// or "from system" could take it for more than a peer's words.
-pub const RESERVED_SENDERS: &[&str] = &[
-    "user",
-    "system",
-    "assistant",
-    "claude",
-    "human",
-    "developer",
-    "anthropic",
-];
 
 #[cfg(test)]
 mod tests {

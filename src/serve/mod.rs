@@ -1316,18 +1316,6 @@ impl Session {
                     _ => {}
                 }
             }
-            Inbound::Reply { peer, text } if peer.starts_with("cc:") => {
-                // A Claude Code session without claude-peers answered us: shown to our
-                // model by our own path (not through the broker, which does not know it).
-                let in_reply_to = self
-                    .last_from
-                    .lock()
-                    .expect("last_from lock")
-                    .get(&peer)
-                    .cloned();
-                let d = local_delivery(peer, self.name().unwrap_or_default(), text, in_reply_to);
-                self.deliver(d).await;
-            }
             Inbound::Reply { peer, text } => {
                 let in_reply_to = self
                     .last_from
@@ -1335,6 +1323,14 @@ impl Session {
                     .expect("last_from lock")
                     .get(&peer)
                     .cloned();
+                if peer.starts_with("cc:") {
+                    // A Claude Code session without claude-peers answered us: shown to our
+                    // model by our own path (not through the broker, which does not know it).
+                    let me = self.name().unwrap_or_default();
+                    self.deliver(local_delivery(peer, me, text, in_reply_to))
+                        .await;
+                    return;
+                }
                 let sent = match self.client().await {
                     Ok(c) => c
                         .call(crate::protocol::Send {

@@ -44,10 +44,7 @@ struct Record {
 /// The start time of process `pid` in clock ticks since boot (`/proc/<pid>/stat` field
 /// 22), as Claude Code writes it in `procStart`.
 fn start_time(pid: u32) -> Option<String> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    let rest = &stat[stat.rfind(')')? + 1..];
-    // Fields after the command: state is field 3, so the start time is the 20th here.
-    rest.split_whitespace().nth(19).map(str::to_string)
+    crate::platform::stat_field(pid, 22)
 }
 
 fn alive(r: &Record) -> bool {
