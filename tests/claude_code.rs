@@ -21,28 +21,7 @@ fn print_mode_shows_the_model_whoami() {
     cc.server_env("CLAUDE_PEERS_NAME", "stub-alice");
     api.push_all(call_mcp_tool("whoami", json!({})));
 
-    let out = cc.print("Who am I among the peers?");
-
-    let shown = api.wait_for(
-        |r| {
-            r.is_main()
-                && r.tool_results()
-                    .iter()
-                    .any(|t| t.contains("\"name\":\"stub-alice\""))
-        },
-        Duration::from_secs(5),
-    );
-    assert!(
-        shown.is_some(),
-        "the model was never shown whoami's answer\nstdout: {}\nstderr: {}\n{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr),
-        cc.diagnostics()
-    );
-    assert!(out.status.success(), "{out:?}\n{}", cc.diagnostics());
-    // After the tool's result the queue is empty: the stub's default answer ends the turn.
-    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "ok");
-    assert_eq!(api.pending(), 0, "{}", cc.diagnostics());
+    cc.print_shows_whoami(&api, "Who am I among the peers?", "stub-alice");
 }
 
 /// An interactive session under tmux: a typed prompt reaches the stub, the turn shows as

@@ -8,7 +8,6 @@ mod common;
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
-use std::time::Duration;
 
 use common::claude::{ClaudeHome, Reply, StubApi};
 use common::{BIN, Home};
@@ -278,27 +277,7 @@ fn installed_plugin_serves_the_model() {
     assert!(installed["mcpServers"][SERVER].is_object(), "{installed:#}");
 
     api.push_all(call_plugin_tool("whoami", json!({})));
-    let out = cc.print("Who am I among the peers?");
-
-    let shown = api.wait_for(
-        |r| {
-            r.is_main()
-                && r.tool_results()
-                    .iter()
-                    .any(|t| t.contains("\"name\":\"plugin-alice\""))
-        },
-        Duration::from_secs(5),
-    );
-    assert!(
-        shown.is_some(),
-        "the model was never shown whoami's answer\nstdout: {}\nstderr: {}\n{}",
-        text(&out.stdout),
-        text(&out.stderr),
-        cc.diagnostics()
-    );
-    assert!(out.status.success(), "{out:?}\n{}", cc.diagnostics());
-    assert_eq!(text(&out.stdout).trim(), "ok", "{}", cc.diagnostics());
-    assert_eq!(api.pending(), 0, "{}", cc.diagnostics());
+    cc.print_shows_whoami(&api, "Who am I among the peers?", "plugin-alice");
 
     let listed = peers.run(&["peers", "--all"]);
     assert!(

@@ -116,12 +116,11 @@ fn setup_state() -> Value {
             .and_then(|b| serde_json::from_slice(&b).ok())
             .unwrap_or(Value::Null)
     };
-    let Some(dir) = crate::serve::claude_config_dir() else {
+    let (Some(dir), Some(user_file)) = (
+        crate::serve::claude_config_dir(),
+        crate::serve::claude_user_file(),
+    ) else {
         return json!({"summary": "cannot find Claude Code's directory (HOME is not set)"});
-    };
-    let user_file = match std::env::var_os("CLAUDE_CONFIG_DIR").filter(|d| !d.is_empty()) {
-        Some(d) => Path::new(&d).join(".claude.json"),
-        None => dir.parent().unwrap_or(&dir).join(".claude.json"),
     };
     let settings = read(&dir.join("settings.json"));
     let user = read(&user_file);

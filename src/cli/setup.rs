@@ -7,12 +7,12 @@
 //! `<file>.claude-peers.bak`; files are replaced whole (write, then rename), so an
 //! interrupted run leaves either the old or the new file.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use anyhow::{Context, Result, bail};
 use serde_json::{Value, json};
 
-use crate::serve::claude_config_dir;
+use crate::serve::{claude_config_dir, claude_user_file};
 
 /// The MCP server's name in Claude Code's configuration.
 const SERVER: &str = "claude-peers";
@@ -26,16 +26,9 @@ fn is_ours(command: &str) -> bool {
 /// a line per change.
 pub fn claude(uninstall: bool) -> Result<Vec<String>> {
     let exe = std::env::current_exe().context("cannot tell where this claude-peers is")?;
-    let home = std::env::var_os("HOME")
-        .filter(|h| !h.is_empty())
-        .map(PathBuf::from)
-        .context("HOME is not set")?;
-    let config_dir = claude_config_dir().context("cannot find Claude Code's directory")?;
-    // `CLAUDE_CONFIG_DIR` moves `.claude.json` too.
-    let user_file = match std::env::var_os("CLAUDE_CONFIG_DIR").filter(|d| !d.is_empty()) {
-        Some(d) => PathBuf::from(d).join(".claude.json"),
-        None => home.join(".claude.json"),
-    };
+    let config_dir =
+        claude_config_dir().context("cannot find Claude Code's directory: HOME is not set")?;
+    let user_file = claude_user_file().context("cannot find ~/.claude.json: HOME is not set")?;
     let settings_file = config_dir.join("settings.json");
     let mut done = Vec::new();
 

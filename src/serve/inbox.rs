@@ -123,6 +123,17 @@ pub fn config_dir() -> Option<PathBuf> {
         .map(|h| PathBuf::from(h).join(".claude"))
 }
 
+/// Claude Code's user file, `.claude.json` (user-scope MCP servers): in
+/// `CLAUDE_CONFIG_DIR` when that is set, else in the home directory.
+pub fn user_file() -> Option<PathBuf> {
+    if let Some(d) = std::env::var_os("CLAUDE_CONFIG_DIR").filter(|d| !d.is_empty()) {
+        return Some(PathBuf::from(d).join(".claude.json"));
+    }
+    std::env::var_os("HOME")
+        .filter(|h| !h.is_empty())
+        .map(|h| PathBuf::from(h).join(".claude.json"))
+}
+
 fn read_record(path: &Path) -> Option<Record> {
     let text = std::fs::read(path).ok()?;
     serde_json::from_slice(&text).ok()

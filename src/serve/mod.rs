@@ -34,6 +34,7 @@ use crate::paths::Paths;
 use crate::platform;
 use crate::protocol::{Ack, AckState, Delivery, Register};
 pub use inbox::config_dir as claude_config_dir;
+pub use inbox::user_file as claude_user_file;
 use inbox::{Inbound, Inbox, Replies};
 pub use native::Native;
 pub use relay::run as run_relay;

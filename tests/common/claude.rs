@@ -852,6 +852,35 @@ impl ClaudeHome {
         cmd
     }
 
+    /// `claude -p <prompt>` for a turn whose scripted model calls our `whoami` (the replies
+    /// already pushed): checks that the model was shown its answer, naming `name`, and
+    /// that the turn ended cleanly with every scripted reply used.
+    pub fn print_shows_whoami(&self, api: &StubApi, prompt: &str, name: &str) -> Output {
+        let out = self.print(prompt);
+        let needle = format!("\"name\":\"{name}\"");
+        let shown = api.wait_for(
+            |r| r.is_main() && r.tool_results().iter().any(|t| t.contains(&needle)),
+            Duration::from_secs(5),
+        );
+        assert!(
+            shown.is_some(),
+            "the model was never shown whoami's answer\nstdout: {}\nstderr: {}\n{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr),
+            self.diagnostics()
+        );
+        assert!(out.status.success(), "{out:?}\n{}", self.diagnostics());
+        // After the tool's result the queue is empty: the stub's default answer ends the turn.
+        assert_eq!(
+            String::from_utf8_lossy(&out.stdout).trim(),
+            "ok",
+            "{}",
+            self.diagnostics()
+        );
+        assert_eq!(api.pending(), 0, "{}", self.diagnostics());
+        out
+    }
+
     /// `claude -p <prompt>`: one turn, failing after 90 s.
     pub fn print(&self, prompt: &str) -> Output {
         self.print_with(&["-p", prompt], Duration::from_secs(90))
