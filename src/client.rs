@@ -214,14 +214,18 @@ impl Client {
                     if let Some(child) = started.as_mut()
                         && let Ok(Some(status)) = child.try_wait()
                     {
-                        if !status.success()
-                            && let Some(reason) = broker_error(paths, log_from)
-                            && !reason.contains(crate::broker::ALREADY_RUNNING)
-                        {
-                            return Err(ClientError::StartFailed {
-                                reason,
-                                log: paths.log.clone(),
-                            });
+                        if !status.success() {
+                            // A broker that could not write its log (a full disk) says
+                            // nothing there: then the disk is what to look at.
+                            let reason = broker_error(paths, log_from).or_else(|| full_disk(paths));
+                            if let Some(reason) = reason
+                                && !reason.contains(crate::broker::ALREADY_RUNNING)
+                            {
+                                return Err(ClientError::StartFailed {
+                                    reason,
+                                    log: paths.log.clone(),
+                                });
+                            }
                         }
                         if spawned < MAX_SPAWNS {
                             started = None;
@@ -243,11 +247,13 @@ impl Client {
             if Instant::now() >= deadline {
                 reap(started);
                 return Err(ClientError::StartFailed {
-                    reason: format!(
-                        "no broker answered at {} within {}s",
-                        paths.socket.display(),
-                        START_TIMEOUT.as_secs()
-                    ),
+                    reason: full_disk(paths).unwrap_or_else(|| {
+                        format!(
+                            "no broker answered at {} within {}s",
+                            paths.socket.display(),
+                            START_TIMEOUT.as_secs()
+                        )
+                    }),
                     log: paths.log.clone(),
                 });
             }
@@ -575,6 +581,25 @@ fn broker_error(paths: &Paths, from: u64) -> Option<String> {
         .rev()
         .find_map(|l| l.strip_prefix("claude-peers: error: "))
         .map(str::to_string)
+}
+
+/// Why a broker cannot start, when one of its directories sits on a full file system.
+fn full_disk(paths: &Paths) -> Option<String> {
+    /// Less than this free is too little for SQLite's journal and the log.
+    const ENOUGH: u64 = 256 * 1024;
+    let db_dir = paths.db.parent().unwrap_or(&paths.state_dir);
+    [db_dir, &paths.state_dir, &paths.runtime_dir]
+        .into_iter()
+        .find_map(|dir| {
+            let free = platform::free_bytes(dir).ok()?;
+            (free < ENOUGH).then(|| {
+                format!(
+                    "the file system holding {} is full ({} KiB free), so the broker cannot write its database or log there; free some space and try again",
+                    dir.display(),
+                    free / 1024
+                )
+            })
+        })
 }
 
 /// The broker log, opened for appending; rotated once it passes 8 MiB.

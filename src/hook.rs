@@ -171,7 +171,7 @@ pub async fn run(paths: &Paths, kind: HookKind) -> i32 {
         }
         Ok(None) => 0,
         Err(e) => {
-            eprintln!("claude-peers hook: {e}");
+            let _ = writeln!(std::io::stderr(), "claude-peers hook: {e}");
             0
         }
     }

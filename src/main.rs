@@ -1,5 +1,6 @@
 //! The `claude-peers` binary: parses arguments and hands each verb to the library.
 
+use std::io::Write;
 use std::process::ExitCode;
 
 use clap::Parser;
@@ -15,7 +16,9 @@ fn main() -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             let msg = format!("{e:#}").replace('\n', " ");
-            eprintln!("claude-peers: error: {msg}");
+            // Not eprintln!: it panics when stderr cannot be written (the broker's stderr
+            // is its log file, which may sit on a full disk).
+            let _ = writeln!(std::io::stderr(), "claude-peers: error: {msg}");
             ExitCode::FAILURE
         }
     }
@@ -75,5 +78,8 @@ fn init_logging(broker: bool) {
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
         .with_ansi(false)
+        // A log line that cannot be written (the log's disk is full) is dropped: the
+        // default reports it with eprintln!, which panics on that same stderr.
+        .log_internal_errors(false)
         .init();
 }

@@ -14,6 +14,12 @@ pub const MAX_SOCKET_PATH: usize = 103;
 #[cfg(not(any(target_os = "macos", target_os = "ios", target_os = "freebsd")))]
 pub const MAX_SOCKET_PATH: usize = 107;
 
+/// Bytes an unprivileged process may still write on the file system holding `path`.
+pub fn free_bytes(path: &std::path::Path) -> io::Result<u64> {
+    let st = rustix::fs::statvfs(path)?;
+    Ok(st.f_bavail.saturating_mul(st.f_frsize))
+}
+
 /// The real uid of this process.
 pub fn current_uid() -> u32 {
     rustix::process::getuid().as_raw()

@@ -689,6 +689,8 @@ pub enum ErrorCode {
     /// No online peer in the scope.
     NoRecipients,
     ShuttingDown,
+    /// The file system holding the database is full; nothing was saved.
+    DiskFull,
     Internal,
 }
 

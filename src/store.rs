@@ -110,6 +110,18 @@ pub enum StoreError {
 }
 
 impl StoreError {
+    /// The write failed because the file system holding the database is full
+    /// (`SQLITE_FULL`, or `ENOSPC` from a file of ours).
+    pub fn is_disk_full(&self) -> bool {
+        match self {
+            StoreError::Sql(e) | StoreError::Open { cause: e, .. } => {
+                e.sqlite_error_code() == Some(rusqlite::ErrorCode::DiskFull)
+            }
+            StoreError::File { cause, .. } => cause.kind() == std::io::ErrorKind::StorageFull,
+            _ => false,
+        }
+    }
+
     /// An error from opening the database at `path`: `Locked` when another process holds
     /// a lock on it, `Open` otherwise.
     fn opening(path: &str, e: rusqlite::Error) -> Self {

@@ -108,6 +108,8 @@ pub struct Core {
     effects: Vec<(ConnId, Outbound)>,
     /// Sends of the current batch that wait for acks: dropped if its commit fails.
     awaiting_in_batch: Vec<String>,
+    /// A write of the current batch failed: the batch is rolled back instead of committed.
+    batch_error: Option<StoreError>,
     idle_since: Option<Instant>,
     next_sweep: Instant,
     stopping: Option<String>,
@@ -171,6 +173,7 @@ impl Core {
             deadlines: VecDeque::new(),
             effects: Vec::new(),
             awaiting_in_batch: Vec::new(),
+            batch_error: None,
             idle_since: Some(now),
             // First sweep soon after start, to clear what expired while we were down.
             next_sweep: now + Duration::from_secs(1),
@@ -241,7 +244,13 @@ impl Core {
         for cmd in batch.drain(..) {
             self.handle(cmd);
         }
-        if let Err(e) = self.store.commit() {
+        // A write that failed inside the batch may have left part of itself in the
+        // transaction: the whole batch is rolled back, as if its commit had failed.
+        let outcome = match self.batch_error.take() {
+            Some(e) => Err(e),
+            None => self.store.commit(),
+        };
+        if let Err(e) = outcome {
             tracing::error!("commit failed: {e}; answering this batch with errors");
             self.store.rollback();
             self.fail_effects(&e);
@@ -255,8 +264,7 @@ impl Core {
     /// store the message twice. Requests are answered `internal`; connections still come
     /// and go (a peer that leaves is offline even if its `last_seen` cannot be written).
     fn refuse_batch(&mut self, batch: &mut Vec<Command>, e: &StoreError) {
-        let message =
-            format!("the broker could not write its database ({e}); nothing was saved, try again");
+        let refusal = self.write_failed(e);
         for cmd in batch.drain(..) {
             match cmd {
                 Command::Request { conn, id, request } => {
@@ -264,7 +272,7 @@ impl Core {
                     // delivered again later.
                     let unanswered = id.is_none() && matches!(*request, Request::Ack(_));
                     if self.conns.contains_key(&conn) && !unanswered {
-                        self.answer(conn, id, Err(err(ErrorCode::Internal, message.clone())));
+                        self.answer(conn, id, Err(refusal.clone()));
                     }
                 }
                 other => self.handle(other),
@@ -275,15 +283,12 @@ impl Core {
     /// After a failed commit nothing of the batch is durable: answers become errors and
     /// deliveries and log events are withheld.
     fn fail_effects(&mut self, e: &StoreError) {
-        let message =
-            format!("the broker could not write its database ({e}); nothing was saved, try again");
+        let refusal = self.write_failed(e);
         let effects = std::mem::take(&mut self.effects);
         for (conn, out) in effects {
             if let Outbound::Frame(f) = out {
                 if f.result.is_some() || f.error.is_some() {
-                    let e = f
-                        .error
-                        .unwrap_or_else(|| err(ErrorCode::Internal, message.clone()));
+                    let e = f.error.unwrap_or_else(|| refusal.clone());
                     self.effects
                         .push((conn, Outbound::Frame(Box::new(ServerFrame::error(f.id, e)))));
                 }
@@ -297,15 +302,42 @@ impl Core {
             if let Some(w) = self.awaiting.remove(&id) {
                 self.effects.push((
                     w.conn,
-                    Outbound::Frame(Box::new(ServerFrame::error(
-                        w.request_id,
-                        err(ErrorCode::Internal, message.clone()),
-                    ))),
+                    Outbound::Frame(Box::new(ServerFrame::error(w.request_id, refusal.clone()))),
                 ));
             }
         }
         self.deadlines
             .retain(|(_, id)| self.awaiting.contains_key(id));
+    }
+
+    /// The answer to a request whose writes could not be saved: `disk_full` naming the
+    /// directory when the file system is full, `internal` otherwise. Either way nothing
+    /// of it was saved, so trying again cannot store anything twice.
+    fn write_failed(&self, e: &StoreError) -> ErrorBody {
+        if e.is_disk_full() {
+            let dir = std::path::Path::new(&self.info.database)
+                .parent()
+                .map_or_else(|| ".".to_string(), |d| d.display().to_string());
+            return err(
+                ErrorCode::DiskFull,
+                format!(
+                    "the file system holding {dir} is full, so the broker could not write its database; nothing was saved. Free some space there and try again (the broker carries on by itself)"
+                ),
+            );
+        }
+        err(
+            ErrorCode::Internal,
+            format!("the broker could not write its database ({e}); nothing was saved, try again"),
+        )
+    }
+
+    /// A write of this batch failed: the batch will be rolled back, and the request is
+    /// answered as [`Core::write_failed`] says.
+    fn failed_write(&mut self, e: StoreError) -> ErrorBody {
+        tracing::error!("store: {e}");
+        let refusal = self.write_failed(&e);
+        self.batch_error.get_or_insert(e);
+        refusal
     }
 
     /// Rebuilds the mirrors from the store after a failed commit.
@@ -497,7 +529,9 @@ impl Core {
             first_seen: previous.map_or(now, |p| p.first_seen),
             last_seen: now,
         };
-        self.store.upsert_peer(&row).map_err(internal)?;
+        self.store
+            .upsert_peer(&row)
+            .map_err(|e| self.failed_write(e))?;
         self.peers.insert(name.clone(), row);
         self.online.insert(name.clone(), conn);
         if let Some(c) = self.conns.get_mut(&conn) {
@@ -718,7 +752,7 @@ impl Core {
             expires_at,
         };
         if let Err(e) = self.store.insert_message(&new, &refs) {
-            return Some(Err(internal(e)));
+            return Some(Err(self.failed_write(e)));
         }
         let mut states = Vec::with_capacity(recipients.len());
         let mut unacked = HashSet::new();
@@ -813,7 +847,7 @@ impl Core {
             let marked = self
                 .store
                 .mark(&id, &name, a.state, now)
-                .map_err(internal)?;
+                .map_err(|e| self.failed_write(e))?;
             match marked {
                 None => continue,
                 Some(Marked::FromQueued) => {
@@ -990,7 +1024,7 @@ impl Core {
         };
         self.store
             .set_summary(&name, &s.summary)
-            .map_err(internal)?;
+            .map_err(|e| self.failed_write(e))?;
         if let Some(p) = self.peers.get_mut(&name) {
             p.summary = s.summary;
         }

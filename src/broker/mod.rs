@@ -72,8 +72,14 @@ impl BrokerLock {
                 return Err(e).with_context(|| format!("cannot lock {}", paths.lock.display()));
             }
         }
-        file.set_len(0)?;
-        writeln!(file, "{}", std::process::id())?;
+        // The pid is for people and error messages; the lock holds without it (a full
+        // disk may refuse even these few bytes).
+        if let Err(e) = file
+            .set_len(0)
+            .and_then(|()| writeln!(file, "{}", std::process::id()))
+        {
+            tracing::warn!("cannot write our pid into {}: {e}", paths.lock.display());
+        }
         Ok(Some(Self { _file: file }))
     }
 }
@@ -152,8 +158,12 @@ impl DatabaseLock {
                 return Err(e).with_context(|| format!("cannot lock {}", path.display()));
             }
         }
-        file.set_len(0)?;
-        writeln!(file, "{}\n{}", std::process::id(), paths.socket.display())?;
+        if let Err(e) = file
+            .set_len(0)
+            .and_then(|()| writeln!(file, "{}\n{}", std::process::id(), paths.socket.display()))
+        {
+            tracing::warn!("cannot write our pid into {}: {e}", path.display());
+        }
         Ok(Self { _file: file })
     }
 }

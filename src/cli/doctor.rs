@@ -46,30 +46,32 @@ pub async fn run(paths: &Paths, json_out: bool) -> Result<()> {
     }
     let b = &report["broker"];
     if b["running"] == true {
-        println!(
+        outln!(
             "broker      running, pid {}, {} sessions online, {} unread",
-            b["pid"], b["peers_online"], b["queued"]
+            b["pid"],
+            b["peers_online"],
+            b["queued"]
         );
     } else if let Some(e) = b["error"].as_str() {
-        println!("broker      not reachable: {e}");
+        outln!("broker      not reachable: {e}");
     } else {
-        println!("broker      not running (the first session or command that needs it starts it)");
+        outln!("broker      not running (the first session or command that needs it starts it)");
     }
     match report["claude"]["version"].as_str() {
         Some(v) if report["claude"]["inbox"] == true => {
-            println!("claude      {v}: has the inbox, mail can start turns by itself")
+            outln!("claude      {v}: has the inbox, mail can start turns by itself")
         }
-        Some(v) => println!(
+        Some(v) => outln!(
             "claude      {v}: older than 2.1.224, no inbox; mail arrives through the hooks or check_messages (update Claude Code)"
         ),
-        None => println!("claude      not found on PATH"),
+        None => outln!("claude      not found on PATH"),
     }
-    println!(
+    outln!(
         "set up      {}",
         report["setup"]["summary"].as_str().unwrap_or("")
     );
     if sessions.is_empty() {
-        println!("sessions    none running claude-peers (start a Claude Code session)");
+        outln!("sessions    none running claude-peers (start a Claude Code session)");
     }
     for s in &sessions {
         let name = if s.name.is_empty() {
@@ -77,15 +79,21 @@ pub async fn run(paths: &Paths, json_out: bool) -> Result<()> {
         } else {
             &s.name
         };
-        println!(
+        outln!(
             "session     {name}: {} ({}); {} unread; serve pid {}, host pid {}",
-            s.route, s.why, s.unread, s.pid, s.host_pid
+            s.route,
+            s.why,
+            s.unread,
+            s.pid,
+            s.host_pid
         );
     }
     for n in &natives {
-        println!(
+        outln!(
             "claude only {} in {}: a Claude Code session without claude-peers (reachable by send_message to {})",
-            n.address, n.cwd, n.address
+            n.address,
+            n.cwd,
+            n.address
         );
     }
     Ok(())

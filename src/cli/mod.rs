@@ -3,6 +3,17 @@
 //! Every verb is a client of the broker like any other. Tables for people, `--json` for
 //! scripts; errors go to stderr in one line. Exit codes: 0 ok, 1 failure, 2 usage.
 
+/// Writes a line to stdout like `println!`, without its panic on a write error (see
+/// [`emit`]).
+macro_rules! outln {
+    ($($t:tt)*) => { $crate::cli::emit(format_args!("{}\n", format_args!($($t)*))) };
+}
+
+/// Writes to stdout like `print!`, without its panic on a write error (see [`emit`]).
+macro_rules! out {
+    ($($t:tt)*) => { $crate::cli::emit(format_args!($($t)*)) };
+}
+
 pub mod doctor;
 pub mod setup;
 pub mod table;
@@ -187,10 +198,26 @@ async fn connect(paths: &Paths, autostart: bool) -> Result<Client, ClientError> 
 }
 
 fn print_json<T: serde::Serialize>(value: &T) -> Result<()> {
-    let mut out = std::io::stdout().lock();
-    serde_json::to_writer_pretty(&mut out, value)?;
-    writeln!(out)?;
+    let text = serde_json::to_string_pretty(value)?;
+    outln!("{text}");
     Ok(())
+}
+
+/// Writes to stdout and flushes. A reader that went away (`claude-peers log | head`) ends
+/// the program quietly with status 0, as filters do; any other write error (a redirect to
+/// a full disk) ends it with status 1 and says why on stderr. Never panics.
+pub fn emit(args: std::fmt::Arguments<'_>) {
+    let mut out = std::io::stdout().lock();
+    if let Err(e) = out.write_fmt(args).and_then(|()| out.flush()) {
+        if e.kind() == std::io::ErrorKind::BrokenPipe {
+            std::process::exit(0);
+        }
+        let _ = writeln!(
+            std::io::stderr(),
+            "claude-peers: error: cannot write to standard output: {e}"
+        );
+        std::process::exit(1);
+    }
 }
 
 /// Runs a client verb (everything but `serve` and `broker`).
@@ -217,7 +244,7 @@ pub async fn run(command: Command, paths: Paths) -> Result<()> {
             let SetupAgent::Claude = agent;
             let done = setup::claude(uninstall)?;
             if done.is_empty() {
-                println!(
+                outln!(
                     "nothing to change: claude-peers is {} Claude Code",
                     if uninstall {
                         "not set up in"
@@ -227,10 +254,10 @@ pub async fn run(command: Command, paths: Paths) -> Result<()> {
                 );
             }
             for line in &done {
-                println!("{line}");
+                outln!("{line}");
             }
             if !uninstall && !done.is_empty() {
-                println!(
+                outln!(
                     "new Claude Code sessions run claude-peers; allow its tools once, or add the permission rule mcp__claude-peers"
                 );
             }
@@ -252,7 +279,7 @@ async fn status(paths: &Paths, json: bool) -> Result<()> {
             if json {
                 print_json(&serde_json::json!({ "running": false, "socket": socket }))?;
             } else {
-                println!("broker: not running (socket {})", socket.display());
+                outln!("broker: not running (socket {})", socket.display());
             }
             std::process::exit(1);
         }
@@ -282,7 +309,7 @@ async fn status(paths: &Paths, json: bool) -> Result<()> {
         ("connections", s.connections.to_string()),
     ];
     for (k, v) in rows {
-        println!("{k:<12} {v}");
+        outln!("{k:<12} {v}");
     }
     Ok(())
 }
@@ -311,7 +338,7 @@ async fn peers(paths: &Paths, scope: Scope, all: bool, json: bool) -> Result<()>
         return print_json(&list.peers);
     }
     if list.peers.is_empty() {
-        println!(
+        outln!(
             "no {}peers{}",
             if all { "" } else { "online " },
             if all {
@@ -346,7 +373,7 @@ async fn peers(paths: &Paths, scope: Scope, all: bool, json: bool) -> Result<()>
             ]
         })
         .collect();
-    print!(
+    out!(
         "{}",
         table::render(
             &[
@@ -401,16 +428,14 @@ async fn send(
             DeliveryState::Held => "held for its user's approval by",
             DeliveryState::Denied => "declined by the user of",
         };
-        println!("{how} {} (message {})", r.name, sent.message_id);
+        outln!("{how} {} (message {})", r.name, sent.message_id);
     }
     Ok(())
 }
 
 fn print_entry(e: &LogEntry, json: bool) -> Result<()> {
     if json {
-        let mut out = std::io::stdout().lock();
-        serde_json::to_writer(&mut out, e)?;
-        writeln!(out)?;
+        outln!("{}", serde_json::to_string(e)?);
         return Ok(());
     }
     let reply = e
@@ -418,7 +443,7 @@ fn print_entry(e: &LogEntry, json: bool) -> Result<()> {
         .as_ref()
         .map(|r| format!(" (re {})", table::clip(r, 13)))
         .unwrap_or_default();
-    println!(
+    outln!(
         "{}  {} -> {}  [{}]{}  {}",
         table::timestamp(e.sent_at),
         e.from,
@@ -458,7 +483,7 @@ async fn log(
     }
     if !follow {
         if history.messages.is_empty() {
-            eprintln!("no messages yet");
+            let _ = writeln!(std::io::stderr(), "no messages yet");
         }
         return Ok(());
     }
@@ -472,7 +497,6 @@ async fn log(
                 continue;
             }
             print_entry(&e, json)?;
-            std::io::stdout().flush()?;
         }
     }
     bail!("the broker closed the connection; run `claude-peers log -f` again to keep following")
@@ -482,7 +506,7 @@ async fn stop(paths: &Paths) -> Result<()> {
     let mut client = match connect(paths, false).await {
         Ok(c) => c,
         Err(ClientError::NotRunning { .. }) => {
-            println!("no broker is running");
+            outln!("no broker is running");
             return Ok(());
         }
         Err(e) => return Err(e.into()),
@@ -507,6 +531,6 @@ async fn stop(paths: &Paths) -> Result<()> {
             paths.log.display()
         );
     }
-    println!("broker stopped (pid {pid})");
+    outln!("broker stopped (pid {pid})");
     Ok(())
 }

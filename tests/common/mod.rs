@@ -32,6 +32,11 @@ impl Home {
             .prefix("cp-")
             .tempdir_in("/tmp")
             .unwrap();
+        Self::on(dir)
+    }
+
+    /// A home in `dir` (for a directory on a file system of the test's choosing).
+    pub fn on(dir: tempfile::TempDir) -> Self {
         let paths = Paths::resolve(Some(&dir.path().join("h")), None).unwrap();
         Self { dir, paths }
     }
