@@ -385,6 +385,8 @@ pub enum DeliveryState {
     Held,
     /// The recipient's user declined it; it was not shown.
     Denied,
+    /// The stored message could not be read (a damaged row); put aside, never delivered.
+    Damaged,
 }
 
 impl DeliveryState {
@@ -395,6 +397,7 @@ impl DeliveryState {
             DeliveryState::Queued => "queued",
             DeliveryState::Held => "held",
             DeliveryState::Denied => "denied",
+            DeliveryState::Damaged => "damaged",
         }
     }
 }
@@ -506,6 +509,9 @@ pub struct Status {
     pub peers_offline: u64,
     pub queued: u64,
     pub connections: u64,
+    /// Deliveries put aside because their stored message could not be read.
+    #[serde(default)]
+    pub quarantined: u64,
 }
 
 /// A message as the recipient gets it.

@@ -9,7 +9,8 @@
 //! `state` is 0 (queued: not yet acked by the recipient), 1 (delivered), 2 (pushed on a
 //! path that cannot confirm, never pushed again), 3 (held by the recipient session for
 //! its user's approval; moves on to delivered or denied, or back to queued) or 4 (denied
-//! by the recipient's user). Only state 0 is pushed again on the next registration and
+//! by the recipient's user) or 5 (damaged: its message could not be read, put aside by
+//! [`Store::quarantine`]). Only state 0 is pushed again on the next registration and
 //! counts as unread.
 //!
 //! The schema is lean on purpose: every index costs page writes per send, and page writes
@@ -65,6 +66,9 @@ CREATE INDEX deliveries_queued ON deliveries(recipient, message_id) WHERE state 
     r#"
 CREATE INDEX messages_by_sender ON messages(sender, id);
 CREATE INDEX deliveries_by_recipient ON deliveries(recipient, message_id);
+"#,
+    r#"
+CREATE INDEX deliveries_damaged ON deliveries(recipient) WHERE state = 5;
 "#,
 ];
 
@@ -166,6 +170,15 @@ pub struct PendingRow {
     pub text: String,
     pub in_reply_to: Option<String>,
     pub sent_at: Millis,
+}
+
+/// What [`Store::pending_for`] found.
+#[derive(Debug, Default)]
+pub struct Pending {
+    /// The readable messages, oldest first.
+    pub rows: Vec<PendingRow>,
+    /// The raw ids of those that could not be read.
+    pub damaged: Vec<Vec<u8>>,
 }
 
 /// A new message to write.
@@ -397,7 +410,14 @@ impl Store {
                 last_seen: r.get(13)?,
             })
         })?;
-        Ok(rows.collect::<Result<_, _>>()?)
+        // A peer row that cannot be read (a damaged file) is skipped, not fatal: the
+        // broker must start, and the peer comes back when its session registers.
+        Ok(rows
+            .filter_map(|r| {
+                r.map_err(|e| tracing::warn!("skipping a damaged peer row: {e}"))
+                    .ok()
+            })
+            .collect())
     }
 
     pub fn upsert_peer(&self, p: &PeerRow) -> Result<(), StoreError> {
@@ -549,23 +569,58 @@ impl Store {
         Ok(None)
     }
 
-    /// Queued messages for `recipient`, oldest first.
-    pub fn pending_for(&self, recipient: &str) -> Result<Vec<PendingRow>, StoreError> {
+    /// Queued messages for `recipient`, oldest first. Read row by row: a row that cannot
+    /// be read (text that is not UTF-8, a field of the wrong type: a damaged file or a
+    /// foreign write) does not hold up the others; its raw message id is returned in
+    /// [`Pending::damaged`], for [`Store::quarantine`].
+    pub fn pending_for(&self, recipient: &str) -> Result<Pending, StoreError> {
         let mut stmt = self.conn.prepare_cached(
-            "SELECT m.id, m.sender, m.text, m.in_reply_to, m.sent_at
+            "SELECT CAST(d.message_id AS BLOB), m.id, m.sender, m.text, m.in_reply_to, m.sent_at
              FROM deliveries d JOIN messages m ON m.id = d.message_id
              WHERE d.recipient = ?1 AND d.state = 0 ORDER BY d.message_id",
         )?;
-        let rows = stmt.query_map([recipient], |r| {
-            Ok(PendingRow {
-                id: r.get(0)?,
-                sender: r.get(1)?,
-                text: r.get(2)?,
-                in_reply_to: r.get(3)?,
-                sent_at: r.get(4)?,
-            })
-        })?;
-        Ok(rows.collect::<Result<_, _>>()?)
+        let mut out = Pending::default();
+        let mut rows = stmt.query([recipient])?;
+        while let Some(r) = rows.next()? {
+            let row = (|| {
+                Ok::<_, rusqlite::Error>(PendingRow {
+                    id: r.get(1)?,
+                    sender: r.get(2)?,
+                    text: r.get(3)?,
+                    in_reply_to: r.get(4)?,
+                    sent_at: r.get(5)?,
+                })
+            })();
+            match row {
+                Ok(row) => out.rows.push(row),
+                Err(_) => out.damaged.push(r.get(0).unwrap_or_default()),
+            }
+        }
+        Ok(out)
+    }
+
+    /// Puts aside a delivery whose stored message cannot be read (state 5): it is no
+    /// longer pushed or counted unread, `status` counts it, and retention removes it like
+    /// any other. `raw_id` is the message id's bytes as [`Store::pending_for`] gave them.
+    /// Returns whether a queued delivery was moved.
+    pub fn quarantine(&self, recipient: &str, raw_id: &[u8]) -> Result<bool, StoreError> {
+        let n = self
+            .conn
+            .prepare_cached(
+                "UPDATE deliveries SET state = 5
+                 WHERE recipient = ?1 AND state = 0 AND CAST(message_id AS BLOB) = ?2",
+            )?
+            .execute(params![recipient, raw_id])?;
+        Ok(n > 0)
+    }
+
+    /// Number of deliveries put aside by [`Store::quarantine`].
+    pub fn quarantined(&self) -> Result<u64, StoreError> {
+        Ok(self
+            .conn
+            .query_row("SELECT COUNT(*) FROM deliveries WHERE state = 5", [], |r| {
+                r.get(0)
+            })?)
     }
 
     /// Number of queued deliveries per recipient.
@@ -648,7 +703,10 @@ impl Store {
                 "SELECT id FROM messages WHERE id < ?1 AND expires_at <= ?2 ORDER BY id LIMIT ?3",
             )?
             .query_map(params![cutoff, now, batch], |r| r.get(0))?
-            .collect::<Result<_, _>>()?;
+            // An id that is not text (a damaged row) cannot bound the range; the range
+            // between readable ids still covers it.
+            .filter_map(Result::ok)
+            .collect();
         let mut messages = 0;
         if let (Some(first), Some(last)) = (expired.first(), expired.last()) {
             let tx = self.conn.unchecked_transaction()?;
@@ -717,24 +775,41 @@ fn id_floor(ms: Millis) -> String {
 }
 
 /// Reads a row of the columns `id, sender, recipient, text, in_reply_to, sent_at, state,
-/// delivered_at`.
+/// delivered_at`. History is read leniently: a field that is not valid UTF-8 or has the
+/// wrong type (a damaged row) is shown as well as it can be, with U+FFFD for bad bytes,
+/// so one damaged row never hides the rest.
 fn log_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<LogEntry> {
-    let state: i64 = r.get(6)?;
+    let state: i64 = r.get(6).unwrap_or(0);
     Ok(LogEntry {
-        id: r.get(0)?,
-        from: r.get(1)?,
-        to: r.get(2)?,
-        text: r.get(3)?,
-        in_reply_to: r.get(4)?,
-        sent_at: r.get(5)?,
+        id: lossy(r, 0)?,
+        from: lossy(r, 1)?,
+        to: lossy(r, 2)?,
+        text: lossy(r, 3)?,
+        in_reply_to: match r.get_ref(4)? {
+            rusqlite::types::ValueRef::Null => None,
+            _ => Some(lossy(r, 4)?),
+        },
+        sent_at: r.get(5).unwrap_or(0),
         state: match state {
             1 => DeliveryState::Delivered,
             2 => DeliveryState::Pushed,
             3 => DeliveryState::Held,
             4 => DeliveryState::Denied,
+            5 => DeliveryState::Damaged,
             _ => DeliveryState::Queued,
         },
-        delivered_at: r.get(7)?,
+        delivered_at: r.get(7).unwrap_or(None),
+    })
+}
+
+/// Column `i` as text, whatever it holds.
+fn lossy(r: &rusqlite::Row<'_>, i: usize) -> rusqlite::Result<String> {
+    use rusqlite::types::ValueRef;
+    Ok(match r.get_ref(i)? {
+        ValueRef::Text(b) | ValueRef::Blob(b) => String::from_utf8_lossy(b).into_owned(),
+        ValueRef::Integer(n) => n.to_string(),
+        ValueRef::Real(x) => x.to_string(),
+        ValueRef::Null => String::new(),
     })
 }
 
@@ -782,7 +857,7 @@ mod tests {
     fn delivery_state_moves_once() {
         let (_d, s) = store();
         s.insert_message(&msg("m1", "hi", 10), &["b", "c"]).unwrap();
-        assert_eq!(s.pending_for("b").unwrap().len(), 1);
+        assert_eq!(s.pending_for("b").unwrap().rows.len(), 1);
         assert_eq!(s.queued_counts().unwrap()["c"], 1);
         assert!(s.mark_delivered("m1", "b", 11).unwrap());
         assert!(
@@ -790,8 +865,8 @@ mod tests {
             "second ack changes nothing"
         );
         assert!(!s.mark_delivered("m1", "x", 12).unwrap(), "not x's message");
-        assert!(s.pending_for("b").unwrap().is_empty());
-        assert_eq!(s.pending_for("c").unwrap()[0].text, "hi");
+        assert!(s.pending_for("b").unwrap().rows.is_empty());
+        assert_eq!(s.pending_for("c").unwrap().rows[0].text, "hi");
         let log = s.log(10, None).unwrap();
         assert_eq!(log.len(), 2);
         assert_eq!(
@@ -813,7 +888,7 @@ mod tests {
         assert_eq!(s.mark("m1", "b", AckState::Held, 12).unwrap(), None);
         assert_eq!(s.mark("m1", "b", AckState::Pushed, 12).unwrap(), None);
         assert!(
-            s.pending_for("b").unwrap().is_empty(),
+            s.pending_for("b").unwrap().rows.is_empty(),
             "held is not pushed again"
         );
         assert_eq!(
@@ -831,7 +906,7 @@ mod tests {
         let pushed = s.mark("m1", "c", AckState::Pushed, 11).unwrap();
         assert_eq!(pushed, Some(Marked::FromQueued));
         assert!(
-            s.pending_for("c").unwrap().is_empty(),
+            s.pending_for("c").unwrap().rows.is_empty(),
             "pushed is not pushed again"
         );
         assert_eq!(s.mark("m1", "c", AckState::Delivered, 12).unwrap(), None);
@@ -846,7 +921,7 @@ mod tests {
         s.mark("m2", "b", AckState::Held, 21).unwrap();
         let back = s.mark("m2", "b", AckState::Returned, 22).unwrap();
         assert_eq!(back, Some(Marked::Requeued));
-        assert_eq!(s.pending_for("b").unwrap()[0].id, "m2");
+        assert_eq!(s.pending_for("b").unwrap().rows[0].id, "m2");
         assert_eq!(s.mark("m2", "b", AckState::Returned, 23).unwrap(), None);
         s.mark("m2", "b", AckState::Held, 24).unwrap();
         let no = s.mark("m2", "b", AckState::Denied, 25).unwrap();
@@ -856,7 +931,7 @@ mod tests {
             DeliveryState::Denied
         );
         assert_eq!(s.mark("m2", "b", AckState::Delivered, 26).unwrap(), None);
-        assert!(s.pending_for("b").unwrap().is_empty());
+        assert!(s.pending_for("b").unwrap().rows.is_empty());
 
         // Delivered, then a late word from the session: held, or dropped (queued again),
         // within the grace; after it, delivered is final.
@@ -867,7 +942,7 @@ mod tests {
         s.mark("m3", "b", AckState::Delivered, 3_000).unwrap();
         let back = s.mark("m3", "b", AckState::Returned, 4_000).unwrap();
         assert_eq!(back, Some(Marked::Requeued));
-        assert_eq!(s.pending_for("b").unwrap()[0].id, "m3");
+        assert_eq!(s.pending_for("b").unwrap().rows[0].id, "m3");
         s.mark("m3", "b", AckState::Delivered, 5_000).unwrap();
         let too_late = 5_000 + REOPEN_GRACE + 1;
         assert_eq!(
@@ -915,7 +990,7 @@ mod tests {
             .map(|p| p.name)
             .collect();
         assert!(names.contains(&"busy".to_string()) && names.contains(&"online".to_string()));
-        assert_eq!(s.pending_for("busy").unwrap().len(), 1);
+        assert_eq!(s.pending_for("busy").unwrap().rows.len(), 1);
     }
 
     #[test]

@@ -9,6 +9,7 @@ use std::collections::HashSet;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
+use std::time::Duration;
 
 use claude_peers::client::{Client, ClientError, ConnectOptions};
 use claude_peers::protocol::*;
@@ -242,4 +243,83 @@ fn from(sender: &str, to: &str, text: &str) -> Send {
         from: Some(sender.into()),
         ..send(to, text)
     }
+}
+
+/// Issue 11, item 4. One message's stored text is not UTF-8 (a damaged file, or a write
+/// by another program). The recipient still gets the other 39, the damaged one is put
+/// aside with its id in the broker log and counted in `status`, and `log` still answers.
+#[tokio::test]
+async fn a_damaged_row_is_put_aside_and_the_rest_is_delivered() {
+    let home = Home::new();
+    let mut broker = home.broker(&[]);
+    known_offline(&home, "bob").await;
+    let c = home.client().await;
+    let mut ids = Vec::new();
+    for i in 0..40 {
+        ids.push(
+            c.call(from("alice", "bob", &format!("m{i}")))
+                .await
+                .unwrap()
+                .message_id,
+        );
+    }
+    drop(c);
+    broker.kill9();
+
+    let damaged = &ids[17];
+    {
+        let db = rusqlite::Connection::open(&home.paths.db).unwrap();
+        let n = db
+            .execute(
+                "UPDATE messages SET text = CAST(X'6869ff80fe' AS TEXT) WHERE id = ?1",
+                [damaged],
+            )
+            .unwrap();
+        assert_eq!(n, 1);
+    }
+
+    let _broker = home.broker(&[]);
+    let (mut bob, _) = home.peer("bob", "/w").await;
+    let mut got = Vec::new();
+    for _ in 0..39 {
+        got.push(next_delivery(&mut bob).await.id);
+    }
+    let expected: Vec<String> = ids.iter().filter(|i| *i != damaged).cloned().collect();
+    assert_eq!(got, expected, "the intact 39, in order");
+    assert_no_delivery(&mut bob, Duration::from_millis(300)).await;
+    bob.call(Ack::delivered(got)).await.unwrap();
+
+    let status = home.run(&["status", "--json"]);
+    let status: serde_json::Value = serde_json::from_slice(&status.stdout).unwrap();
+    assert_eq!(status["quarantined"], 1, "{status}");
+    assert_eq!(status["queued"], 0, "{status}");
+    let text = String::from_utf8(home.run(&["status"]).stdout).unwrap();
+    assert!(text.contains("damaged"), "{text}");
+    assert!(
+        home.broker_output().contains(damaged.as_str()),
+        "the broker log names the damaged message"
+    );
+
+    let log = home.run(&["log", "--json", "--limit", "100"]);
+    assert!(log.status.success(), "{log:?}");
+    let entries: Vec<serde_json::Value> = serde_json::from_slice(&log.stdout).unwrap();
+    assert_eq!(entries.len(), 40);
+    let bad = entries
+        .iter()
+        .find(|e| e["id"] == damaged.as_str())
+        .unwrap();
+    assert_eq!(bad["state"], "damaged");
+    assert_eq!(bad["text"], "hi\u{fffd}\u{fffd}\u{fffd}");
+
+    // A new registration does not bring it back, and new mail flows.
+    drop(bob);
+    let c = home.client().await;
+    wait_offline(&c, "bob").await;
+    let after = c
+        .call(from("alice", "bob", "after"))
+        .await
+        .unwrap()
+        .message_id;
+    let (mut bob, _) = home.peer("bob", "/w").await;
+    assert_eq!(next_delivery(&mut bob).await.id, after);
 }

@@ -110,6 +110,8 @@ pub struct Core {
     awaiting_in_batch: Vec<String>,
     /// A write of the current batch failed: the batch is rolled back instead of committed.
     batch_error: Option<StoreError>,
+    /// Deliveries put aside as damaged; mirrors the store's state 5 rows.
+    quarantined: u64,
     idle_since: Option<Instant>,
     next_sweep: Instant,
     stopping: Option<String>,
@@ -160,6 +162,7 @@ impl Core {
             .map(|p| (p.name.clone(), p))
             .collect();
         let queued = store.queued_counts()?;
+        let quarantined = store.quarantined()?;
         let now = Instant::now();
         Ok(Self {
             store,
@@ -174,6 +177,7 @@ impl Core {
             effects: Vec::new(),
             awaiting_in_batch: Vec::new(),
             batch_error: None,
+            quarantined,
             idle_since: Some(now),
             // First sweep soon after start, to clear what expired while we were down.
             next_sweep: now + Duration::from_secs(1),
@@ -347,6 +351,9 @@ impl Core {
         }
         if let Ok(q) = self.store.queued_counts() {
             self.queued = q;
+        }
+        if let Ok(n) = self.store.quarantined() {
+            self.quarantined = n;
         }
     }
 
@@ -575,7 +582,27 @@ impl Core {
                 return;
             }
         };
-        for m in pending {
+        for raw in &pending.damaged {
+            let id = String::from_utf8_lossy(raw);
+            match self.store.quarantine(name, raw) {
+                Ok(true) => {
+                    tracing::warn!(
+                        peer = name,
+                        message = %id,
+                        "put aside a queued message whose stored row cannot be read (damaged); its other mail is delivered. `claude-peers status` counts such messages"
+                    );
+                    self.quarantined += 1;
+                    if let Some(q) = self.queued.get_mut(name) {
+                        *q = q.saturating_sub(1);
+                    }
+                }
+                Ok(false) => {}
+                Err(e) => {
+                    tracing::error!(peer = name, message = %id, "cannot put aside a damaged message: {e}");
+                }
+            }
+        }
+        for m in pending.rows {
             let d = self.delivery(m.id, m.sender, name, m.text, m.in_reply_to, m.sent_at);
             self.emit(conn, ServerFrame::deliver(d));
         }
@@ -1045,6 +1072,7 @@ impl Core {
             peers_offline: (self.peers.len() as u64).saturating_sub(online),
             queued: self.queued.values().sum(),
             connections: self.conns.len() as u64,
+            quarantined: self.quarantined,
         }
     }
 

@@ -308,6 +308,17 @@ async fn status(paths: &Paths, json: bool) -> Result<()> {
         ("queued", format!("{} unread messages", s.queued)),
         ("connections", s.connections.to_string()),
     ];
+    let mut rows = rows.to_vec();
+    if s.quarantined > 0 {
+        rows.push((
+            "damaged",
+            format!(
+                "{} messages put aside: their stored rows cannot be read (ids in the broker log, {})",
+                s.quarantined,
+                paths.log.display()
+            ),
+        ));
+    }
     for (k, v) in rows {
         outln!("{k:<12} {v}");
     }
@@ -427,6 +438,7 @@ async fn send(
             DeliveryState::Queued => "queued for",
             DeliveryState::Held => "held for its user's approval by",
             DeliveryState::Denied => "declined by the user of",
+            DeliveryState::Damaged => "stored damaged for",
         };
         outln!("{how} {} (message {})", r.name, sent.message_id);
     }
