@@ -14,6 +14,25 @@ pub const MAX_SOCKET_PATH: usize = 103;
 #[cfg(not(any(target_os = "macos", target_os = "ios", target_os = "freebsd")))]
 pub const MAX_SOCKET_PATH: usize = 107;
 
+/// Milliseconds on a clock that never jumps and counts time asleep (`CLOCK_BOOTTIME` on
+/// Linux), from an arbitrary start that holds until the machine restarts.
+pub fn boot_clock_ms() -> i64 {
+    #[cfg(any(target_os = "linux", target_os = "android"))]
+    let id = rustix::time::ClockId::Boottime;
+    #[cfg(not(any(target_os = "linux", target_os = "android")))]
+    let id = rustix::time::ClockId::Monotonic;
+    let t = rustix::time::clock_gettime(id);
+    t.tv_sec as i64 * 1000 + t.tv_nsec as i64 / 1_000_000
+}
+
+/// What tells this boot of the machine from the others, where the OS says (Linux), so a
+/// reading of [`boot_clock_ms`] can be compared with one taken before a restart.
+pub fn boot_id() -> Option<String> {
+    let id = std::fs::read_to_string("/proc/sys/kernel/random/boot_id").ok()?;
+    let id = id.trim();
+    (!id.is_empty()).then(|| id.to_string())
+}
+
 /// Bytes an unprivileged process may still write on the file system holding `path`.
 pub fn free_bytes(path: &std::path::Path) -> io::Result<u64> {
     let st = rustix::fs::statvfs(path)?;

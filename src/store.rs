@@ -14,7 +14,9 @@
 //! counts as unread.
 //!
 //! The schema is lean on purpose: every index costs page writes per send, and page writes
-//! are what a send costs. Message ids are UUIDv7, so id order is time order: the primary
+//! are what a send costs. Message ids are UUIDv7 stamped by the store's clock
+//! (`broker::clock`, anchored in `meta`), which never goes back, so id order is the order
+//! messages were stored in, whatever the wall clock did: the primary
 //! key serves history (`log`) and retention (an id range) without more indexes. Three
 //! secondary indexes: the queued deliveries (redelivery on reconnect), and messages by
 //! sender and deliveries by recipient, so one peer's history (`log --peer`) costs the
@@ -69,6 +71,12 @@ CREATE INDEX deliveries_by_recipient ON deliveries(recipient, message_id);
 "#,
     r#"
 CREATE INDEX deliveries_damaged ON deliveries(recipient) WHERE state = 5;
+"#,
+    r#"
+CREATE TABLE meta (
+    key TEXT PRIMARY KEY NOT NULL,
+    value
+) WITHOUT ROWID;
 "#,
 ];
 
@@ -179,6 +187,18 @@ pub struct Pending {
     pub rows: Vec<PendingRow>,
     /// The raw ids of those that could not be read.
     pub damaged: Vec<Vec<u8>>,
+}
+
+/// Where the store's clock stood at a moment of the boot clock (see
+/// `broker::clock`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct ClockAnchor {
+    /// The boot the reading was taken in; `None` where the OS does not say.
+    pub boot_id: Option<String>,
+    /// The boot clock then, in ms.
+    pub boot_at: Millis,
+    /// The store's time then.
+    pub at: Millis,
 }
 
 /// A new message to write.
@@ -569,6 +589,55 @@ impl Store {
         Ok(None)
     }
 
+    /// The store clock's anchor, if one was saved.
+    pub fn clock_anchor(&self) -> Result<Option<ClockAnchor>, StoreError> {
+        let get = |key: &str| -> Result<Option<rusqlite::types::Value>, StoreError> {
+            Ok(self
+                .conn
+                .query_row("SELECT value FROM meta WHERE key = ?1", [key], |r| r.get(0))
+                .optional()?)
+        };
+        use rusqlite::types::Value;
+        let (Some(Value::Integer(boot_at)), Some(Value::Integer(at))) =
+            (get("clock_boot_at")?, get("clock_at")?)
+        else {
+            return Ok(None);
+        };
+        let boot_id = match get("clock_boot_id")? {
+            Some(Value::Text(t)) => Some(t),
+            _ => None,
+        };
+        Ok(Some(ClockAnchor {
+            boot_id,
+            boot_at,
+            at,
+        }))
+    }
+
+    pub fn set_clock_anchor(&self, a: &ClockAnchor) -> Result<(), StoreError> {
+        let tx = self.conn.unchecked_transaction()?;
+        let mut put = tx.prepare("INSERT OR REPLACE INTO meta (key, value) VALUES (?1, ?2)")?;
+        put.execute(params!["clock_boot_id", a.boot_id])?;
+        put.execute(params!["clock_boot_at", a.boot_at])?;
+        put.execute(params!["clock_at", a.at])?;
+        drop(put);
+        tx.commit()?;
+        Ok(())
+    }
+
+    /// The time in the newest message's id.
+    pub fn newest_message_ms(&self) -> Result<Option<Millis>, StoreError> {
+        let newest: Option<Vec<u8>> = self
+            .conn
+            .query_row(
+                "SELECT CAST(id AS BLOB) FROM messages ORDER BY id DESC LIMIT 1",
+                [],
+                |r| r.get(0),
+            )
+            .optional()?;
+        Ok(newest.and_then(|id| id_millis(&String::from_utf8_lossy(&id))))
+    }
+
     /// Queued messages for `recipient`, oldest first. Read row by row: a row that cannot
     /// be read (text that is not UTF-8, a field of the wrong type: a damaged file or a
     /// foreign write) does not hold up the others; its raw message id is returned in
@@ -685,7 +754,8 @@ impl Store {
     }
 
     /// Removes up to `batch` of the oldest messages sent before `sent_before` whose expiry
-    /// has passed (delivered or not), and peers last seen before `peers_before` that have
+    /// has passed by `now` (delivered or not; both times on the store clock that stamped
+    /// ids and expiries), and peers last seen before `peers_before` that have
     /// no queued mail, except those `keep` names. A sweep that removed `batch` messages
     /// may have left more: call it again, after serving whatever else is waiting.
     pub fn sweep(
@@ -772,6 +842,12 @@ fn state_code(s: AckState) -> i64 {
 fn id_floor(ms: Millis) -> String {
     let ms = ms.max(0) as u64;
     format!("{:08x}-{:04x}", (ms >> 16) & 0xffff_ffff, ms & 0xffff)
+}
+
+/// The time in a UUIDv7 id, in ms.
+fn id_millis(id: &str) -> Option<Millis> {
+    let (secs, nanos) = uuid::Uuid::parse_str(id).ok()?.get_timestamp()?.to_unix();
+    Some(secs as Millis * 1000 + Millis::from(nanos) / 1_000_000)
 }
 
 /// Reads a row of the columns `id, sender, recipient, text, in_reply_to, sent_at, state,

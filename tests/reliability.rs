@@ -323,3 +323,109 @@ async fn a_damaged_row_is_put_aside_and_the_rest_is_delivered() {
     let (mut bob, _) = home.peer("bob", "/w").await;
     assert_eq!(next_delivery(&mut bob).await.id, after);
 }
+
+/// libfaketime, which moves the wall clock of one process (and leaves its boot clock
+/// alone), or `None` with the reason printed.
+fn faketime() -> Option<&'static str> {
+    const LIBS: &[&str] = &[
+        "/usr/lib/x86_64-linux-gnu/faketime/libfaketime.so.1",
+        "/usr/lib/aarch64-linux-gnu/faketime/libfaketime.so.1",
+        "/usr/lib/faketime/libfaketime.so.1",
+    ];
+    let lib = LIBS.iter().copied().find(|p| Path::new(p).exists());
+    if lib.is_none() {
+        eprintln!("skipped: libfaketime not found (apt-get install faketime)");
+    }
+    lib
+}
+
+/// A broker whose wall clock is `offset` off (libfaketime's syntax: "-10d", "+1d").
+fn broker_with_clock(home: &Home, lib: &str, offset: &str) -> Broker {
+    let child = home
+        .cmd()
+        .arg("broker")
+        .env("LD_PRELOAD", lib)
+        .env("FAKETIME", offset)
+        .env("FAKETIME_DONT_FAKE_MONOTONIC", "1")
+        .env("CLAUDE_PEERS_LOG", "debug")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let b = Broker { child };
+    wait_for(
+        || std::os::unix::net::UnixStream::connect(&home.paths.socket).is_ok(),
+        "broker socket",
+    );
+    b
+}
+
+/// Issue 11, item 7. Mail sent while the wall clock was 10 days behind, then the clock
+/// corrected: the first retention sweep must not take it for 10-day-old mail (retention
+/// is 7 days) and delete it unread.
+#[tokio::test]
+async fn mail_stamped_by_a_clock_that_was_behind_survives_the_sweep() {
+    let Some(lib) = faketime() else { return };
+    let home = Home::new();
+    let mut behind = broker_with_clock(&home, lib, "-10d");
+    known_offline(&home, "bob").await;
+    let c = home.client().await;
+    let sent = c
+        .call(from("alice", "bob", "sent while the clock was behind"))
+        .await;
+    let sent = sent.unwrap();
+    assert!(
+        sent.sent_at < now_millis() - 9 * 86_400_000,
+        "the broker's clock was behind"
+    );
+    drop(c);
+    behind.kill9();
+
+    // The clock is right again. This broker sweeps a second after it starts.
+    let log = home.dir.path().join("debug.log");
+    let _b = home
+        .cmd()
+        .arg("broker")
+        .env("CLAUDE_PEERS_LOG", "debug")
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .map(|child| Broker { child })
+        .unwrap();
+    wait_for(
+        || {
+            std::fs::read_to_string(&log)
+                .unwrap_or_default()
+                .contains("retention sweep")
+        },
+        "the first retention sweep",
+    );
+    let (mut bob, _) = home.peer("bob", "/w").await;
+    let d = next_delivery(&mut bob).await;
+    assert_eq!(d.id, sent.message_id);
+}
+
+/// Issue 11, item 7. A message stored while the wall clock was a day ahead, then one after
+/// the clock was corrected: the backlog arrives in the order it was stored.
+#[tokio::test]
+async fn a_clock_set_back_does_not_reorder_the_backlog() {
+    let Some(lib) = faketime() else { return };
+    let home = Home::new();
+    let mut ahead = broker_with_clock(&home, lib, "+1d");
+    known_offline(&home, "bob").await;
+    let c = home.client().await;
+    let first = c.call(from("alice", "bob", "first")).await.unwrap();
+    drop(c);
+    ahead.kill9();
+
+    let _b = home.broker(&[]);
+    let c = home.client().await;
+    let second = c.call(from("alice", "bob", "second")).await.unwrap();
+    assert!(second.sent_at < first.sent_at, "the clock went back");
+    let (mut bob, _) = home.peer("bob", "/w").await;
+    assert_eq!(next_delivery(&mut bob).await.id, first.message_id);
+    assert_eq!(next_delivery(&mut bob).await.id, second.message_id);
+    let log = home.run(&["log", "--json"]);
+    let log: Vec<serde_json::Value> = serde_json::from_slice(&log.stdout).unwrap();
+    let texts: Vec<&str> = log.iter().map(|e| e["text"].as_str().unwrap()).collect();
+    assert_eq!(texts, ["first", "second"], "history in stored order");
+}

@@ -18,6 +18,7 @@ use std::time::{Duration, Instant};
 use serde_json::value::RawValue;
 use tokio::sync::mpsc::{UnboundedReceiver, UnboundedSender};
 
+use super::clock::StoreClock;
 use crate::config::Limits;
 use crate::names::PeerName;
 use crate::protocol::*;
@@ -112,6 +113,8 @@ pub struct Core {
     batch_error: Option<StoreError>,
     /// Deliveries put aside as damaged; mirrors the store's state 5 rows.
     quarantined: u64,
+    /// Stamps ids and expiries; see [`StoreClock`].
+    clock: StoreClock,
     idle_since: Option<Instant>,
     next_sweep: Instant,
     stopping: Option<String>,
@@ -163,6 +166,7 @@ impl Core {
             .collect();
         let queued = store.queued_counts()?;
         let quarantined = store.quarantined()?;
+        let clock = StoreClock::start(&store)?;
         let now = Instant::now();
         Ok(Self {
             store,
@@ -178,6 +182,7 @@ impl Core {
             awaiting_in_batch: Vec::new(),
             batch_error: None,
             quarantined,
+            clock,
             idle_since: Some(now),
             // First sweep soon after start, to clear what expired while we were down.
             next_sweep: now + Duration::from_secs(1),
@@ -766,9 +771,11 @@ impl Core {
         if let Err(e) = self.check_mailboxes(&recipients) {
             return Some(Err(e));
         }
-        let id = uuid::Uuid::now_v7().to_string();
+        // Ordered and expired by the store's clock, which the wall clock cannot move;
+        // `sent_at` is the wall time people see.
+        let (id, stamped) = self.clock.new_id();
         let sent_at = now_millis();
-        let expires_at = sent_at.saturating_add(self.limits.retention.as_millis() as Millis);
+        let expires_at = stamped.saturating_add(self.limits.retention.as_millis() as Millis);
         let refs: Vec<&str> = recipients.iter().map(String::as_str).collect();
         let new = NewMessage {
             id: &id,
@@ -1113,12 +1120,15 @@ impl Core {
             }
             let _ = self.store.touch_peer(name, now);
         }
-        let before = now.saturating_sub(self.limits.retention.as_millis() as Millis);
+        let retention = self.limits.retention.as_millis() as Millis;
+        // Mail by the store's clock (a wall clock that jumped must not expire it early);
+        // peers by wall time, as `last_seen` is.
+        let store_now = self.clock.now();
         let online = &self.online;
         match self.store.sweep(
-            now,
-            before,
-            before,
+            store_now,
+            store_now.saturating_sub(retention),
+            now.saturating_sub(retention),
             &|n| online.contains_key(n),
             SWEEP_BATCH,
         ) {
@@ -1134,6 +1144,8 @@ impl Core {
                         "retention sweep"
                     );
                     self.reload();
+                } else {
+                    tracing::debug!("retention sweep: nothing expired");
                 }
             }
             Err(e) => tracing::error!("retention sweep failed: {e}"),

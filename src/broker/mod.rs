@@ -5,6 +5,7 @@
 //! ([`conn`]), which decode and check each request ([`frame`]) before the core sees it. Shutdown (asked for, idle, SIGTERM/SIGINT): the core finishes its batch and
 //! answers, connections are closed, the socket is removed, then the lock is released.
 
+pub mod clock;
 pub mod conn;
 pub mod core;
 pub mod frame;
