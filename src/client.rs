@@ -313,6 +313,52 @@ impl Client {
             .map_err(|_| ClientError::Disconnected)??)
     }
 
+    /// Every page of a peer listing, each left encoded (see [`Client::call_encoded`]).
+    /// A listing too large for one frame comes in pages; this asks for each in turn.
+    pub async fn list_peers_pages(&self, mut l: ListPeers) -> Result<Vec<Encoded>, ClientError> {
+        #[derive(serde::Deserialize)]
+        struct Next {
+            next: Option<String>,
+        }
+        let mut pages = Vec::new();
+        loop {
+            let page = self.call_encoded(l.clone()).await?;
+            let next = page.read::<Next>()?.next;
+            pages.push(page);
+            match next {
+                Some(after) => l.after = Some(after),
+                None => return Ok(pages),
+            }
+        }
+    }
+
+    /// A whole peer listing, every page of it.
+    pub async fn list_peers(&self, l: ListPeers) -> Result<Vec<PeerInfo>, ClientError> {
+        let mut peers = Vec::new();
+        for page in self.list_peers_pages(l).await? {
+            peers.extend(page.read::<PeerList>()?.peers);
+        }
+        Ok(peers)
+    }
+
+    /// History, oldest first: the newest `limit` entries (as [`LogQuery`] says), from as
+    /// many pages as they take.
+    pub async fn log(&self, mut q: LogQuery) -> Result<Vec<LogEntry>, ClientError> {
+        let mut left = q.limit.unwrap_or(LOG_DEFAULT).clamp(1, LOG_MAX);
+        let mut pages = Vec::new();
+        loop {
+            q.limit = Some(left);
+            let page = self.call(q.clone()).await?;
+            left = left.saturating_sub(page.messages.len() as u32);
+            pages.push(page.messages);
+            match page.next {
+                Some(before) if left > 0 => q.before = Some(before),
+                _ => break,
+            }
+        }
+        Ok(pages.into_iter().rev().flatten().collect())
+    }
+
     /// Sends a request and returns a future of its answer, so many can be in flight.
     pub fn start<C: Call>(&self, request: C) -> Result<oneshot::Receiver<Answer>, ClientError> {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
@@ -643,7 +689,10 @@ mod tests {
 
     #[test]
     fn answers_are_found_without_reading_their_result() {
-        let list = PeerList { peers: Vec::new() };
+        let list = PeerList {
+            next: None,
+            peers: Vec::new(),
+        };
         let bytes = frame(&ServerFrame::result(
             Some(18_446_744_073_709_551_615),
             &list,

@@ -4,6 +4,11 @@
 
 use std::time::Duration;
 
+/// The largest `max_message_bytes` a broker accepts: a message must fit in one frame
+/// however its text is escaped (a control character takes 6 bytes in JSON), with its
+/// sender's details around it, in a delivery as in a page of history.
+pub const MAX_MESSAGE_BYTES_CEILING: usize = 128 * 1024;
+
 /// Limits and timers of one broker.
 #[derive(Debug, Clone)]
 pub struct Limits {

@@ -19,6 +19,18 @@ pub const PROTOCOL_VERSION: u32 = 2;
 /// cannot tell where the next frame starts without reading the rest.
 pub const MAX_FRAME_BYTES: usize = 1 << 20;
 
+/// The most an answer's list (`peers`, `log`) takes of a frame: a longer one is cut into
+/// pages, each naming where the next starts (`next`), so every answer fits
+/// [`MAX_FRAME_BYTES`] with room for the frame around it.
+pub const MAX_PAGE_BYTES: usize = MAX_FRAME_BYTES - 16 * 1024;
+
+/// Entries a `log` answers when it names no `limit`, and the most it answers.
+pub const LOG_DEFAULT: u32 = 50;
+pub const LOG_MAX: u32 = 1000;
+
+/// The longest paging cursor (`after`, `before`).
+pub const MAX_CURSOR_BYTES: usize = 512;
+
 /// Milliseconds since the Unix epoch.
 pub type Millis = i64;
 
@@ -340,6 +352,9 @@ pub struct ListPeers {
     pub cwd: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub git_common_dir: Option<String>,
+    /// Continue a listing after this point: the `next` of the page before.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub after: Option<String>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -357,6 +372,10 @@ pub struct LogQuery {
     /// Only messages from or to this peer.
     #[serde(default)]
     pub peer: Option<String>,
+    /// Continue with entries older than this point: the `next` of the page before. The
+    /// `limit` counts from here.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub before: Option<String>,
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
@@ -440,6 +459,9 @@ pub struct PeerInfo {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct PeerList {
     pub peers: Vec<PeerInfo>,
+    /// Set when more peers did not fit this page: ask again with this as `after`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub next: Option<String>,
 }
 
 /// [`PeerInfo`] borrowed from the broker's own records, so that a peer's record is
@@ -494,6 +516,8 @@ impl PeerInfoRef<'_> {
 #[derive(Debug, Serialize)]
 pub struct PeerListRef<T> {
     pub peers: Vec<T>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub next: Option<String>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -552,7 +576,12 @@ pub struct LogEntry {
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct LogReply {
+    /// Oldest first: the newest entries older than the cursor that fit one page.
     pub messages: Vec<LogEntry>,
+    /// Set when the page was full before `limit` was reached: ask again with this as
+    /// `before` for the older entries.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub next: Option<String>,
 }
 
 /// A change in history, streamed after `subscribe`.
@@ -760,7 +789,11 @@ mod tests {
             unread: 3,
         };
         let expected = r.to_owned();
-        let s = serde_json::to_string(&PeerListRef { peers: vec![r] }).unwrap();
+        let s = serde_json::to_string(&PeerListRef {
+            next: None,
+            peers: vec![r],
+        })
+        .unwrap();
         let back: PeerList = serde_json::from_str(&s).unwrap();
         assert_eq!(back.peers, vec![expected]);
         // Every field of PeerInfo is written by PeerInfoRef, under the same name.

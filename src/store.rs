@@ -701,42 +701,52 @@ impl Store {
         Ok(rows.collect::<Result<_, _>>()?)
     }
 
-    /// The newest `limit` deliveries, optionally only those from or to `peer`, returned
-    /// oldest first.
-    pub fn log(&self, limit: u32, peer: Option<&str>) -> Result<Vec<LogEntry>, StoreError> {
+    /// The newest `limit` deliveries, optionally only those from or to `peer`, and only
+    /// those before `before` (a message id and recipient, in history's order: by id, then
+    /// by recipient), newest first.
+    pub fn log(
+        &self,
+        limit: u32,
+        peer: Option<&str>,
+        before: Option<(&str, &str)>,
+    ) -> Result<Vec<LogEntry>, StoreError> {
         let map = log_row;
         const COLS: &str = "m.id, m.sender, d.recipient, m.text, m.in_reply_to, m.sent_at, d.state, d.delivered_at";
-        let mut out: Vec<LogEntry> = match peer {
+        // Without a cursor, from past every id ('~' sorts after hex digits and '-').
+        let (upto, after_recipient) = before.unwrap_or(("~", ""));
+        Ok(match peer {
             None => {
                 let sql = format!(
                     "SELECT {COLS} FROM messages m JOIN deliveries d ON d.message_id = m.id
+                     WHERE m.id <= ?2 AND NOT (m.id = ?2 AND d.recipient <= ?3)
                      ORDER BY m.id DESC, d.recipient LIMIT ?1"
                 );
                 let mut stmt = self.conn.prepare_cached(&sql)?;
-                stmt.query_map([limit], map)?.collect::<Result<_, _>>()?
+                stmt.query_map(params![limit, upto, after_recipient], map)?
+                    .collect::<Result<_, _>>()?
             }
             Some(peer) => {
                 // The newest `limit` messages the peer sent and the newest `limit` it was
-                // sent, each read from its own index; the answer is among them.
+                // sent, each read from its own index; the answer is among them (one more,
+                // for the cursor's own message, part of which came before).
                 let sql = format!(
                     "SELECT {COLS} FROM messages m JOIN deliveries d ON d.message_id = m.id
                      WHERE m.id IN (
-                         SELECT id FROM (SELECT id FROM messages WHERE sender = ?1
-                                         ORDER BY id DESC LIMIT ?2)
+                         SELECT id FROM (SELECT id FROM messages WHERE sender = ?1 AND id <= ?3
+                                         ORDER BY id DESC LIMIT ?2 + 1)
                          UNION
                          SELECT message_id FROM (SELECT message_id FROM deliveries
-                                                 WHERE recipient = ?1
-                                                 ORDER BY message_id DESC LIMIT ?2))
+                                                 WHERE recipient = ?1 AND message_id <= ?3
+                                                 ORDER BY message_id DESC LIMIT ?2 + 1))
                        AND (m.sender = ?1 OR d.recipient = ?1)
+                       AND NOT (m.id = ?3 AND d.recipient <= ?4)
                      ORDER BY m.id DESC, d.recipient LIMIT ?2"
                 );
                 let mut stmt = self.conn.prepare_cached(&sql)?;
-                stmt.query_map(params![peer, limit], map)?
+                stmt.query_map(params![peer, limit, upto, after_recipient], map)?
                     .collect::<Result<_, _>>()?
             }
-        };
-        out.reverse();
-        Ok(out)
+        })
     }
 
     /// One message to one recipient, as history.
@@ -943,7 +953,7 @@ mod tests {
         assert!(!s.mark_delivered("m1", "x", 12).unwrap(), "not x's message");
         assert!(s.pending_for("b").unwrap().rows.is_empty());
         assert_eq!(s.pending_for("c").unwrap().rows[0].text, "hi");
-        let log = s.log(10, None).unwrap();
+        let log = s.log(10, None, None).unwrap();
         assert_eq!(log.len(), 2);
         assert_eq!(
             log.iter()
@@ -951,8 +961,8 @@ mod tests {
                 .count(),
             1
         );
-        assert_eq!(s.log(10, Some("c")).unwrap().len(), 1);
-        assert_eq!(s.log(10, Some("a")).unwrap().len(), 2);
+        assert_eq!(s.log(10, Some("c"), None).unwrap().len(), 1);
+        assert_eq!(s.log(10, Some("a"), None).unwrap().len(), 2);
     }
 
     #[test]

@@ -421,6 +421,7 @@ async fn scopes_select_directory_and_repo() {
         keep.push(cl);
     }
     let list = |scope, cwd: &str, common: Option<&str>| ListPeers {
+        after: None,
         scope,
         include_offline: false,
         cwd: Some(cwd.into()),

@@ -1014,6 +1014,7 @@ async fn burst_arrives_once(n: usize, tag: &str, server_env: &[(&str, &str)], wi
     loop {
         let log = alice
             .call(claude_peers::protocol::LogQuery {
+                before: None,
                 limit: Some(100),
                 peer: Some("bob".into()),
             })

@@ -542,6 +542,7 @@ async fn serve_killed_mid_stream_gets_its_unacked_mail_once_under_the_same_name(
     wait_offline(&observer, "recv").await;
     let history = observer
         .call(LogQuery {
+            before: None,
             limit: Some(1000),
             peer: Some("recv".into()),
         })

@@ -14,6 +14,7 @@ use std::time::Duration;
 use claude_peers::client::{Client, ClientError, ConnectOptions};
 use claude_peers::protocol::*;
 use common::*;
+use serde_json::Value;
 
 /// A tmpfs mounted on a fresh directory; unmounted (and the directory removed) on drop.
 struct Mount {
@@ -428,4 +429,70 @@ async fn a_clock_set_back_does_not_reorder_the_backlog() {
     let log: Vec<serde_json::Value> = serde_json::from_slice(&log.stdout).unwrap();
     let texts: Vec<&str> = log.iter().map(|e| e["text"].as_str().unwrap()).collect();
     assert_eq!(texts, ["first", "second"], "history in stored order");
+}
+
+/// Issue 11, item 5. History of 20 messages of 60 KiB, and a listing of 72 peers with
+/// long (allowed) fields, are each larger than a frame: the broker answers in pages that
+/// fit, and the CLI reads them all.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn answers_larger_than_a_frame_come_in_pages() {
+    let home = Home::new();
+    let _b = home.broker(&[]);
+    known_offline(&home, "bob").await;
+    let c = home.client().await;
+    let mut texts = Vec::new();
+    for i in 0..20 {
+        let text = format!("{i:02} {}", "y".repeat(60 * 1024));
+        c.call(from("alice", "bob", &text)).await.unwrap();
+        texts.push(text);
+    }
+
+    let mut raw = Raw::greeted(&home.paths.socket);
+    let page = raw.call(r#"{"id":1,"op":"log","limit":1000}"#);
+    let first = page["result"]["messages"].as_array().unwrap();
+    assert!(first.len() < 20, "one frame cannot hold them all");
+    assert!(
+        page["result"]["next"].is_string(),
+        "{}",
+        page["result"]["next"]
+    );
+    assert!(serde_json::to_vec(&page).unwrap().len() <= MAX_FRAME_BYTES);
+
+    let log = home.run(&["log", "--json", "--limit", "100"]);
+    assert!(log.status.success(), "{log:?}");
+    let log: Vec<Value> = serde_json::from_slice(&log.stdout).unwrap();
+    let got: Vec<&str> = log.iter().map(|e| e["text"].as_str().unwrap()).collect();
+    assert_eq!(got, texts, "all 20, whole, oldest first");
+    let some = home.run(&["log", "--json", "--limit", "15"]);
+    let some: Vec<Value> = serde_json::from_slice(&some.stdout).unwrap();
+    let got: Vec<&str> = some.iter().map(|e| e["text"].as_str().unwrap()).collect();
+    assert_eq!(got, texts[5..], "the newest 15 across pages");
+
+    let long = |c: char, n: usize| format!("/{}", c.to_string().repeat(n - 1));
+    let mut sessions = Vec::new();
+    for i in 0..72 {
+        let s = home.client().await;
+        s.call(Register {
+            git_root: Some(long('g', 4000)),
+            git_common_dir: Some(long('c', 4000)),
+            summary: Some("\u{1}".repeat(4000)),
+            ..register(&format!("p{i:02}"), &long('d', 4000))
+        })
+        .await
+        .unwrap();
+        sessions.push(s);
+    }
+    let page = raw.call(r#"{"id":2,"op":"list_peers"}"#);
+    assert!(page["result"]["next"].is_string(), "{page:.300}");
+    assert!(serde_json::to_vec(&page).unwrap().len() <= MAX_FRAME_BYTES);
+    let peers = home.run(&["peers", "--json"]);
+    assert!(peers.status.success(), "{peers:?}");
+    let peers: Vec<Value> = serde_json::from_slice(&peers.stdout).unwrap();
+    let names: Vec<&str> = peers.iter().map(|p| p["name"].as_str().unwrap()).collect();
+    let expected: Vec<String> = (0..72).map(|i| format!("p{i:02}")).collect();
+    assert_eq!(names, expected);
+    let all = home.run(&["peers", "--all", "--json"]);
+    let all: Vec<Value> = serde_json::from_slice(&all.stdout).unwrap();
+    assert_eq!(all.len(), 73, "bob too, offline, after the online ones");
+    assert_eq!(all[72]["name"], "bob");
 }

@@ -755,3 +755,40 @@ async fn a_bypass_session_is_not_woken_by_hook_wait() {
     waiting.kill().unwrap();
     let _ = waiting.wait();
 }
+
+/// Issue 11, item 5. A listing of 72 peers with long (allowed) fields is larger than a
+/// frame: `serve` reads every page, stays connected, and shows each summary clipped.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_listing_larger_than_a_frame_reaches_the_model_whole() {
+    let home = Home::new();
+    let _b = home.broker(&[]);
+    let main = home.session("main", true).await;
+    main.whoami_when_ready().await;
+    let long = |c: char| format!("/{}", c.to_string().repeat(3999));
+    let mut peers = Vec::new();
+    for i in 0..72 {
+        let c = home.client().await;
+        c.call(claude_peers::protocol::Register {
+            git_root: Some(long('g')),
+            git_common_dir: Some(long('c')),
+            summary: Some("s".repeat(4000)),
+            ..register(&format!("p{i:02}"), &long('d'))
+        })
+        .await
+        .unwrap();
+        peers.push(c);
+    }
+    let listed = main.ok("list_peers", json!({})).await;
+    let listed = listed["peers"].as_array().unwrap();
+    assert_eq!(listed.len(), 72);
+    for p in listed {
+        let summary = p["summary"].as_str().unwrap();
+        assert!(summary.len() <= 304 && summary.ends_with('…'), "{summary}");
+    }
+    // The same connection still answers: it was not dropped for an oversized frame.
+    let me = main.ok("whoami", json!({})).await;
+    assert_eq!(me["name"], "main");
+    let status = home.run(&["status", "--json"]);
+    let status: Value = serde_json::from_slice(&status.stdout).unwrap();
+    assert_eq!(status["peers_online"], 73);
+}

@@ -22,6 +22,7 @@ use util::Row;
 /// caches), and this says by how much, so runs can be compared.
 fn yardstick() -> Duration {
     let list = PeerList {
+        next: None,
         peers: (0..200)
             .map(|i| PeerInfo {
                 name: format!("session-{i}"),

@@ -110,6 +110,7 @@ async fn measure(messages: usize) -> Figures {
     let mut quiet_times = util::time_calls(10, 200, || async {
         let l = cli
             .call(LogQuery {
+                before: None,
                 limit: None,
                 peer: Some("quiet".into()),
             })

@@ -563,9 +563,22 @@ impl Core {
 /// Selects peers in a scope.
 type PeerFilter = Box<dyn Fn(&PeerRow) -> bool>;
 
-/// Default and largest `log` sizes.
-const LOG_DEFAULT: u32 = 50;
-const LOG_MAX: u32 = 1000;
+/// A listing's paging cursor: where the last peer of a page sorts (online ones first,
+/// then by name).
+fn peer_cursor(online: bool, name: &str) -> String {
+    format!("{}:{name}", u8::from(online))
+}
+
+fn parse_peer_cursor(cursor: &str) -> Result<(bool, &str), ErrorBody> {
+    match cursor.split_once(':') {
+        Some(("1", name)) => Ok((true, name)),
+        Some(("0", name)) => Ok((false, name)),
+        _ => Err(err(
+            ErrorCode::BadRequest,
+            "after is not a cursor this broker gave; pass the `next` of the page before",
+        )),
+    }
+}
 
 fn internal(e: StoreError) -> ErrorBody {
     tracing::error!("store: {e}");
@@ -1001,8 +1014,17 @@ impl Core {
             .filter(|&(online, p)| (l.include_offline || online) && filter(p))
             .collect();
         rows.sort_unstable_by(|a, b| b.0.cmp(&a.0).then_with(|| a.1.name.cmp(&b.1.name)));
+        if let Some(after) = &l.after {
+            let (online, name) = parse_peer_cursor(after)?;
+            rows.retain(|&(o, p)| (!o, p.name.as_str()) > (!online, name));
+        }
         let mut cache = self.records.borrow_mut();
-        for &(online, p) in &rows {
+        // One page: the records that fit MAX_PAGE_BYTES (at least one; a record is far
+        // smaller), and where the next page starts.
+        let mut bytes = 0;
+        let mut cut = None;
+        let mut next = None;
+        for (i, &(online, p)) in rows.iter().enumerate() {
             let unread = self.unread(&p.name);
             let fresh = cache
                 .get(&p.name)
@@ -1019,12 +1041,23 @@ impl Core {
                 };
                 cache.insert(p.name.clone(), record);
             }
+            bytes += cache[&p.name].json.get().len() + 1;
+            if bytes > MAX_PAGE_BYTES && i > 0 {
+                cut = Some(i);
+                break;
+            }
+        }
+        if let Some(i) = cut {
+            let (online, last) = rows[i - 1];
+            next = Some(peer_cursor(online, &last.name));
+            rows.truncate(i);
         }
         let list = PeerListRef {
             peers: rows
                 .iter()
                 .map(|(_, p)| &*cache[&p.name].json)
                 .collect::<Vec<&RawValue>>(),
+            next,
         };
         let answer = serde_json::value::to_raw_value(&list).expect("a peer list serializes");
         // Peers forgotten since (retention) leave the cache too.
@@ -1085,8 +1118,33 @@ impl Core {
 
     fn log(&self, q: LogQuery) -> Result<LogReply, ErrorBody> {
         let limit = q.limit.unwrap_or(LOG_DEFAULT).clamp(1, LOG_MAX);
-        let messages = self.store.log(limit, q.peer.as_deref()).map_err(internal)?;
-        Ok(LogReply { messages })
+        let before = match &q.before {
+            None => None,
+            Some(c) => Some(c.split_once(':').ok_or_else(|| {
+                err(
+                    ErrorCode::BadRequest,
+                    "before is not a cursor this broker gave; pass the `next` of the page before",
+                )
+            })?),
+        };
+        let mut messages = self
+            .store
+            .log(limit, q.peer.as_deref(), before)
+            .map_err(internal)?;
+        // Newest first: keep those that fit one page, and say where the older ones start.
+        let mut bytes = 0;
+        let mut next = None;
+        for (i, e) in messages.iter().enumerate() {
+            bytes += serde_json::to_vec(e).map_or(0, |v| v.len()) + 1;
+            if bytes > MAX_PAGE_BYTES && i > 0 {
+                let last = &messages[i - 1];
+                next = Some(format!("{}:{}", last.id, last.to));
+                messages.truncate(i);
+                break;
+            }
+        }
+        messages.reverse();
+        Ok(LogReply { messages, next })
     }
 
     fn fire_timers(&mut self) {

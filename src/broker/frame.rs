@@ -174,9 +174,15 @@ pub fn validate(request: &Request, limits: &Limits) -> Result<(), ErrorBody> {
                 .iter()
                 .try_for_each(|id| at_most("an acked id", Some(id), MAX_ID_BYTES))
         }
-        Request::ListPeers(l) => place(l.cwd.as_deref(), l.git_common_dir.as_deref()),
+        Request::ListPeers(l) => {
+            place(l.cwd.as_deref(), l.git_common_dir.as_deref())?;
+            at_most("after", l.after.as_deref(), MAX_CURSOR_BYTES)
+        }
         Request::SetSummary(s) => summary(Some(&s.summary)),
-        Request::Log(q) => q.peer.as_deref().map_or(Ok(()), |p| name("peer", p)),
+        Request::Log(q) => {
+            at_most("before", q.before.as_deref(), MAX_CURSOR_BYTES)?;
+            q.peer.as_deref().map_or(Ok(()), |p| name("peer", p))
+        }
         Request::Shutdown(s) => at_most("reason", s.reason.as_deref(), MAX_FIELD_BYTES),
         Request::Whoami | Request::Status | Request::Subscribe => Ok(()),
     }

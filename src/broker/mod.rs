@@ -88,6 +88,13 @@ impl BrokerLock {
 /// Runs a broker until it is asked to stop, goes idle, or gets SIGTERM/SIGINT.
 pub fn run(opts: BrokerOptions) -> Result<()> {
     let paths = &opts.paths;
+    if opts.limits.max_message_bytes > crate::config::MAX_MESSAGE_BYTES_CEILING {
+        bail!(
+            "max message bytes {} is over the ceiling of {} (a message must fit in one frame); set CLAUDE_PEERS_MAX_MESSAGE_BYTES or --max-message-bytes to at most that",
+            opts.limits.max_message_bytes,
+            crate::config::MAX_MESSAGE_BYTES_CEILING
+        );
+    }
     paths.prepare()?;
     let Some(lock) = BrokerLock::acquire(paths)? else {
         let pid = std::fs::read_to_string(&paths.lock).unwrap_or_default();

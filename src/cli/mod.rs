@@ -337,18 +337,19 @@ fn here() -> (Option<String>, Option<String>) {
 async fn peers(paths: &Paths, scope: Scope, all: bool, json: bool) -> Result<()> {
     let client = connect(paths, true).await?;
     let (cwd, git_common_dir) = here();
-    let list = client
-        .call(ListPeers {
+    let peers = client
+        .list_peers(ListPeers {
             scope,
             include_offline: all,
             cwd,
             git_common_dir,
+            after: None,
         })
         .await?;
     if json {
-        return print_json(&list.peers);
+        return print_json(&peers);
     }
-    if list.peers.is_empty() {
+    if peers.is_empty() {
         outln!(
             "no {}peers{}",
             if all { "" } else { "online " },
@@ -361,8 +362,7 @@ async fn peers(paths: &Paths, scope: Scope, all: bool, json: bool) -> Result<()>
         return Ok(());
     }
     let now = now_millis();
-    let rows: Vec<Vec<String>> = list
-        .peers
+    let rows: Vec<Vec<String>> = peers
         .iter()
         .map(|p| {
             vec![
@@ -480,21 +480,22 @@ async fn log(
         client.call(SubscribeCall).await?;
     }
     let history = client
-        .call(LogQuery {
+        .log(LogQuery {
             limit: Some(limit),
             peer: peer.clone(),
+            before: None,
         })
         .await?;
     if json && !follow {
-        return print_json(&history.messages);
+        return print_json(&history);
     }
     let mut seen = std::collections::HashSet::new();
-    for e in &history.messages {
+    for e in &history {
         seen.insert((e.id.clone(), e.to.clone()));
         print_entry(e, json)?;
     }
     if !follow {
-        if history.messages.is_empty() {
+        if history.is_empty() {
             let _ = writeln!(std::io::stderr(), "no messages yet");
         }
         return Ok(());

@@ -159,6 +159,20 @@ struct Listed<'a> {
     peers: Vec<ListedPeer<'a>>,
 }
 
+/// The peers of every page of a listing, borrowed from the pages.
+fn read_pages(pages: &[crate::client::Encoded]) -> Result<Vec<ListedPeer<'_>>, String> {
+    let mut peers = Vec::new();
+    for page in pages {
+        let listed: Listed<'_> = page.read().map_err(|e| e.to_string())?;
+        peers.extend(listed.peers);
+    }
+    Ok(peers)
+}
+
+/// The longest summary a listing shows the model, in bytes: a summary may be 4 KiB, and
+/// a listing of many peers must stay readable (and under the host's tool-output limit).
+const LISTED_SUMMARY_BYTES: usize = 300;
+
 impl<'a> From<ListedPeer<'a>> for PeerOut<'a> {
     fn from(p: ListedPeer<'a>) -> Self {
         PeerOut {
@@ -173,9 +187,21 @@ impl<'a> From<ListedPeer<'a>> for PeerOut<'a> {
             cwd: p.cwd,
             repo: p.git_root,
             branch: p.branch,
-            summary: p.summary,
+            summary: clip(p.summary, LISTED_SUMMARY_BYTES),
         }
     }
+}
+
+/// `s` cut to at most `max` bytes at a character boundary, with "…" where it was cut.
+fn clip(s: Cow<'_, str>, max: usize) -> Cow<'_, str> {
+    if s.len() <= max {
+        return s;
+    }
+    let mut end = max;
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}…", &s[..end]).into()
 }
 
 /// A peer listing as a tool result: one readable line per peer as the text the model
@@ -352,12 +378,12 @@ impl PeersServer {
         in_reply_to: Option<String>,
     ) -> Result<Json<SentOut>, String> {
         let client = self.session.client().await?;
-        let online = client
-            .call_encoded(ListPeers::default())
+        let pages = client
+            .list_peers_pages(ListPeers::default())
             .await
             .map_err(|e| e.to_string())?;
-        let listed: Listed<'_> = online.read().map_err(|e| e.to_string())?;
-        let pids = listed.peers.iter().filter(|p| p.online).map(|p| p.pid);
+        let listed = read_pages(&pages)?;
+        let pids = listed.iter().filter(|p| p.online).map(|p| p.pid);
         let (id, state) = self
             .session
             .send_native(&to, message, in_reply_to, pids)
@@ -422,23 +448,22 @@ impl PeersServer {
         Parameters(args): Parameters<ListPeersArgs>,
     ) -> Result<PeerListing, String> {
         let client = self.session.client().await?;
-        let answer = client
-            .call_encoded(ListPeers {
+        let pages = client
+            .list_peers_pages(ListPeers {
                 scope: args.scope.into(),
                 include_offline: args.include_offline,
-                cwd: None,
-                git_common_dir: None,
+                ..ListPeers::default()
             })
             .await
             .map_err(|e| e.to_string())?;
-        let listed: Listed<'_> = answer.read().map_err(|e| e.to_string())?;
+        let listed = read_pages(&pages)?;
         let natives = match args.scope {
             ScopeArg::Machine => self
                 .session
-                .natives(listed.peers.iter().filter(|p| p.online).map(|p| p.pid)),
+                .natives(listed.iter().filter(|p| p.online).map(|p| p.pid)),
             _ => Vec::new(),
         };
-        let mut peers: Vec<PeerOut<'_>> = listed.peers.into_iter().map(PeerOut::from).collect();
+        let mut peers: Vec<PeerOut<'_>> = listed.into_iter().map(PeerOut::from).collect();
         peers.extend(natives.into_iter().map(|n| {
             PeerOut {
                 name: n.address.into(),
@@ -679,6 +704,7 @@ mod tests {
     #[test]
     fn a_listing_reads_the_brokers_records() {
         let list = PeerList {
+            next: None,
             peers: vec![peer("bob", true), peer("carol", false)],
         };
         let json = serde_json::to_string(&list).unwrap();
