@@ -70,6 +70,8 @@ impl ClientError {
 pub enum Event {
     Deliver(Delivery),
     Log(LogEvent),
+    /// This subscriber read too slowly and missed this many log events.
+    Lagged(u64),
 }
 
 /// How to connect.
@@ -558,6 +560,8 @@ async fn read_loop(
             let _ = events.send(Event::Deliver(d));
         } else if let Some(ev) = frame.event {
             let _ = events.send(Event::Log(ev));
+        } else if let Some(l) = frame.lagged {
+            let _ = events.send(Event::Lagged(l.missed));
         } else if let Some(id) = frame.id {
             let outcome = match (frame.result, frame.error) {
                 (_, Some(e)) => Err(e),

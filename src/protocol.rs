@@ -614,6 +614,17 @@ pub struct ServerFrame<R> {
     pub deliver: Option<Delivery>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub event: Option<LogEvent>,
+    /// Events this subscriber missed because it read too slowly (see [`Lagged`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lagged: Option<Lagged>,
+}
+
+/// Sent to a subscriber that fell behind: the broker keeps at most about 1 MiB of events
+/// waiting for a reader, and dropped `missed` events since the last ones it wrote. Read
+/// what was missed with `log`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Lagged {
+    pub missed: u64,
 }
 
 impl<R> ServerFrame<R> {
@@ -624,6 +635,7 @@ impl<R> ServerFrame<R> {
             error: None,
             deliver: None,
             event: None,
+            lagged: None,
         }
     }
     pub fn error(id: Option<u64>, error: ErrorBody) -> Self {
@@ -633,6 +645,7 @@ impl<R> ServerFrame<R> {
             error: Some(error),
             deliver: None,
             event: None,
+            lagged: None,
         }
     }
     pub fn deliver(message: Delivery) -> Self {
@@ -642,6 +655,7 @@ impl<R> ServerFrame<R> {
             error: None,
             deliver: Some(message),
             event: None,
+            lagged: None,
         }
     }
     pub fn event(event: LogEvent) -> Self {
@@ -651,6 +665,17 @@ impl<R> ServerFrame<R> {
             error: None,
             deliver: None,
             event: Some(event),
+            lagged: None,
+        }
+    }
+    pub fn lagged(missed: u64) -> Self {
+        Self {
+            id: None,
+            result: None,
+            error: None,
+            deliver: None,
+            event: None,
+            lagged: Some(Lagged { missed }),
         }
     }
 }

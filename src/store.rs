@@ -638,18 +638,25 @@ impl Store {
         Ok(newest.and_then(|id| id_millis(&String::from_utf8_lossy(&id))))
     }
 
-    /// Queued messages for `recipient`, oldest first. Read row by row: a row that cannot
+    /// Up to `limit` queued messages for `recipient` with ids after `after`, oldest first.
+    /// Read row by row: a row that cannot
     /// be read (text that is not UTF-8, a field of the wrong type: a damaged file or a
     /// foreign write) does not hold up the others; its raw message id is returned in
     /// [`Pending::damaged`], for [`Store::quarantine`].
-    pub fn pending_for(&self, recipient: &str) -> Result<Pending, StoreError> {
+    pub fn pending_for(
+        &self,
+        recipient: &str,
+        after: Option<&str>,
+        limit: u32,
+    ) -> Result<Pending, StoreError> {
         let mut stmt = self.conn.prepare_cached(
             "SELECT CAST(d.message_id AS BLOB), m.id, m.sender, m.text, m.in_reply_to, m.sent_at
              FROM deliveries d JOIN messages m ON m.id = d.message_id
-             WHERE d.recipient = ?1 AND d.state = 0 ORDER BY d.message_id",
+             WHERE d.recipient = ?1 AND d.state = 0 AND d.message_id > ?2
+             ORDER BY d.message_id LIMIT ?3",
         )?;
         let mut out = Pending::default();
-        let mut rows = stmt.query([recipient])?;
+        let mut rows = stmt.query(params![recipient, after.unwrap_or(""), limit])?;
         while let Some(r) = rows.next()? {
             let row = (|| {
                 Ok::<_, rusqlite::Error>(PendingRow {
@@ -943,7 +950,7 @@ mod tests {
     fn delivery_state_moves_once() {
         let (_d, s) = store();
         s.insert_message(&msg("m1", "hi", 10), &["b", "c"]).unwrap();
-        assert_eq!(s.pending_for("b").unwrap().rows.len(), 1);
+        assert_eq!(s.pending_for("b", None, 100).unwrap().rows.len(), 1);
         assert_eq!(s.queued_counts().unwrap()["c"], 1);
         assert!(s.mark_delivered("m1", "b", 11).unwrap());
         assert!(
@@ -951,8 +958,8 @@ mod tests {
             "second ack changes nothing"
         );
         assert!(!s.mark_delivered("m1", "x", 12).unwrap(), "not x's message");
-        assert!(s.pending_for("b").unwrap().rows.is_empty());
-        assert_eq!(s.pending_for("c").unwrap().rows[0].text, "hi");
+        assert!(s.pending_for("b", None, 100).unwrap().rows.is_empty());
+        assert_eq!(s.pending_for("c", None, 100).unwrap().rows[0].text, "hi");
         let log = s.log(10, None, None).unwrap();
         assert_eq!(log.len(), 2);
         assert_eq!(
@@ -974,7 +981,7 @@ mod tests {
         assert_eq!(s.mark("m1", "b", AckState::Held, 12).unwrap(), None);
         assert_eq!(s.mark("m1", "b", AckState::Pushed, 12).unwrap(), None);
         assert!(
-            s.pending_for("b").unwrap().rows.is_empty(),
+            s.pending_for("b", None, 100).unwrap().rows.is_empty(),
             "held is not pushed again"
         );
         assert_eq!(
@@ -992,7 +999,7 @@ mod tests {
         let pushed = s.mark("m1", "c", AckState::Pushed, 11).unwrap();
         assert_eq!(pushed, Some(Marked::FromQueued));
         assert!(
-            s.pending_for("c").unwrap().rows.is_empty(),
+            s.pending_for("c", None, 100).unwrap().rows.is_empty(),
             "pushed is not pushed again"
         );
         assert_eq!(s.mark("m1", "c", AckState::Delivered, 12).unwrap(), None);
@@ -1007,7 +1014,7 @@ mod tests {
         s.mark("m2", "b", AckState::Held, 21).unwrap();
         let back = s.mark("m2", "b", AckState::Returned, 22).unwrap();
         assert_eq!(back, Some(Marked::Requeued));
-        assert_eq!(s.pending_for("b").unwrap().rows[0].id, "m2");
+        assert_eq!(s.pending_for("b", None, 100).unwrap().rows[0].id, "m2");
         assert_eq!(s.mark("m2", "b", AckState::Returned, 23).unwrap(), None);
         s.mark("m2", "b", AckState::Held, 24).unwrap();
         let no = s.mark("m2", "b", AckState::Denied, 25).unwrap();
@@ -1017,7 +1024,7 @@ mod tests {
             DeliveryState::Denied
         );
         assert_eq!(s.mark("m2", "b", AckState::Delivered, 26).unwrap(), None);
-        assert!(s.pending_for("b").unwrap().rows.is_empty());
+        assert!(s.pending_for("b", None, 100).unwrap().rows.is_empty());
 
         // Delivered, then a late word from the session: held, or dropped (queued again),
         // within the grace; after it, delivered is final.
@@ -1028,7 +1035,7 @@ mod tests {
         s.mark("m3", "b", AckState::Delivered, 3_000).unwrap();
         let back = s.mark("m3", "b", AckState::Returned, 4_000).unwrap();
         assert_eq!(back, Some(Marked::Requeued));
-        assert_eq!(s.pending_for("b").unwrap().rows[0].id, "m3");
+        assert_eq!(s.pending_for("b", None, 100).unwrap().rows[0].id, "m3");
         s.mark("m3", "b", AckState::Delivered, 5_000).unwrap();
         let too_late = 5_000 + REOPEN_GRACE + 1;
         assert_eq!(
@@ -1076,7 +1083,7 @@ mod tests {
             .map(|p| p.name)
             .collect();
         assert!(names.contains(&"busy".to_string()) && names.contains(&"online".to_string()));
-        assert_eq!(s.pending_for("busy").unwrap().rows.len(), 1);
+        assert_eq!(s.pending_for("busy", None, 100).unwrap().rows.len(), 1);
     }
 
     #[test]

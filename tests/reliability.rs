@@ -496,3 +496,101 @@ async fn answers_larger_than_a_frame_come_in_pages() {
     assert_eq!(all.len(), 73, "bob too, offline, after the online ones");
     assert_eq!(all[72]["name"], "bob");
 }
+
+/// A field of /proc/<pid>/status in bytes (`VmRSS`, `VmHWM`: the peak).
+fn memory(pid: u32, field: &str) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let line = status
+        .lines()
+        .find(|l| l.starts_with(&format!("{field}:")))
+        .unwrap();
+    let kb: u64 = line.split_whitespace().nth(1).unwrap().parse().unwrap();
+    kb * 1024
+}
+
+const MB: u64 = 1 << 20;
+
+/// Issue 11, item 2. A subscriber that never reads (`claude-peers log -f | less`, paused)
+/// while a pair exchanges 1,200 messages of 60 KiB: the broker keeps a bounded queue for
+/// it (RSS stays under 50 MB, where it used to reach 152 MB), and when it reads again it
+/// is told how many events it missed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_subscriber_that_never_reads_gets_a_lag_notice_not_unbounded_memory() {
+    let home = Home::new();
+    let broker = home.broker(&["--send-rate", "0", "--ack-wait", "0"]);
+    let pid = broker.pid();
+    let mut sub = Raw::greeted(&home.paths.socket);
+    assert!(sub.call(r#"{"id":1,"op":"subscribe"}"#)["result"].is_object());
+
+    let (mut bob, _) = home.peer("bob", "/w").await;
+    let reader = tokio::spawn(async move {
+        let mut n = 0;
+        while n < 1200 {
+            next_delivery(&mut bob).await;
+            n += 1;
+        }
+        bob
+    });
+    let alice = home.client().await;
+    let text = "z".repeat(60 * 1024);
+    for i in 0..1200 {
+        alice
+            .call(from("alice", "bob", &format!("{i} {text}")))
+            .await
+            .unwrap();
+    }
+    let _bob = reader.await.unwrap();
+    let peak = memory(pid, "VmHWM");
+    assert!(peak <= 50 * MB, "broker peak RSS {} MB", peak / MB);
+
+    // It reads again: what fit its queue, then the notice, and together they count all.
+    let mut events = 0;
+    let missed = loop {
+        let frame = sub.recv().expect("a frame");
+        if let Some(l) = frame.get("lagged") {
+            break l["missed"].as_u64().unwrap();
+        }
+        assert_eq!(frame["event"]["kind"], "sent", "{frame:.200}");
+        events += 1;
+    };
+    assert!(missed > 0);
+    assert_eq!(events + missed, 1200, "{events} events and {missed} missed");
+    drop(sub);
+    let after = memory(pid, "VmRSS");
+    assert!(after <= 50 * MB, "broker RSS after {} MB", after / MB);
+}
+
+/// Issue 11, item 2. A recipient that never reads: its mail stays in the store instead of
+/// queueing in the broker's memory, and all of it arrives, in order, once it reads.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_recipient_that_never_reads_leaves_its_mail_in_the_store() {
+    let home = Home::new();
+    let broker = home.broker(&["--send-rate", "0", "--ack-wait", "0"]);
+    let pid = broker.pid();
+    let mut bob = Raw::greeted(&home.paths.socket);
+    let reg = bob.call(r#"{"id":1,"op":"register","name":"bob","cwd":"/w","pid":1,"push":true}"#);
+    assert_eq!(reg["result"]["name"], "bob", "{reg}");
+
+    let alice = home.client().await;
+    let text = "q".repeat(60 * 1024);
+    let mut ids = Vec::new();
+    for i in 0..1200 {
+        let sent = alice
+            .call(from("alice", "bob", &format!("{i} {text}")))
+            .await;
+        ids.push(sent.unwrap().message_id);
+    }
+    let peak = memory(pid, "VmHWM");
+    assert!(peak <= 50 * MB, "broker peak RSS {} MB", peak / MB);
+
+    let mut got = Vec::new();
+    while got.len() < ids.len() {
+        let frame = bob.recv().expect("a frame");
+        let id = frame["deliver"]["id"]
+            .as_str()
+            .expect("a delivery")
+            .to_string();
+        got.push(id);
+    }
+    assert_eq!(got, ids, "all of it, in order, once");
+}

@@ -2,18 +2,17 @@
 //! (`hello`, malformed frames, rate limits) and hands every other request to the core.
 //! A writer task sends the core's frames back, many per write when they queue up.
 
-use std::cell::Cell;
 use std::rc::Rc;
 use std::time::Instant;
 
 use tokio::io::{AsyncWriteExt, BufReader};
 use tokio::net::UnixStream;
 use tokio::net::unix::OwnedWriteHalf;
-use tokio::sync::Notify;
-use tokio::sync::mpsc::{UnboundedReceiver, UnboundedSender, unbounded_channel};
+use tokio::sync::mpsc::{UnboundedReceiver, UnboundedSender};
 
-use super::core::{Command, ConnId, Outbound, Outbox};
+use super::core::{Command, ConnId};
 use super::frame;
+use super::outq::{Outbound, Outq};
 use crate::config::Limits;
 use crate::platform;
 use crate::protocol::*;
@@ -63,42 +62,36 @@ impl RateLimit {
 }
 
 fn error_frame(id: Option<u64>, code: ErrorCode, message: impl Into<String>) -> Outbound {
-    Outbound::Frame(Box::new(ServerFrame::error(
+    answer(&ServerFrame::<Reply>::error(
         id,
         ErrorBody::new(code, message),
-    )))
+    ))
 }
 
-/// Back-pressure from the writer to the reader: while a write waits for the client to make
-/// room (the socket buffer is full, so the client is not reading), no new request is read.
-/// A client that floods the broker without reading the answers blocks itself instead of
-/// growing the broker's memory.
-#[derive(Default)]
-struct WriteGate {
-    blocked: Cell<bool>,
-    opened: Notify,
-}
-
-impl WriteGate {
-    async fn wait_open(&self) {
-        while self.blocked.get() {
-            self.opened.notified().await;
-        }
-    }
+fn answer(frame: &ServerFrame<Reply>) -> Outbound {
+    let mut buf = Vec::new();
+    wire::encode(frame, &mut buf);
+    Outbound::Answer(buf)
 }
 
 /// Serves one accepted connection until it closes.
 pub async fn serve(stream: UnixStream, conn: ConnId, ctx: Rc<ConnContext>) {
     let (read, write) = stream.into_split();
-    let (outbox, rx) = unbounded_channel();
-    let gate = Rc::new(WriteGate::default());
-    let writer = tokio::task::spawn_local(write_frames(write, rx, gate.clone()));
+    let (outq, rx) = Outq::new();
+    let outq = Rc::new(outq);
+    let writer = tokio::task::spawn_local(write_frames(
+        write,
+        rx,
+        outq.clone(),
+        conn,
+        ctx.core.clone(),
+    ));
     match platform::peer_uid(read.as_ref()) {
         Ok(uid) if uid == ctx.uid => {}
         other => {
             let who = other.map_or_else(|e| format!("unknown ({e})"), |u| u.to_string());
             tracing::warn!(conn, uid = %who, "refused a connection from another user");
-            let _ = outbox.send(error_frame(
+            outq.send_now(error_frame(
                 None,
                 ErrorCode::Forbidden,
                 format!(
@@ -106,7 +99,8 @@ pub async fn serve(stream: UnixStream, conn: ConnId, ctx: Rc<ConnContext>) {
                     ctx.uid
                 ),
             ));
-            let _ = outbox.send(Outbound::Close);
+            outq.send_now(Outbound::Close);
+            drop(outq);
             let _ = writer.await;
             return;
         }
@@ -115,15 +109,15 @@ pub async fn serve(stream: UnixStream, conn: ConnId, ctx: Rc<ConnContext>) {
         .core
         .send(Command::Connected {
             conn,
-            outbox: outbox.clone(),
+            outq: outq.clone(),
         })
         .is_err()
     {
         return;
     }
-    read_frames(read, conn, &ctx, &outbox, &gate).await;
+    read_frames(read, conn, &ctx, &outq).await;
     let _ = ctx.core.send(Command::Disconnected { conn });
-    drop(outbox);
+    drop(outq);
     let _ = writer.await;
 }
 
@@ -131,26 +125,27 @@ async fn read_frames(
     read: tokio::net::unix::OwnedReadHalf,
     conn: ConnId,
     ctx: &ConnContext,
-    outbox: &Outbox,
-    gate: &WriteGate,
+    outbox: &Outq,
 ) {
     let mut frames = FrameReader::new(BufReader::new(read), MAX_FRAME_BYTES);
     let mut greeted = false;
     let mut mismatched = false;
     let mut rate = RateLimit::new(ctx.limits.send_rate);
     loop {
-        gate.wait_open().await;
+        // A client that does not read its answers stops being read: its queue, not the
+        // broker's memory, is what fills.
+        outbox.wait_for_writer(|q| !q.reader_must_wait()).await;
         let bytes = match frames.next().await {
             Ok(Some(b)) => b,
             Ok(None) => return,
             Err(ReadError::TooLarge(max)) => {
                 tracing::warn!(conn, "frame over {max} bytes; closing");
-                let _ = outbox.send(error_frame(
+                outbox.send_now(error_frame(
                     None,
                     ErrorCode::FrameTooLarge,
                     format!("frame over {max} bytes; the connection is closed. Keep each frame under 1 MiB"),
                 ));
-                let _ = outbox.send(Outbound::Close);
+                outbox.send_now(Outbound::Close);
                 return;
             }
             Err(ReadError::Io(e)) => {
@@ -162,21 +157,29 @@ async fn read_frames(
             Ok(Some(f)) => f,
             Ok(None) => continue,
             Err(bad) => {
-                let _ = outbox.send(Outbound::Frame(Box::new(ServerFrame::error(
-                    bad.id, bad.error,
-                ))));
+                outbox.request_in();
+                outbox.send_now(answer(&ServerFrame::error(bad.id, bad.error)));
                 continue;
             }
         };
         let id = frame.id;
+        if matches!(frame.request, Request::Log(_) | Request::ListPeers(_)) {
+            // An answer of up to a page (1 MiB): one at a time, once what came before
+            // is written.
+            outbox.wait_for_writer(|q| q.unanswered() == 0).await;
+        }
+        // Every request is answered except an ack without id.
+        if id.is_some() || !matches!(frame.request, Request::Ack(_)) {
+            outbox.request_in();
+        }
         if let Err(e) = frame::validate(&frame.request, &ctx.limits) {
-            let _ = outbox.send(Outbound::Frame(Box::new(ServerFrame::error(id, e))));
+            outbox.send_now(answer(&ServerFrame::error(id, e)));
             continue;
         }
         match frame.request {
             Request::Hello(h) => {
                 if greeted {
-                    let _ = outbox.send(error_frame(
+                    outbox.send_now(error_frame(
                         id,
                         ErrorCode::BadRequest,
                         "hello was already answered on this connection",
@@ -190,14 +193,11 @@ async fn read_frames(
                     broker_version: env!("CARGO_PKG_VERSION").to_string(),
                     pid: ctx.pid,
                 };
-                let _ = outbox.send(Outbound::Frame(Box::new(ServerFrame::result(
-                    id,
-                    Reply::Hello(reply),
-                ))));
+                outbox.send_now(answer(&ServerFrame::result(id, Reply::Hello(reply))));
                 continue;
             }
             _ if !greeted => {
-                let _ = outbox.send(error_frame(
+                outbox.send_now(error_frame(
                     id,
                     ErrorCode::HelloRequired,
                     "send hello first: {\"op\":\"hello\",\"protocol\":N,\"client\":\"…\",\"version\":\"…\"}",
@@ -206,7 +206,7 @@ async fn read_frames(
             }
             Request::Shutdown(_) => {}
             _ if mismatched => {
-                let _ = outbox.send(error_frame(
+                outbox.send_now(error_frame(
                     id,
                     ErrorCode::ProtocolMismatch,
                     format!(
@@ -217,7 +217,7 @@ async fn read_frames(
                 continue;
             }
             Request::Send(_) | Request::Broadcast(_) if !rate.allow() => {
-                let _ = outbox.send(error_frame(
+                outbox.send_now(error_frame(
                     id,
                     ErrorCode::RateLimited,
                     format!(
@@ -238,7 +238,7 @@ async fn read_frames(
             })
             .is_err()
         {
-            let _ = outbox.send(error_frame(
+            outbox.send_now(error_frame(
                 id,
                 ErrorCode::ShuttingDown,
                 "the broker is shutting down; reconnect in a moment",
@@ -249,19 +249,25 @@ async fn read_frames(
 }
 
 async fn write_frames(
-    write: OwnedWriteHalf,
+    mut write: OwnedWriteHalf,
     mut rx: UnboundedReceiver<Outbound>,
-    gate: Rc<WriteGate>,
+    outq: Rc<Outq>,
+    conn: ConnId,
+    core: UnboundedSender<Command>,
 ) {
-    let mut write = write;
     let mut buf = Vec::with_capacity(8192);
     while let Some(first) = rx.recv().await {
         buf.clear();
         let mut close = false;
+        let mut answers = 0;
         let mut next = Some(first);
         while let Some(out) = next.take() {
             match out {
-                Outbound::Frame(f) => wire::encode(&*f, &mut buf),
+                Outbound::Answer(b) => {
+                    answers += 1;
+                    buf.extend_from_slice(&b);
+                }
+                Outbound::Push(b) => buf.extend_from_slice(&b),
                 Outbound::Close => {
                     close = true;
                     break;
@@ -271,12 +277,15 @@ async fn write_frames(
                 next = rx.try_recv().ok();
             }
         }
-        gate.blocked.set(true);
-        let written = write.write_all(&buf).await;
-        gate.blocked.set(false);
-        gate.opened.notify_waiters();
-        if written.is_err() {
+        if write.write_all(&buf).await.is_err() {
             return;
+        }
+        if outq.written(buf.len(), answers) {
+            let _ = core.send(Command::Drained { conn });
+        }
+        if buf.capacity() > 1 << 20 {
+            // A page or a burst made it large; an idle connection keeps a small one.
+            buf = Vec::with_capacity(8192);
         }
         if close {
             let _ = write.shutdown().await;

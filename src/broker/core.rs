@@ -13,36 +13,46 @@
 
 use std::cell::RefCell;
 use std::collections::{HashMap, HashSet, VecDeque};
+use std::rc::Rc;
 use std::time::{Duration, Instant};
 
 use serde_json::value::RawValue;
-use tokio::sync::mpsc::{UnboundedReceiver, UnboundedSender};
+use tokio::sync::mpsc::UnboundedReceiver;
 
 use super::clock::StoreClock;
+use super::outq::{Outbound, Outq, ROOM_BYTES};
 use crate::config::Limits;
 use crate::names::PeerName;
 use crate::protocol::*;
 use crate::store::{Marked, NewMessage, PeerRow, Store, StoreError};
+use crate::wire;
 
 /// Identifies one accepted connection for the life of the broker.
 pub type ConnId = u64;
 
-/// What the core sends to a connection's writer.
-#[derive(Debug)]
-pub enum Outbound {
-    Frame(Box<ServerFrame<Reply>>),
-    /// Write what came before, then close the connection.
-    Close,
+/// A frame the core made in the current batch, for one connection, released after the
+/// commit. Encoded when made, so its bytes count in the connection's queue at once.
+enum Effect {
+    /// The answer to request `id`; `ok` unless it is an error.
+    Answer {
+        id: Option<u64>,
+        ok: bool,
+        bytes: Vec<u8>,
+    },
+    /// A delivery, log event or lag notice.
+    Push(Vec<u8>),
 }
-
-pub type Outbox = UnboundedSender<Outbound>;
 
 /// What connection tasks (and the signal handler) ask of the core.
 #[derive(Debug)]
 pub enum Command {
     Connected {
         conn: ConnId,
-        outbox: Outbox,
+        outq: Rc<Outq>,
+    },
+    /// The connection's queue has room again after the core held something back.
+    Drained {
+        conn: ConnId,
     },
     Request {
         conn: ConnId,
@@ -70,13 +80,21 @@ pub struct BrokerInfo {
 
 /// A connection as the core sees it.
 struct Conn {
-    outbox: Outbox,
+    outq: Rc<Outq>,
     /// Set by `register`; the peer this connection is the mailbox of.
     name: Option<String>,
     /// The client shows deliveries as they come and acks them.
     push: bool,
     /// Gets the live log.
     subscribed: bool,
+    /// The id of the last message delivered on this connection: mail is pushed in id
+    /// order, so what is queued after it has not been pushed here yet.
+    pushed_upto: Option<String>,
+    /// Deliveries are held back (the queue was full, or the backlog is being pushed a
+    /// page at a time): new mail stays in the store until `Drained` pushes it.
+    holding: bool,
+    /// Log events dropped since the last one written, for the lag notice.
+    missed: u64,
 }
 
 /// A send whose answer waits for the recipients' acks, until `deadline`.
@@ -106,7 +124,12 @@ pub struct Core {
     awaiting: HashMap<String, AwaitingAcks>,
     deadlines: VecDeque<(Instant, String)>,
     /// Output of the current batch, released after its commit.
-    effects: Vec<(ConnId, Outbound)>,
+    effects: Vec<(ConnId, Effect)>,
+    /// Connections that held something back in this batch and want to hear of room.
+    room_wanted: Vec<ConnId>,
+    /// Connections that have room again without their writer saying so: `Drained` for
+    /// each is handled in the next batch.
+    drains: Vec<ConnId>,
     /// Sends of the current batch that wait for acks: dropped if its commit fails.
     awaiting_in_batch: Vec<String>,
     /// A write of the current batch failed: the batch is rolled back instead of committed.
@@ -130,6 +153,9 @@ struct CachedRecord {
     unread: u64,
     json: Box<RawValue>,
 }
+
+/// Queued messages read from the store at a time when pushing a backlog.
+const BACKLOG_PAGE: u32 = 64;
 
 const SWEEP_EVERY: Duration = Duration::from_secs(3600);
 /// Most messages one retention sweep removes before the core serves requests again.
@@ -179,6 +205,8 @@ impl Core {
             awaiting: HashMap::new(),
             deadlines: VecDeque::new(),
             effects: Vec::new(),
+            room_wanted: Vec::new(),
+            drains: Vec::new(),
             awaiting_in_batch: Vec::new(),
             batch_error: None,
             quarantined,
@@ -196,15 +224,18 @@ impl Core {
     pub async fn run(mut self, mut rx: UnboundedReceiver<Command>) -> String {
         let mut batch = Vec::with_capacity(64);
         loop {
-            let deadline = tokio::time::Instant::from_std(self.next_deadline());
-            tokio::select! {
-                cmd = rx.recv() => match cmd {
-                    Some(cmd) => batch.push(cmd),
-                    None => {
-                        self.stopping.get_or_insert_with(|| "listener closed".into());
-                    }
-                },
-                _ = tokio::time::sleep_until(deadline) => {}
+            batch.extend(self.drains.drain(..).map(|conn| Command::Drained { conn }));
+            if batch.is_empty() {
+                let deadline = tokio::time::Instant::from_std(self.next_deadline());
+                tokio::select! {
+                    cmd = rx.recv() => match cmd {
+                        Some(cmd) => batch.push(cmd),
+                        None => {
+                            self.stopping.get_or_insert_with(|| "listener closed".into());
+                        }
+                    },
+                    _ = tokio::time::sleep_until(deadline) => {}
+                }
             }
             while batch.len() < MAX_BATCH {
                 match rx.try_recv() {
@@ -294,29 +325,61 @@ impl Core {
     fn fail_effects(&mut self, e: &StoreError) {
         let refusal = self.write_failed(e);
         let effects = std::mem::take(&mut self.effects);
-        for (conn, out) in effects {
-            if let Outbound::Frame(f) = out {
-                if f.result.is_some() || f.error.is_some() {
-                    let e = f.error.unwrap_or_else(|| refusal.clone());
-                    self.effects
-                        .push((conn, Outbound::Frame(Box::new(ServerFrame::error(f.id, e)))));
+        for (conn, effect) in effects {
+            let outq = self.conns.get(&conn).map(|c| c.outq.clone());
+            let bytes = match &effect {
+                Effect::Answer { bytes, .. } | Effect::Push(bytes) => bytes.len(),
+            };
+            if let Some(q) = &outq {
+                q.unreserve(bytes);
+            }
+            match effect {
+                Effect::Answer { id, ok: true, .. } => {
+                    self.emit(conn, ServerFrame::error(id, refusal.clone()));
                 }
-            } else {
-                self.effects.push((conn, out));
+                Effect::Answer {
+                    id,
+                    ok: false,
+                    bytes,
+                } => {
+                    if let Some(q) = &outq {
+                        q.reserve(bytes.len());
+                    }
+                    self.effects.push((
+                        conn,
+                        Effect::Answer {
+                            id,
+                            ok: false,
+                            bytes,
+                        },
+                    ));
+                }
+                Effect::Push(_) => {}
             }
         }
         // Sends of this batch were not stored: their waits end here (their answers are
         // errors above). Waits from earlier, committed batches go on.
-        for id in self.awaiting_in_batch.drain(..) {
+        for id in std::mem::take(&mut self.awaiting_in_batch) {
             if let Some(w) = self.awaiting.remove(&id) {
-                self.effects.push((
-                    w.conn,
-                    Outbound::Frame(Box::new(ServerFrame::error(w.request_id, refusal.clone()))),
-                ));
+                self.emit(w.conn, ServerFrame::error(w.request_id, refusal.clone()));
             }
         }
         self.deadlines
             .retain(|(_, id)| self.awaiting.contains_key(id));
+        // What was pushed in the batch was withheld: push the queued mail again from
+        // the store (clients drop what they already have, by id).
+        let registered: Vec<ConnId> = self
+            .conns
+            .iter_mut()
+            .filter(|(_, c)| c.name.is_some())
+            .map(|(id, c)| {
+                c.pushed_upto = None;
+                *id
+            })
+            .collect();
+        for conn in registered {
+            self.hold(conn);
+        }
     }
 
     /// The answer to a request whose writes could not be saved: `disk_full` naming the
@@ -363,17 +426,47 @@ impl Core {
     }
 
     fn flush_effects(&mut self) {
-        for (conn, out) in self.effects.drain(..) {
+        // A connection whose queue already has room hears of it without waiting for its
+        // writer (which may have nothing left to write).
+        for conn in std::mem::take(&mut self.room_wanted) {
+            if let Some(c) = self.conns.get(&conn)
+                && c.outq.bytes() <= ROOM_BYTES
+                && c.outq.take_wants_room()
+            {
+                self.drains.push(conn);
+            }
+        }
+        for (conn, effect) in self.effects.drain(..) {
             if let Some(c) = self.conns.get(&conn) {
                 // A closed writer means the connection is going away; its Disconnected
                 // command is on the way.
-                let _ = c.outbox.send(out);
+                c.outq.send(match effect {
+                    Effect::Answer { bytes, .. } => Outbound::Answer(bytes),
+                    Effect::Push(bytes) => Outbound::Push(bytes),
+                });
             }
         }
     }
 
+    /// Queues a frame for `conn`, counted in its queue at once and written after the
+    /// batch commits.
     fn emit(&mut self, conn: ConnId, frame: ServerFrame<Reply>) {
-        self.effects.push((conn, Outbound::Frame(Box::new(frame))));
+        let Some(c) = self.conns.get(&conn) else {
+            return;
+        };
+        let mut bytes = Vec::new();
+        wire::encode(&frame, &mut bytes);
+        c.outq.reserve(bytes.len());
+        let effect = if frame.result.is_some() || frame.error.is_some() {
+            Effect::Answer {
+                id: frame.id,
+                ok: frame.error.is_none(),
+                bytes,
+            }
+        } else {
+            Effect::Push(bytes)
+        };
+        self.effects.push((conn, effect));
     }
 
     fn answer(&mut self, conn: ConnId, id: Option<u64>, outcome: Result<Reply, ErrorBody>) {
@@ -386,18 +479,22 @@ impl Core {
 
     fn handle(&mut self, cmd: Command) {
         match cmd {
-            Command::Connected { conn, outbox } => {
+            Command::Connected { conn, outq } => {
                 self.conns.insert(
                     conn,
                     Conn {
-                        outbox,
+                        outq,
                         name: None,
                         push: false,
                         subscribed: false,
+                        pushed_upto: None,
+                        holding: false,
+                        missed: 0,
                     },
                 );
                 self.idle_since = None;
             }
+            Command::Drained { conn } => self.drained(conn),
             Command::Disconnected { conn } => self.disconnected(conn),
             Command::Shutdown { reason } => {
                 self.stopping.get_or_insert(reason);
@@ -591,16 +688,81 @@ fn internal(e: StoreError) -> ErrorBody {
 }
 
 impl Core {
-    /// Pushes every queued message of `name` to its new connection, oldest first.
+    /// Pushes the queued mail of `name` to its connection, oldest first, after what was
+    /// pushed there already, a page at a time and while its queue has room. What does not
+    /// fit stays in the store; `Drained` goes on with it.
     fn push_backlog(&mut self, conn: ConnId, name: &str) {
-        let pending = match self.store.pending_for(name) {
-            Ok(p) => p,
-            Err(e) => {
-                tracing::error!(peer = name, "cannot read queued mail: {e}");
+        let Some(c) = self.conns.get_mut(&conn) else {
+            return;
+        };
+        c.holding = false;
+        loop {
+            let Some(c) = self.conns.get(&conn) else {
+                return;
+            };
+            if !c.outq.has_room_for_push() {
+                break;
+            }
+            let after = c.pushed_upto.clone();
+            let pending = match self.store.pending_for(name, after.as_deref(), BACKLOG_PAGE) {
+                Ok(p) => p,
+                Err(e) => {
+                    tracing::error!(peer = name, "cannot read queued mail: {e}");
+                    return;
+                }
+            };
+            let more = pending.rows.len() + pending.damaged.len() == BACKLOG_PAGE as usize;
+            self.quarantine(name, &pending.damaged);
+            let last = pending.rows.last().map(|m| m.id.clone());
+            for m in pending.rows {
+                let d = self.delivery(m.id, m.sender, name, m.text, m.in_reply_to, m.sent_at);
+                self.emit(conn, ServerFrame::deliver(d));
+            }
+            if let Some(c) = self.conns.get_mut(&conn)
+                && last.is_some()
+            {
+                c.pushed_upto = last;
+            }
+            if !more {
                 return;
             }
+        }
+        // No room: the rest when the writer has caught up.
+        self.hold(conn);
+    }
+
+    /// Holds back deliveries to `conn` until its queue has room (`drained`).
+    fn hold(&mut self, conn: ConnId) {
+        if let Some(c) = self.conns.get_mut(&conn) {
+            c.holding = true;
+            self.want_room(conn);
+        }
+    }
+
+    /// Asks to hear (`Drained`) when `conn`'s queue has room.
+    fn want_room(&mut self, conn: ConnId) {
+        if let Some(c) = self.conns.get(&conn) {
+            c.outq.want_room();
+            self.room_wanted.push(conn);
+        }
+    }
+
+    /// Whether a new delivery may be queued for `conn` now: it is not behind on its
+    /// backlog, and its queue has room. If not, the core asks to hear when it has.
+    fn may_push(&mut self, conn: ConnId) -> bool {
+        let Some(c) = self.conns.get_mut(&conn) else {
+            return false;
         };
-        for raw in &pending.damaged {
+        if c.holding || !c.outq.has_room_for_push() {
+            self.hold(conn);
+            return false;
+        }
+        true
+    }
+
+    /// Puts aside the damaged rows `pending_for` found for `name`.
+    fn quarantine(&mut self, name: &str, damaged: &[Vec<u8>]) {
+        for raw in damaged {
             let id = String::from_utf8_lossy(raw);
             match self.store.quarantine(name, raw) {
                 Ok(true) => {
@@ -620,9 +782,21 @@ impl Core {
                 }
             }
         }
-        for m in pending.rows {
-            let d = self.delivery(m.id, m.sender, name, m.text, m.in_reply_to, m.sent_at);
-            self.emit(conn, ServerFrame::deliver(d));
+    }
+
+    /// The writer of `conn` caught up after the core held something back: push the mail
+    /// that waited, and tell a subscriber what it missed.
+    fn drained(&mut self, conn: ConnId) {
+        let Some(c) = self.conns.get_mut(&conn) else {
+            return;
+        };
+        let missed = std::mem::take(&mut c.missed);
+        let backlog = if c.holding { c.name.clone() } else { None };
+        if missed > 0 {
+            self.emit(conn, ServerFrame::lagged(missed));
+        }
+        if let Some(name) = backlog {
+            self.push_backlog(conn, &name);
         }
     }
 
@@ -806,6 +980,9 @@ impl Core {
         for r in &recipients {
             *self.queued.entry(r.clone()).or_default() += 1;
             let state = match self.online.get(r).copied() {
+                // A recipient that reads too slowly gets it later, from the store
+                // (`drained`), in order after what waits before it.
+                Some(to_conn) if !self.may_push(to_conn) => DeliveryState::Queued,
                 Some(to_conn) => {
                     let d = self.delivery(
                         id.clone(),
@@ -816,7 +993,12 @@ impl Core {
                         sent_at,
                     );
                     self.emit(to_conn, ServerFrame::deliver(d));
-                    if self.conns[&to_conn].push {
+                    let c = self
+                        .conns
+                        .get_mut(&to_conn)
+                        .expect("online means connected");
+                    c.pushed_upto = Some(id.clone());
+                    if c.push {
                         unacked.insert(r.clone());
                         DeliveryState::Pushed
                     } else {
@@ -878,6 +1060,17 @@ impl Core {
             entry: entry(),
         };
         for s in subscribers {
+            let c = self.conns.get_mut(&s).expect("a subscriber is connected");
+            if !c.outq.has_room_for_push() {
+                // A subscriber that reads too slowly misses events, and is told so.
+                c.missed += 1;
+                self.want_room(s);
+                continue;
+            }
+            let missed = std::mem::take(&mut c.missed);
+            if missed > 0 {
+                self.emit(s, ServerFrame::lagged(missed));
+            }
             self.emit(s, ServerFrame::event(event.clone()));
         }
     }
@@ -1218,7 +1411,7 @@ impl Core {
         }
         self.flush_effects();
         for c in self.conns.values() {
-            let _ = c.outbox.send(Outbound::Close);
+            c.outq.send(Outbound::Close);
         }
     }
 }

@@ -9,6 +9,7 @@ pub mod clock;
 pub mod conn;
 pub mod core;
 pub mod frame;
+pub mod outq;
 
 use std::fs::{File, OpenOptions};
 use std::io::Write;

@@ -501,6 +501,13 @@ async fn log(
         return Ok(());
     }
     while let Some(event) = client.next_event().await {
+        if let Event::Lagged(missed) = event {
+            let _ = writeln!(
+                std::io::stderr(),
+                "claude-peers: {missed} events were missed because this reader fell behind; `claude-peers log` shows them"
+            );
+            continue;
+        }
         if let Event::Log(ev) = event {
             let e = ev.entry;
             if peer.as_ref().is_some_and(|p| *p != e.from && *p != e.to) {
