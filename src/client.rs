@@ -74,6 +74,10 @@ pub enum Event {
     Lagged(u64),
 }
 
+/// How many times a `send` with an idempotency key is tried when the connection drops
+/// before its answer.
+pub const SEND_TRIES: u32 = 3;
+
 /// How to connect.
 #[derive(Debug, Clone)]
 pub struct ConnectOptions {

@@ -9,6 +9,15 @@ use std::time::Duration;
 /// sender's details around it, in a delivery as in a page of history.
 pub const MAX_MESSAGE_BYTES_CEILING: usize = 128 * 1024;
 
+/// The most bytes all connections together may hold in frames still arriving, beyond
+/// the first [`SMALL_FRAME_BYTES`] of each: 300 clients that each send most of a 1 MiB
+/// frame and stall would otherwise hold 300 MiB.
+pub const PARTIAL_FRAMES_BYTES: usize = 64 << 20;
+
+/// What every connection may hold of a frame still arriving without drawing on
+/// [`PARTIAL_FRAMES_BYTES`].
+pub const SMALL_FRAME_BYTES: usize = 64 * 1024;
+
 /// Limits and timers of one broker.
 #[derive(Debug, Clone)]
 pub struct Limits {
@@ -27,6 +36,8 @@ pub struct Limits {
     pub idle_timeout: Duration,
     /// Mail (delivered or not) and offline peers without mail are kept this long.
     pub retention: Duration,
+    /// Most open connections; one more is refused with `too_many_connections`.
+    pub max_connections: usize,
 }
 
 impl Default for Limits {
@@ -39,6 +50,7 @@ impl Default for Limits {
             ack_wait: Duration::from_millis(250),
             idle_timeout: Duration::from_secs(30 * 60),
             retention: Duration::from_secs(7 * 24 * 3600),
+            max_connections: 1024,
         }
     }
 }

@@ -39,6 +39,18 @@ pub fn free_bytes(path: &std::path::Path) -> io::Result<u64> {
     Ok(st.f_bavail.saturating_mul(st.f_frsize))
 }
 
+/// Raises this process's soft limit on open files to its hard limit (a broker holds one
+/// per connection), and returns the soft limit now in force.
+pub fn raise_open_files_limit() -> Option<u64> {
+    use rustix::process::{Resource, getrlimit, setrlimit};
+    let mut limit = getrlimit(Resource::Nofile);
+    if limit.current < limit.maximum {
+        limit.current = limit.maximum;
+        let _ = setrlimit(Resource::Nofile, limit);
+    }
+    getrlimit(Resource::Nofile).current
+}
+
 /// The real uid of this process.
 pub fn current_uid() -> u32 {
     rustix::process::getuid().as_raw()

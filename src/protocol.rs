@@ -236,6 +236,12 @@ pub struct Send {
     /// Sender name for connections that did not register (the CLI). Ignored otherwise.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub from: Option<String>,
+    /// Idempotency key, chosen by the client before its first try (1-128 bytes): a send
+    /// with a key this sender already used stores nothing and is answered with that
+    /// message's id and its recipients' states now. Retrying with the same key after a
+    /// lost answer can therefore never send twice.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key: Option<String>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
@@ -279,6 +285,9 @@ pub struct Broadcast {
     pub cwd: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub git_common_dir: Option<String>,
+    /// As for [`Send`].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key: Option<String>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -751,6 +760,10 @@ pub enum ErrorCode {
     ShuttingDown,
     /// The file system holding the database is full; nothing was saved.
     DiskFull,
+    /// The broker has as many connections as it allows; this one is closed.
+    TooManyConnections,
+    /// Too many large frames are arriving at once; this connection is closed.
+    Busy,
     Internal,
 }
 
@@ -763,6 +776,7 @@ mod tests {
         let f = ClientFrame {
             id: Some(7),
             request: Send {
+                key: None,
                 to: vec!["bob".into()],
                 text: "hi".into(),
                 in_reply_to: None,

@@ -78,6 +78,10 @@ CREATE TABLE meta (
     value
 ) WITHOUT ROWID;
 "#,
+    r#"
+ALTER TABLE messages ADD COLUMN key TEXT;
+CREATE INDEX messages_by_key ON messages(key) WHERE key IS NOT NULL;
+"#,
 ];
 
 /// WAL size (in pages) past which the checkpointer makes writers wait so the WAL can
@@ -180,6 +184,15 @@ pub struct PendingRow {
     pub sent_at: Millis,
 }
 
+/// A message found by its idempotency key ([`Store::message_by_key`]).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Keyed {
+    pub id: String,
+    pub sender: String,
+    pub sent_at: Millis,
+    pub recipients: Vec<(String, DeliveryState)>,
+}
+
 /// What [`Store::pending_for`] found.
 #[derive(Debug, Default)]
 pub struct Pending {
@@ -210,6 +223,8 @@ pub struct NewMessage<'a> {
     pub in_reply_to: Option<&'a str>,
     pub sent_at: Millis,
     pub expires_at: Millis,
+    /// The sender's idempotency key, if it gave one.
+    pub key: Option<&'a str>,
 }
 
 /// What a retention sweep removed.
@@ -491,8 +506,8 @@ impl Store {
     ) -> Result<(), StoreError> {
         self.conn
             .prepare_cached(
-                "INSERT INTO messages (id, sender, text, in_reply_to, sent_at, expires_at)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+                "INSERT INTO messages (id, sender, text, in_reply_to, sent_at, expires_at, key)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
             )?
             .execute(params![
                 m.id,
@@ -500,7 +515,8 @@ impl Store {
                 m.text,
                 m.in_reply_to,
                 m.sent_at,
-                m.expires_at
+                m.expires_at,
+                m.key
             ])?;
         let mut stmt = self.conn.prepare_cached(
             "INSERT INTO deliveries (message_id, recipient, state) VALUES (?1, ?2, 0)",
@@ -509,6 +525,31 @@ impl Store {
             stmt.execute(params![m.id, r])?;
         }
         Ok(())
+    }
+
+    /// The message stored under idempotency `key`, with its recipients' states now.
+    pub fn message_by_key(&self, key: &str) -> Result<Option<Keyed>, StoreError> {
+        let found: Option<(String, String, Millis)> = self
+            .conn
+            .prepare_cached("SELECT id, sender, sent_at FROM messages WHERE key = ?1")?
+            .query_row([key], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
+            .optional()?;
+        let Some((id, sender, sent_at)) = found else {
+            return Ok(None);
+        };
+        let recipients = self
+            .conn
+            .prepare_cached(
+                "SELECT recipient, state FROM deliveries WHERE message_id = ?1 ORDER BY recipient",
+            )?
+            .query_map([&id], |r| Ok((r.get(0)?, delivery_state(r.get(1)?))))?
+            .collect::<Result<_, _>>()?;
+        Ok(Some(Keyed {
+            id,
+            sender,
+            sent_at,
+            recipients,
+        }))
     }
 
     /// Marks one delivery acked. Returns false when there was nothing queued to mark
@@ -861,6 +902,18 @@ fn id_floor(ms: Millis) -> String {
     format!("{:08x}-{:04x}", (ms >> 16) & 0xffff_ffff, ms & 0xffff)
 }
 
+/// The state a `deliveries.state` code stands for.
+fn delivery_state(code: i64) -> DeliveryState {
+    match code {
+        1 => DeliveryState::Delivered,
+        2 => DeliveryState::Pushed,
+        3 => DeliveryState::Held,
+        4 => DeliveryState::Denied,
+        5 => DeliveryState::Damaged,
+        _ => DeliveryState::Queued,
+    }
+}
+
 /// The time in a UUIDv7 id, in ms.
 fn id_millis(id: &str) -> Option<Millis> {
     let (secs, nanos) = uuid::Uuid::parse_str(id).ok()?.get_timestamp()?.to_unix();
@@ -872,7 +925,6 @@ fn id_millis(id: &str) -> Option<Millis> {
 /// wrong type (a damaged row) is shown as well as it can be, with U+FFFD for bad bytes,
 /// so one damaged row never hides the rest.
 fn log_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<LogEntry> {
-    let state: i64 = r.get(6).unwrap_or(0);
     Ok(LogEntry {
         id: lossy(r, 0)?,
         from: lossy(r, 1)?,
@@ -883,14 +935,7 @@ fn log_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<LogEntry> {
             _ => Some(lossy(r, 4)?),
         },
         sent_at: r.get(5).unwrap_or(0),
-        state: match state {
-            1 => DeliveryState::Delivered,
-            2 => DeliveryState::Pushed,
-            3 => DeliveryState::Held,
-            4 => DeliveryState::Denied,
-            5 => DeliveryState::Damaged,
-            _ => DeliveryState::Queued,
-        },
+        state: delivery_state(r.get(6).unwrap_or(0)),
         delivered_at: r.get(7).unwrap_or(None),
     })
 }
@@ -937,6 +982,7 @@ mod tests {
 
     fn msg<'a>(id: &'a str, text: &'a str, sent_at: Millis) -> NewMessage<'a> {
         NewMessage {
+            key: None,
             id,
             sender: "a",
             text,

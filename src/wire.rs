@@ -1,6 +1,8 @@
 //! Newline-delimited frames on a byte stream, with a size limit, for both ends.
 
 use std::io;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 
 use serde::Serialize;
 use tokio::io::{AsyncBufRead, AsyncBufReadExt};
@@ -10,8 +12,52 @@ use tokio::io::{AsyncBufRead, AsyncBufReadExt};
 pub enum ReadError {
     #[error("frame over {0} bytes")]
     TooLarge(usize),
+    /// The frame grew past its free share and the shared [`FrameBudget`] had no room.
+    #[error("too many large frames are arriving at once")]
+    Busy,
     #[error(transparent)]
     Io(#[from] io::Error),
+}
+
+/// Bytes that the readers sharing it may hold, together, in frames still arriving, beyond
+/// a free share each.
+#[derive(Debug)]
+pub struct FrameBudget {
+    free_share: usize,
+    total: usize,
+    used: AtomicUsize,
+}
+
+impl FrameBudget {
+    pub fn new(free_share: usize, total: usize) -> Arc<Self> {
+        Arc::new(Self {
+            free_share,
+            total,
+            used: AtomicUsize::new(0),
+        })
+    }
+
+    fn take(&self, n: usize) -> bool {
+        let mut used = self.used.load(Ordering::Relaxed);
+        loop {
+            if used + n > self.total {
+                return false;
+            }
+            match self.used.compare_exchange_weak(
+                used,
+                used + n,
+                Ordering::Relaxed,
+                Ordering::Relaxed,
+            ) {
+                Ok(_) => return true,
+                Err(now) => used = now,
+            }
+        }
+    }
+
+    fn give_back(&self, n: usize) {
+        self.used.fetch_sub(n, Ordering::Relaxed);
+    }
 }
 
 /// Reads one frame at a time, never holding more than `max` bytes of it.
@@ -19,6 +65,17 @@ pub struct FrameReader<R> {
     inner: R,
     buf: Vec<u8>,
     max: usize,
+    budget: Option<Arc<FrameBudget>>,
+    /// Bytes taken from `budget` for the frame being read.
+    taken: usize,
+}
+
+impl<R> Drop for FrameReader<R> {
+    fn drop(&mut self) {
+        if let Some(b) = &self.budget {
+            b.give_back(self.taken);
+        }
+    }
 }
 
 impl<R: AsyncBufRead + Unpin> FrameReader<R> {
@@ -27,7 +84,31 @@ impl<R: AsyncBufRead + Unpin> FrameReader<R> {
             inner,
             buf: Vec::with_capacity(4096),
             max,
+            budget: None,
+            taken: 0,
         }
+    }
+
+    /// Frames past `budget`'s free share draw on it, and fail with [`ReadError::Busy`]
+    /// when it has no room.
+    pub fn with_budget(mut self, budget: Arc<FrameBudget>) -> Self {
+        self.budget = Some(budget);
+        self
+    }
+
+    /// Makes room for `n` more bytes of the current frame.
+    fn grow(&mut self, n: usize) -> Result<(), ReadError> {
+        let Some(b) = &self.budget else {
+            return Ok(());
+        };
+        let needed = (self.buf.len() + n).saturating_sub(b.free_share);
+        if needed > self.taken {
+            if !b.take(needed - self.taken) {
+                return Err(ReadError::Busy);
+            }
+            self.taken = needed;
+        }
+        Ok(())
     }
 
     /// The next frame without its newline, or `None` at end of stream. A last frame
@@ -35,6 +116,13 @@ impl<R: AsyncBufRead + Unpin> FrameReader<R> {
     /// step and should be closed.
     pub async fn next(&mut self) -> Result<Option<&[u8]>, ReadError> {
         self.buf.clear();
+        if let Some(b) = &self.budget {
+            b.give_back(std::mem::take(&mut self.taken));
+            if self.buf.capacity() > b.free_share {
+                // A large frame made it large; an idle connection keeps a small one.
+                self.buf = Vec::with_capacity(4096);
+            }
+        }
         loop {
             let available = self.inner.fill_buf().await?;
             if available.is_empty() {
@@ -45,6 +133,8 @@ impl<R: AsyncBufRead + Unpin> FrameReader<R> {
                     if self.buf.len() + pos > self.max {
                         return Err(ReadError::TooLarge(self.max));
                     }
+                    self.grow(pos)?;
+                    let available = self.inner.fill_buf().await?;
                     self.buf.extend_from_slice(&available[..pos]);
                     self.inner.consume(pos + 1);
                     return Ok(Some(&self.buf[..]));
@@ -54,7 +144,9 @@ impl<R: AsyncBufRead + Unpin> FrameReader<R> {
                     if self.buf.len() + n > self.max {
                         return Err(ReadError::TooLarge(self.max));
                     }
-                    self.buf.extend_from_slice(available);
+                    self.grow(n)?;
+                    let available = self.inner.fill_buf().await?;
+                    self.buf.extend_from_slice(&available[..n]);
                     self.inner.consume(n);
                 }
             }

@@ -446,6 +446,7 @@ async fn scopes_select_directory_and_repo() {
     // A broadcast reaches everyone in scope but the sender, with a state for each.
     let sent = keep[0]
         .call(Broadcast {
+            key: None,
             scope: Scope::Repo,
             text: "I changed the API, rebase".into(),
             in_reply_to: None,

@@ -61,7 +61,7 @@ proptest! {
         from in prop::option::of("[a-z/]{0,3}"),
     ) {
         let limits = Limits::default();
-        let send = Send { to: to.clone(), text: text.clone(), in_reply_to: reply.clone(), from: from.clone() };
+        let send = Send { key: None, to: to.clone(), text: text.clone(), in_reply_to: reply.clone(), from: from.clone() };
         // It goes over the wire and back first, as from a real client.
         let bytes = serde_json::to_vec(&ClientFrame { id: Some(1), request: Request::Send(send) }).unwrap();
         let frame = frame::decode(&bytes).unwrap().unwrap();
@@ -151,7 +151,7 @@ proptest! {
                     let sent_at = model.sent as i64 * 10;
                     let id = id_at(sent_at, model.sent);
                     let names: Vec<&str> = to.iter().map(|&i| RECIPIENTS[i]).collect();
-                    store.insert_message(&NewMessage {
+                    store.insert_message(&NewMessage { key: None,
                         id: &id, sender: "s", text: "t", in_reply_to: None,
                         sent_at, expires_at: sent_at + ttl,
                     }, &names).unwrap();
@@ -171,7 +171,7 @@ proptest! {
                     for (k, (to, _)) in steps.iter().enumerate() {
                         let id = id_at(1_000_000, model.sent * 100 + k);
                         let names: Vec<&str> = to.iter().map(|&i| RECIPIENTS[i]).collect();
-                        store.insert_message(&NewMessage {
+                        store.insert_message(&NewMessage { key: None,
                             id: &id, sender: "s", text: "t", in_reply_to: None,
                             sent_at: 1_000_000, expires_at: 2_000_000,
                         }, &names).unwrap();

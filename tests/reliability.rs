@@ -594,3 +594,108 @@ async fn a_recipient_that_never_reads_leaves_its_mail_in_the_store() {
     }
     assert_eq!(got, ids, "all of it, in order, once");
 }
+
+/// Newcomer's run, issue 11: no cap on connections. Past `--max-connections` a connection
+/// gets a clear refusal and is closed; the broker goes on serving the others, and one
+/// more fits once one closes.
+#[tokio::test]
+async fn connections_past_the_cap_are_refused_with_a_clear_error() {
+    let home = Home::new();
+    let _b = home.broker(&["--max-connections", "40"]);
+    // Once the probe connections of start-up are gone, only ours count.
+    let mut held = vec![Raw::greeted(&home.paths.socket)];
+    wait_for(
+        || held[0].call(r#"{"id":1,"op":"status"}"#)["result"]["connections"] == 1,
+        "start-up connections to close",
+    );
+    held.extend((1..40).map(|_| Raw::greeted(&home.paths.socket)));
+    let mut over = Raw::connect(&home.paths.socket);
+    let refusal = over.recv().expect("a refusal");
+    assert_eq!(
+        error_code(&refusal),
+        Some("too_many_connections"),
+        "{refusal}"
+    );
+    assert!(
+        refusal["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("CLAUDE_PEERS_MAX_CONNECTIONS")
+    );
+    assert!(over.recv().is_none(), "then closed");
+    let out = home.run(&["status"]);
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("connections open"),
+        "{out:?}"
+    );
+
+    drop(held.pop());
+    wait_for(
+        || home.run(&["status", "--json"]).status.success(),
+        "room for one more",
+    );
+    let v = held[0].call(r#"{"id":9,"op":"status"}"#);
+    assert_eq!(v["result"]["connections"], 39, "{v}");
+}
+
+/// Newcomer's run, issue 11: slow half-frames. 300 clients each send most of a 1 MiB
+/// frame and stall: the broker holds at most its budget for frames still arriving
+/// (64 MiB), refuses the rest with `busy`, and serves everyone else meanwhile.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stalled_half_frames_cannot_take_the_broker_s_memory() {
+    let home = Home::new();
+    let broker = home.broker(&[]);
+    let pid = broker.pid();
+    let half = vec![b'x'; 900 * 1024];
+    let mut stalled = Vec::new();
+    let mut refused = 0;
+    for _ in 0..300 {
+        let mut r = Raw::greeted(&home.paths.socket);
+        r.send_bytes_until_closed(&half);
+        stalled.push(r);
+    }
+    // Those past the budget were told so and closed.
+    for r in &mut stalled {
+        r.stream_set_read_timeout(Duration::from_millis(20));
+        if let Some(Ok(v)) = r.try_recv() {
+            assert_eq!(error_code(&v), Some("busy"), "{v}");
+            refused += 1;
+        }
+    }
+    assert!(refused > 200, "only {refused} of 300 refused");
+    let peak = memory(pid, "VmHWM");
+    assert!(peak <= 120 * MB, "broker peak RSS {} MB", peak / MB);
+    // Everyone else is served meanwhile.
+    let out = home.run(&["status"]);
+    assert!(out.status.success(), "{out:?}");
+}
+
+/// Newcomer's run, issue 11: a send whose answer was lost (the broker died after storing
+/// it) and that is tried again must not arrive twice. The client picks an idempotency key
+/// before the first try; a retry with it, even to a restarted broker, is answered with
+/// the first message, and nothing more is stored.
+#[tokio::test]
+async fn a_retried_send_with_the_same_key_is_stored_once() {
+    let home = Home::new();
+    let mut broker = home.broker(&[]);
+    known_offline(&home, "bob").await;
+    let send = r#"{"id":1,"op":"send","to":["bob"],"text":"exactly once","from":"alice","key":"k-19b76da"}"#;
+    let first = Raw::greeted(&home.paths.socket).call(send);
+    let id = first["result"]["message_id"].as_str().unwrap().to_string();
+    broker.kill9();
+
+    let _broker = home.broker(&[]);
+    let again = Raw::greeted(&home.paths.socket).call(send);
+    assert_eq!(again["result"]["message_id"], id.as_str(), "{again}");
+    assert_eq!(again["result"]["recipients"][0]["state"], "queued");
+    let other = Raw::greeted(&home.paths.socket).call(&send.replace("alice", "carol"));
+    assert_eq!(error_code(&other), Some("bad_request"), "{other}");
+
+    let (mut bob, _) = home.peer("bob", "/w").await;
+    assert_eq!(next_delivery(&mut bob).await.id, id);
+    assert_no_delivery(&mut bob, Duration::from_millis(300)).await;
+    let log = home.run(&["log", "--json"]);
+    let log: Vec<Value> = serde_json::from_slice(&log.stdout).unwrap();
+    assert_eq!(log.len(), 1, "stored once: {log:?}");
+}

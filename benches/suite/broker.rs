@@ -10,6 +10,7 @@ use crate::util::*;
 
 pub fn send(to: &str, text: String) -> Send {
     Send {
+        key: None,
         to: vec![to.into()],
         text,
         in_reply_to: None,

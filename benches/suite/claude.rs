@@ -250,6 +250,7 @@ async fn sample(
             let c = util::client(&peers.paths).await;
             let sent = c
                 .call(Send {
+                    key: None,
                     to: vec!["bob".into()],
                     text: text.clone(),
                     in_reply_to: None,

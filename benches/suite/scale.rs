@@ -141,6 +141,7 @@ pub async fn run(rows: &mut Vec<Row>) {
         while events.try_recv().is_ok() {}
         let t = Instant::now();
         cli.call(Broadcast {
+            key: None,
             scope: Scope::Machine,
             text: format!("broadcast {round}"),
             in_reply_to: None,

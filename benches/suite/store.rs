@@ -44,6 +44,7 @@ fn fill(paths: &Paths, n: usize) {
         store
             .insert_message(
                 &NewMessage {
+                    key: None,
                     id: &id,
                     sender: from,
                     text: &text,

@@ -3,6 +3,7 @@
 //! A writer task sends the core's frames back, many per write when they queue up.
 
 use std::rc::Rc;
+use std::sync::Arc;
 use std::time::Instant;
 
 use tokio::io::{AsyncWriteExt, BufReader};
@@ -16,7 +17,7 @@ use super::outq::{Outbound, Outq};
 use crate::config::Limits;
 use crate::platform;
 use crate::protocol::*;
-use crate::wire::{self, FrameReader, ReadError};
+use crate::wire::{self, FrameBudget, FrameReader, ReadError};
 
 /// What every connection needs to know of its broker.
 pub struct ConnContext {
@@ -26,6 +27,8 @@ pub struct ConnContext {
     pub pid: u32,
     /// Sizes checked before a request reaches the core; `send_rate` is enforced here too.
     pub limits: Limits,
+    /// Shared by every connection's reader: frames still arriving.
+    pub frames: Arc<FrameBudget>,
 }
 
 /// Token bucket for sends: `rate` per second, bursts up to `2 * rate`.
@@ -72,6 +75,21 @@ fn answer(frame: &ServerFrame<Reply>) -> Outbound {
     let mut buf = Vec::new();
     wire::encode(frame, &mut buf);
     Outbound::Answer(buf)
+}
+
+/// Refuses a connection over the limit: one error frame, written without waiting (the
+/// socket's buffer is empty), then closed.
+pub fn refuse_over_limit(stream: UnixStream, limit: usize) {
+    let ErrorBody { code, message, .. } = ErrorBody::new(
+        ErrorCode::TooManyConnections,
+        format!(
+            "the broker has {limit} connections open, its limit; the connection is closed. Close sessions you do not use, or raise CLAUDE_PEERS_MAX_CONNECTIONS"
+        ),
+    );
+    let Outbound::Answer(bytes) = error_frame(None, code, message) else {
+        return;
+    };
+    let _ = stream.try_write(&bytes);
 }
 
 /// Serves one accepted connection until it closes.
@@ -127,7 +145,8 @@ async fn read_frames(
     ctx: &ConnContext,
     outbox: &Outq,
 ) {
-    let mut frames = FrameReader::new(BufReader::new(read), MAX_FRAME_BYTES);
+    let mut frames =
+        FrameReader::new(BufReader::new(read), MAX_FRAME_BYTES).with_budget(ctx.frames.clone());
     let mut greeted = false;
     let mut mismatched = false;
     let mut rate = RateLimit::new(ctx.limits.send_rate);
@@ -144,6 +163,16 @@ async fn read_frames(
                     None,
                     ErrorCode::FrameTooLarge,
                     format!("frame over {max} bytes; the connection is closed. Keep each frame under 1 MiB"),
+                ));
+                outbox.send_now(Outbound::Close);
+                return;
+            }
+            Err(ReadError::Busy) => {
+                tracing::warn!(conn, "too many large frames arriving at once; closing");
+                outbox.send_now(error_frame(
+                    None,
+                    ErrorCode::Busy,
+                    "the broker is receiving too many large frames at once; the connection is closed. Connect again and retry",
                 ));
                 outbox.send_now(Outbound::Close);
                 return;

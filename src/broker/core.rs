@@ -514,6 +514,9 @@ impl Core {
         let Some(c) = self.conns.remove(&conn) else {
             return;
         };
+        // The writer ends after what it was given (it shares the queue, so it cannot see
+        // the senders go).
+        c.outq.send(Outbound::Close);
         if let Some(name) = c.name {
             self.online.remove(&name);
             let now = now_millis();
@@ -882,6 +885,11 @@ impl Core {
     fn send(&mut self, conn: ConnId, id: Option<u64>, s: Send) -> Option<Result<Reply, ErrorBody>> {
         let prepared = (|| {
             let from = self.sender_name(conn, s.from)?;
+            if let Some(k) = &s.key
+                && let Some(first) = self.sent_before(&from, k)?
+            {
+                return Ok(Err(first));
+            }
             let mut recipients: Vec<String> = Vec::with_capacity(s.to.len());
             for to in s.to {
                 if !self.peers.contains_key(&to) {
@@ -891,12 +899,13 @@ impl Core {
                     recipients.push(to);
                 }
             }
-            Ok((from, recipients))
+            Ok(Ok((from, recipients)))
         })();
         match prepared {
-            Ok((from, recipients)) => {
-                self.deliver_new(conn, id, from, recipients, s.text, s.in_reply_to)
+            Ok(Ok((from, recipients))) => {
+                self.deliver_new(conn, id, from, recipients, s.text, s.in_reply_to, s.key)
             }
+            Ok(Err(first)) => Some(Ok(Reply::Sent(first))),
             Err(e) => Some(Err(e)),
         }
     }
@@ -909,6 +918,11 @@ impl Core {
     ) -> Option<Result<Reply, ErrorBody>> {
         let prepared = (|| {
             let from = self.sender_name(conn, b.from)?;
+            if let Some(k) = &b.key
+                && let Some(first) = self.sent_before(&from, k)?
+            {
+                return Ok(Err(first));
+            }
             let filter =
                 self.scope_filter(conn, b.scope, b.cwd.as_ref(), b.git_common_dir.as_ref())?;
             let mut recipients: Vec<String> = self
@@ -934,14 +948,38 @@ impl Core {
                 ));
             }
             recipients.sort();
-            Ok((from, recipients))
+            Ok(Ok((from, recipients)))
         })();
         match prepared {
-            Ok((from, recipients)) => {
-                self.deliver_new(conn, id, from, recipients, b.text, b.in_reply_to)
+            Ok(Ok((from, recipients))) => {
+                self.deliver_new(conn, id, from, recipients, b.text, b.in_reply_to, b.key)
             }
+            Ok(Err(first)) => Some(Ok(Reply::Sent(first))),
             Err(e) => Some(Err(e)),
         }
+    }
+
+    /// The answer to a send that `from` already made under idempotency `key`, if it did:
+    /// the same message id, and its recipients' states as they are now.
+    fn sent_before(&self, from: &str, key: &str) -> Result<Option<Sent>, ErrorBody> {
+        let Some(k) = self.store.message_by_key(key).map_err(internal)? else {
+            return Ok(None);
+        };
+        if k.sender != from {
+            return Err(err(
+                ErrorCode::BadRequest,
+                "this key was used by another sender; choose a new key for each message",
+            ));
+        }
+        Ok(Some(Sent {
+            message_id: k.id,
+            sent_at: k.sent_at,
+            recipients: k
+                .recipients
+                .into_iter()
+                .map(|(name, state)| RecipientState { name, state })
+                .collect(),
+        }))
     }
 
     /// Stores a new message for checked recipients and pushes it to those online. The
@@ -954,6 +992,7 @@ impl Core {
         recipients: Vec<String>,
         text: String,
         in_reply_to: Option<String>,
+        key: Option<String>,
     ) -> Option<Result<Reply, ErrorBody>> {
         if let Err(e) = self.check_mailboxes(&recipients) {
             return Some(Err(e));
@@ -971,6 +1010,7 @@ impl Core {
             in_reply_to: in_reply_to.as_deref(),
             sent_at,
             expires_at,
+            key: key.as_deref(),
         };
         if let Err(e) = self.store.insert_message(&new, &refs) {
             return Some(Err(self.failed_write(e)));

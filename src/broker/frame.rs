@@ -157,10 +157,12 @@ pub fn validate(request: &Request, limits: &Limits) -> Result<(), ErrorBody> {
             for to in &s.to {
                 name("recipient", to)?;
             }
+            key(s.key.as_deref())?;
             message(&s.text, s.in_reply_to.as_deref(), s.from.as_deref(), limits)
         }
         Request::Broadcast(b) => {
             place(b.cwd.as_deref(), b.git_common_dir.as_deref())?;
+            key(b.key.as_deref())?;
             message(&b.text, b.in_reply_to.as_deref(), b.from.as_deref(), limits)
         }
         Request::Ack(a) => {
@@ -185,6 +187,16 @@ pub fn validate(request: &Request, limits: &Limits) -> Result<(), ErrorBody> {
         }
         Request::Shutdown(s) => at_most("reason", s.reason.as_deref(), MAX_FIELD_BYTES),
         Request::Whoami | Request::Status | Request::Subscribe => Ok(()),
+    }
+}
+
+fn key(key: Option<&str>) -> Result<(), ErrorBody> {
+    match key {
+        Some(k) if k.is_empty() || k.len() > MAX_ID_BYTES => Err(bad_request(format!(
+            "key is {} bytes; it must be 1 to {MAX_ID_BYTES}",
+            k.len()
+        ))),
+        _ => Ok(()),
     }
 }
 

@@ -11,6 +11,7 @@ pub mod core;
 pub mod frame;
 pub mod outq;
 
+use std::cell::Cell;
 use std::fs::{File, OpenOptions};
 use std::io::Write;
 use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
@@ -97,6 +98,14 @@ pub fn run(opts: BrokerOptions) -> Result<()> {
         );
     }
     paths.prepare()?;
+    if let Some(files) = platform::raise_open_files_limit()
+        && files < opts.limits.max_connections as u64 + 64
+    {
+        tracing::warn!(
+            "this process may open {files} files, fewer than max connections ({}) need; connections past that fail to be accepted",
+            opts.limits.max_connections
+        );
+    }
     let Some(lock) = BrokerLock::acquire(paths)? else {
         let pid = std::fs::read_to_string(&paths.lock).unwrap_or_default();
         bail!(
@@ -212,7 +221,13 @@ async fn serve(opts: &BrokerOptions, store: Store) -> Result<()> {
         protocol: opts.protocol,
         pid: std::process::id(),
         limits: opts.limits.clone(),
+        frames: crate::wire::FrameBudget::new(
+            crate::config::SMALL_FRAME_BYTES,
+            crate::config::PARTIAL_FRAMES_BYTES,
+        ),
     });
+    let open = Rc::new(Cell::new(0usize));
+    let max_connections = opts.limits.max_connections;
     tracing::info!(
         pid = std::process::id(),
         socket = %paths.socket.display(),
@@ -226,9 +241,18 @@ async fn serve(opts: &BrokerOptions, store: Store) -> Result<()> {
     loop {
         tokio::select! {
             accepted = listener.accept() => match accepted {
+                Ok((stream, _)) if open.get() >= max_connections => {
+                    tracing::warn!("refused a connection: {max_connections} are open, the limit");
+                    conn::refuse_over_limit(stream, max_connections);
+                }
                 Ok((stream, _)) => {
                     next_conn += 1;
-                    tokio::task::spawn_local(conn::serve(stream, next_conn, ctx.clone()));
+                    open.set(open.get() + 1);
+                    let (ctx, open) = (ctx.clone(), open.clone());
+                    tokio::task::spawn_local(async move {
+                        conn::serve(stream, next_conn, ctx).await;
+                        open.set(open.get() - 1);
+                    });
                 }
                 Err(e) => {
                     tracing::warn!("accept failed: {e}");

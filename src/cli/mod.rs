@@ -24,7 +24,7 @@ use std::path::PathBuf;
 use anyhow::{Context, Result, bail};
 use clap::{Args, Parser, Subcommand};
 
-use crate::client::{Client, ClientError, ConnectOptions, Event};
+use crate::client::{Client, ClientError, ConnectOptions, Event, SEND_TRIES};
 use crate::config::{Limits, parse_duration};
 use crate::paths::Paths;
 use crate::protocol::*;
@@ -172,6 +172,9 @@ pub struct BrokerArgs {
     /// Keep mail and forget offline peers after this long.
     #[arg(long, env = "CLAUDE_PEERS_RETENTION", default_value = "7d", value_parser = parse_duration)]
     pub retention: std::time::Duration,
+    /// Most open connections (sessions, CLI commands, hooks); more are refused.
+    #[arg(long, env = "CLAUDE_PEERS_MAX_CONNECTIONS", default_value_t = Limits::default().max_connections)]
+    pub max_connections: usize,
     /// Protocol version to announce (for testing handover).
     #[arg(long, hide = true, default_value_t = PROTOCOL_VERSION)]
     pub protocol_version: u32,
@@ -187,6 +190,7 @@ impl BrokerArgs {
             ack_wait: self.ack_wait,
             idle_timeout: self.idle_timeout,
             retention: self.retention,
+            max_connections: self.max_connections,
         }
     }
 }
@@ -419,15 +423,24 @@ async fn send(
     } else {
         message
     };
-    let client = connect(paths, true).await?;
-    let sent = client
-        .call(Send {
-            to: vec![to],
-            text,
-            in_reply_to,
-            from: Some(from),
-        })
-        .await?;
+    // One key for every try: a try whose answer was lost (the broker restarted) may have
+    // stored the message, and the broker answers a retry with that message.
+    let request = Send {
+        to: vec![to],
+        text,
+        in_reply_to,
+        from: Some(from),
+        key: Some(uuid::Uuid::now_v7().to_string()),
+    };
+    let mut tries = 0;
+    let sent = loop {
+        tries += 1;
+        let client = connect(paths, true).await?;
+        match client.call(request.clone()).await {
+            Err(ClientError::Disconnected) if tries < SEND_TRIES => continue,
+            other => break other?,
+        }
+    };
     if json {
         return print_json(&sent);
     }

@@ -567,6 +567,20 @@ impl Session {
         }
     }
 
+    /// A connection other than `old` (which was lost), once there is one.
+    pub async fn client_after(&self, old: &Arc<Client>) -> Result<Arc<Client>, String> {
+        let mut rx = self.conn.subscribe();
+        let fresh = |c: &Option<Arc<Client>>| c.as_ref().is_some_and(|c| !Arc::ptr_eq(c, old));
+        let found = match tokio::time::timeout(BROKER_WAIT, rx.wait_for(fresh)).await {
+            Ok(Ok(c)) => c.clone(),
+            _ => None,
+        };
+        match found {
+            Some(c) => Ok(c),
+            None => self.client().await,
+        }
+    }
+
     /// Lets the connection task register (once).
     fn want_registration(&self) {
         if !self.wanted_flag.swap(true, Ordering::AcqRel) {
@@ -1335,6 +1349,7 @@ impl Session {
                 let sent = match self.client().await {
                     Ok(c) => c
                         .call(crate::protocol::Send {
+                            key: None,
                             to: vec![peer.clone()],
                             text,
                             in_reply_to,

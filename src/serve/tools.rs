@@ -18,6 +18,7 @@ use serde::{Deserialize, Serialize};
 
 use super::{PushMode, Session};
 use crate::cli::table::timestamp_rfc3339;
+use crate::client::{ClientError, SEND_TRIES};
 use crate::protocol::{self, Delivery, ListPeers, Scope, SetSummary};
 
 /// The server Claude Code talks to.
@@ -346,6 +347,26 @@ impl PeersServer {
         client.call(request).await.map_err(|e| e.to_string())
     }
 
+    /// Sends a `send` or `broadcast` that carries an idempotency key. When the connection
+    /// drops before the answer (the broker restarted), the same request goes again on the
+    /// next connection: the broker answers with the first result if it had stored it, so
+    /// the model gets one answer and the peers one message.
+    async fn send_once<C: crate::protocol::Call + Clone>(
+        &self,
+        request: C,
+    ) -> Result<C::Reply, String> {
+        let mut client = self.session.client().await?;
+        for _ in 0..SEND_TRIES - 1 {
+            match client.call(request.clone()).await {
+                Err(ClientError::Disconnected) => {
+                    client = self.session.client_after(&client).await?;
+                }
+                other => return other.map_err(|e| e.to_string()),
+            }
+        }
+        client.call(request).await.map_err(|e| e.to_string())
+    }
+
     fn notice(&self) -> Option<String> {
         let n = self.session.unread_count();
         (n > 0).then(|| {
@@ -360,11 +381,12 @@ impl PeersServer {
         in_reply_to: Option<String>,
     ) -> Result<Json<SentOut>, String> {
         let sent = self
-            .broker(protocol::Send {
+            .send_once(protocol::Send {
                 to: vec![to],
                 text: message,
                 in_reply_to,
                 from: None,
+                key: Some(uuid::Uuid::now_v7().to_string()),
             })
             .await?;
         Ok(Json(self.sent_out(sent)))
@@ -527,13 +549,14 @@ impl PeersServer {
         Parameters(args): Parameters<BroadcastArgs>,
     ) -> Result<Json<SentOut>, String> {
         let sent = self
-            .broker(protocol::Broadcast {
+            .send_once(protocol::Broadcast {
                 scope: args.scope.into(),
                 text: args.message,
                 in_reply_to: None,
                 from: None,
                 cwd: None,
                 git_common_dir: None,
+                key: Some(uuid::Uuid::now_v7().to_string()),
             })
             .await?;
         Ok(Json(self.sent_out(sent)))

@@ -130,6 +130,7 @@ impl Drop for Home {
 /// A send of `text` to one peer, as its own session would make it.
 pub fn send(to: &str, text: &str) -> Send {
     Send {
+        key: None,
         to: vec![to.into()],
         text: text.into(),
         in_reply_to: None,
@@ -284,6 +285,29 @@ impl Raw {
     pub fn call(&mut self, line: &str) -> Value {
         self.send(line);
         self.recv().expect("an answer")
+    }
+
+    pub fn stream_set_read_timeout(&mut self, t: Duration) {
+        self.stream.set_read_timeout(Some(t)).unwrap();
+    }
+
+    /// The next frame if one comes within the read timeout: `None` at a timeout,
+    /// `Some(Err(()))` at end of stream.
+    pub fn try_recv(&mut self) -> Option<Result<Value, ()>> {
+        let mut line = String::new();
+        match self.reader.read_line(&mut line) {
+            Ok(0) => Some(Err(())),
+            Ok(_) => Some(Ok(serde_json::from_str(&line).unwrap())),
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) =>
+            {
+                None
+            }
+            Err(_) => Some(Err(())),
+        }
     }
 }
 
