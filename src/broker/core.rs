@@ -97,6 +97,13 @@ struct Conn {
     missed: u64,
 }
 
+/// What a `send` or `broadcast` asks to store, besides its sender and recipients.
+struct Draft {
+    text: String,
+    in_reply_to: Option<String>,
+    key: Option<String>,
+}
+
 /// A send whose answer waits for the recipients' acks, until `deadline`.
 struct AwaitingAcks {
     conn: ConnId,
@@ -903,7 +910,12 @@ impl Core {
         })();
         match prepared {
             Ok(Ok((from, recipients))) => {
-                self.deliver_new(conn, id, from, recipients, s.text, s.in_reply_to, s.key)
+                let draft = Draft {
+                    text: s.text,
+                    in_reply_to: s.in_reply_to,
+                    key: s.key,
+                };
+                self.deliver_new(conn, id, from, recipients, draft)
             }
             Ok(Err(first)) => Some(Ok(Reply::Sent(first))),
             Err(e) => Some(Err(e)),
@@ -952,7 +964,12 @@ impl Core {
         })();
         match prepared {
             Ok(Ok((from, recipients))) => {
-                self.deliver_new(conn, id, from, recipients, b.text, b.in_reply_to, b.key)
+                let draft = Draft {
+                    text: b.text,
+                    in_reply_to: b.in_reply_to,
+                    key: b.key,
+                };
+                self.deliver_new(conn, id, from, recipients, draft)
             }
             Ok(Err(first)) => Some(Ok(Reply::Sent(first))),
             Err(e) => Some(Err(e)),
@@ -990,10 +1007,13 @@ impl Core {
         request_id: Option<u64>,
         from: String,
         recipients: Vec<String>,
-        text: String,
-        in_reply_to: Option<String>,
-        key: Option<String>,
+        draft: Draft,
     ) -> Option<Result<Reply, ErrorBody>> {
+        let Draft {
+            text,
+            in_reply_to,
+            key,
+        } = draft;
         if let Err(e) = self.check_mailboxes(&recipients) {
             return Some(Err(e));
         }
