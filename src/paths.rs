@@ -23,6 +23,9 @@ pub struct Paths {
     pub state_dir: PathBuf,
     pub socket: PathBuf,
     pub lock: PathBuf,
+    /// Left by `claude-peers stop`, removed by the next broker: while it is there,
+    /// sessions that lost their broker wait for one instead of starting it.
+    pub stopped: PathBuf,
     pub db: PathBuf,
     pub log: PathBuf,
 }
@@ -89,6 +92,7 @@ impl Paths {
         Ok(Self {
             socket: runtime_dir.join("broker.sock"),
             lock: runtime_dir.join("broker.lock"),
+            stopped: runtime_dir.join("stopped"),
             log: state_dir.join("broker.log"),
             db,
             runtime_dir,

@@ -39,6 +39,52 @@ pub fn free_bytes(path: &std::path::Path) -> io::Result<u64> {
     Ok(st.f_bavail.saturating_mul(st.f_frsize))
 }
 
+/// Waits until `path` exists, asleep: on Linux an inotify watch on its directory wakes us
+/// when a file is created or moved there; elsewhere we look once a second.
+pub async fn wait_until_exists(path: &std::path::Path) -> io::Result<()> {
+    #[cfg(any(target_os = "linux", target_os = "android"))]
+    {
+        use rustix::fs::inotify;
+        use std::mem::MaybeUninit;
+        let dir = path.parent().unwrap_or(std::path::Path::new("."));
+        let fd = inotify::init(inotify::CreateFlags::NONBLOCK | inotify::CreateFlags::CLOEXEC)?;
+        inotify::add_watch(
+            &fd,
+            dir,
+            inotify::WatchFlags::CREATE | inotify::WatchFlags::MOVED_TO,
+        )?;
+        // SAFETY: `fd` is an OwnedFd moved into the AsyncFd, so it stays open and the same
+        // descriptor until the AsyncFd is dropped.
+        let fd = unsafe {
+            tokio::io::unix::AsyncFd::register_with_interest(fd, tokio::io::Interest::READABLE)
+        }
+        .map_err(|e| e.into_parts().1)?;
+        let mut buf = [MaybeUninit::<u8>::uninit(); 1024];
+        loop {
+            if path.exists() {
+                return Ok(());
+            }
+            let mut ready = fd.readable().await?;
+            let mut events = inotify::Reader::new(fd.get_ref(), &mut buf);
+            loop {
+                match events.next() {
+                    Ok(_) => {}
+                    Err(e) if e == rustix::io::Errno::AGAIN => break,
+                    Err(e) => return Err(e.into()),
+                }
+            }
+            ready.clear_ready();
+        }
+    }
+    #[cfg(not(any(target_os = "linux", target_os = "android")))]
+    {
+        while !path.exists() {
+            tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+        }
+        Ok(())
+    }
+}
+
 /// Raises this process's soft limit on open files to its hard limit (a broker holds one
 /// per connection), and returns the soft limit now in force.
 pub fn raise_open_files_limit() -> Option<u64> {

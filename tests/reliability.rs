@@ -699,3 +699,52 @@ async fn a_retried_send_with_the_same_key_is_stored_once() {
     let log: Vec<Value> = serde_json::from_slice(&log.stdout).unwrap();
     assert_eq!(log.len(), 1, "stored once: {log:?}");
 }
+
+/// Newcomer's run, issue 11: `log -f` follows across a broker that stops and comes back,
+/// instead of exiting.
+#[tokio::test]
+async fn log_follow_carries_on_across_a_stopped_broker() {
+    let home = Home::new();
+    let _first = home.broker(&[]);
+    known_offline(&home, "bob").await;
+    let mut follow = home
+        .cmd()
+        .args(["log", "-f"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let (tx, mut lines) = tokio::sync::mpsc::unbounded_channel();
+    let stdout = follow.stdout.take().unwrap();
+    std::thread::spawn(move || {
+        use std::io::BufRead;
+        for line in std::io::BufReader::new(stdout).lines() {
+            let _ = tx.send(line.unwrap());
+        }
+    });
+    let expect = async |lines: &mut tokio::sync::mpsc::UnboundedReceiver<String>, text: &str| {
+        let wait = tokio::time::timeout(Duration::from_secs(10), async {
+            while let Some(l) = lines.recv().await {
+                if l.contains(text) {
+                    return;
+                }
+            }
+            panic!("log -f ended");
+        });
+        wait.await.unwrap_or_else(|_| panic!("{text:?} not shown"));
+    };
+    let c = home.client().await;
+    c.call(from("alice", "bob", "one")).await.unwrap();
+    expect(&mut lines, "one").await;
+    drop(c);
+
+    assert!(home.run(&["stop"]).status.success());
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(follow.try_wait().unwrap().is_none(), "log -f exited");
+
+    let _second = home.broker(&[]);
+    let c = home.client().await;
+    c.call(from("alice", "bob", "two")).await.unwrap();
+    expect(&mut lines, "two").await;
+    let _ = follow.kill();
+}

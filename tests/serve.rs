@@ -792,3 +792,42 @@ async fn a_listing_larger_than_a_frame_reaches_the_model_whole() {
     let status: Value = serde_json::from_slice(&status.stdout).unwrap();
     assert_eq!(status["peers_online"], 73);
 }
+
+/// Newcomer's run, issue 11: `claude-peers stop` sticks. A live session does not start
+/// the broker again; it waits, asleep, and `status` says so; a tool call says why; once
+/// someone who needs a broker starts one, the session comes back by itself and gets the
+/// mail that waited.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stop_sticks_until_someone_needs_a_broker() {
+    let home = Home::new();
+    // The session starts the broker, as sessions do.
+    let mut a = home.session("a", true).await;
+    a.whoami_when_ready().await;
+    let out = home.run(&["stop"]);
+    assert!(out.status.success(), "{out:?}");
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("broker stopped"),
+        "{out:?}"
+    );
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert!(
+        !home.paths.socket.exists(),
+        "a session started the broker again"
+    );
+    let status = home.run(&["status", "--json"]);
+    let status: Value = serde_json::from_slice(&status.stdout).unwrap();
+    assert_eq!(status["running"], false, "{status}");
+    assert_eq!(status["stopped"], true, "{status}");
+    assert_eq!(status["sessions_waiting"], 1, "{status}");
+    let r = a.call("list_peers", json!({})).await;
+    assert_eq!(r.is_error, Some(true));
+    assert!(text_of(&r).contains("claude-peers stop"), "{}", text_of(&r));
+    assert!(!home.paths.socket.exists());
+
+    // A command that needs a broker starts one; the session reconnects and reads its mail.
+    let out = home.run(&["send", "a", "back again", "--from", "cli"]);
+    assert!(out.status.success(), "{out:?}");
+    let ev = a.next_event().await;
+    assert!(ev.to_string().contains("back again"), "{ev}");
+    assert_eq!(a.ok("whoami", json!({})).await["name"], "a");
+}

@@ -202,6 +202,13 @@ async fn serve(opts: &BrokerOptions, store: Store) -> Result<()> {
     let listener = UnixListener::bind(&paths.socket)
         .with_context(|| format!("cannot listen on {}", paths.socket.display()))?;
     std::fs::set_permissions(&paths.socket, std::fs::Permissions::from_mode(0o600))?;
+    // Someone needed a broker after `claude-peers stop`: sessions waiting for one come
+    // back (they watch for the socket), and the next stop starts over.
+    match std::fs::remove_file(&paths.stopped) {
+        Ok(()) => tracing::info!("started after `claude-peers stop`"),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => tracing::warn!("cannot remove {}: {e}", paths.stopped.display()),
+    }
 
     let info = BrokerInfo {
         pid: std::process::id(),

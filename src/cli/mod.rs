@@ -280,10 +280,28 @@ async fn status(paths: &Paths, json: bool) -> Result<()> {
     let client = match connect(paths, false).await {
         Ok(c) => c,
         Err(ClientError::NotRunning { socket }) => {
+            // Sessions still run (each answers on its session socket) and wait for one.
+            let waiting = crate::hook::statuses(paths).await.len();
+            let stopped = paths.stopped.exists();
             if json {
-                print_json(&serde_json::json!({ "running": false, "socket": socket }))?;
+                print_json(&serde_json::json!({
+                    "running": false,
+                    "socket": socket,
+                    "stopped": stopped,
+                    "sessions_waiting": waiting,
+                }))?;
             } else {
                 outln!("broker: not running (socket {})", socket.display());
+                if waiting > 0 {
+                    let why = if stopped {
+                        "it was stopped with `claude-peers stop`; "
+                    } else {
+                        ""
+                    };
+                    outln!(
+                        "sessions: {waiting} waiting for a broker ({why}the next command or new session that needs one starts it)"
+                    );
+                }
             }
             std::process::exit(1);
         }
@@ -487,59 +505,103 @@ async fn log(
     peer: Option<String>,
     json: bool,
 ) -> Result<()> {
+    let query = LogQuery {
+        limit: Some(limit),
+        peer: peer.clone(),
+        before: None,
+    };
     let mut client = connect(paths, true).await?;
-    if follow {
-        // Subscribe first so nothing falls between the history and the live tail.
-        client.call(SubscribeCall).await?;
-    }
-    let history = client
-        .log(LogQuery {
-            limit: Some(limit),
-            peer: peer.clone(),
-            before: None,
-        })
-        .await?;
-    if json && !follow {
-        return print_json(&history);
-    }
-    let mut seen = std::collections::HashSet::new();
-    for e in &history {
-        seen.insert((e.id.clone(), e.to.clone()));
-        print_entry(e, json)?;
-    }
     if !follow {
+        let history = client.log(query).await?;
+        if json {
+            return print_json(&history);
+        }
+        for e in &history {
+            print_entry(e, false)?;
+        }
         if history.is_empty() {
             let _ = writeln!(std::io::stderr(), "no messages yet");
         }
         return Ok(());
     }
-    while let Some(event) = client.next_event().await {
-        if let Event::Lagged(missed) = event {
-            let _ = writeln!(
-                std::io::stderr(),
-                "claude-peers: {missed} events were missed because this reader fell behind; `claude-peers log` shows them"
-            );
-            continue;
+    // What was printed as sent, so history read again after a reconnect prints only
+    // what is new.
+    let mut seen = std::collections::HashSet::new();
+    loop {
+        // Subscribe first so nothing falls between the history and the live tail.
+        client.call(SubscribeCall).await?;
+        for e in client.log(query.clone()).await? {
+            if seen.insert((e.id.clone(), e.to.clone())) {
+                print_entry(&e, json)?;
+            }
         }
-        if let Event::Log(ev) = event {
+        while let Some(event) = client.next_event().await {
+            let ev = match event {
+                Event::Log(ev) => ev,
+                Event::Lagged(missed) => {
+                    let _ = writeln!(
+                        std::io::stderr(),
+                        "claude-peers: {missed} events were missed because this reader fell behind; `claude-peers log` shows them"
+                    );
+                    continue;
+                }
+                Event::Deliver(_) => continue,
+            };
             let e = ev.entry;
             if peer.as_ref().is_some_and(|p| *p != e.from && *p != e.to) {
                 continue;
             }
-            if ev.kind == LogEventKind::Sent && seen.contains(&(e.id.clone(), e.to.clone())) {
+            if ev.kind == LogEventKind::Sent && !seen.insert((e.id.clone(), e.to.clone())) {
                 continue;
             }
             print_entry(&e, json)?;
         }
+        let _ = writeln!(
+            std::io::stderr(),
+            "claude-peers: the broker went away; following again when it is back (Ctrl-C ends)"
+        );
+        client = reconnect(paths).await?;
     }
-    bail!("the broker closed the connection; run `claude-peers log -f` again to keep following")
+}
+
+/// A connection to the broker after the last one was lost: after `claude-peers stop`, the
+/// next broker someone starts (waiting asleep for its socket); otherwise one started now.
+async fn reconnect(paths: &Paths) -> Result<Client> {
+    loop {
+        let stopped = paths.stopped.exists();
+        if stopped {
+            crate::platform::wait_until_exists(&paths.socket).await?;
+        }
+        match connect(paths, !stopped).await {
+            Ok(c) => return Ok(c),
+            Err(ClientError::NotRunning { .. }) | Err(ClientError::Disconnected) => {
+                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+            }
+            Err(e) => return Err(e.into()),
+        }
+    }
 }
 
 async fn stop(paths: &Paths) -> Result<()> {
+    // Sessions that lose their broker now wait for one instead of starting it again; the
+    // next broker (started by a command or a new session that needs one) removes this.
+    paths.prepare()?;
+    {
+        use std::os::unix::fs::OpenOptionsExt;
+        std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(true)
+            .write(true)
+            .mode(0o600)
+            .open(&paths.stopped)
+            .with_context(|| format!("cannot write {}", paths.stopped.display()))?;
+    }
     let mut client = match connect(paths, false).await {
         Ok(c) => c,
         Err(ClientError::NotRunning { .. }) => {
-            outln!("no broker is running");
+            outln!(
+                "no broker is running; sessions will not start one until a command or a new session needs it"
+            );
             return Ok(());
         }
         Err(e) => return Err(e.into()),
@@ -564,6 +626,8 @@ async fn stop(paths: &Paths) -> Result<()> {
             paths.log.display()
         );
     }
-    outln!("broker stopped (pid {pid})");
+    outln!(
+        "broker stopped (pid {pid}); sessions wait, asleep, until a command or a new session starts one"
+    );
     Ok(())
 }

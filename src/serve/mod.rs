@@ -357,6 +357,9 @@ const NATIVE_HOLD_WAIT: Duration = Duration::from_millis(150);
 /// How long a tool waits for the broker connection before failing.
 const BROKER_WAIT: Duration = Duration::from_secs(5);
 
+/// Why tools fail while the broker is stopped.
+const STOPPED: &str = "the broker was stopped with `claude-peers stop`; this session reconnects as soon as a new session or a claude-peers command (such as `claude-peers peers`) starts one";
+
 /// One session's state, shared by the tools and the connection task.
 pub struct Session {
     paths: Paths,
@@ -645,9 +648,23 @@ impl Session {
             self.wanted.notified().await;
         }
         let mut backoff = Duration::from_millis(20);
+        let mut connected_before = false;
         loop {
-            match self.connect_once().await {
+            // After `claude-peers stop`, a session that had a broker waits, asleep, for
+            // someone who needs one to start it, instead of starting it again itself.
+            // (A session starting up needs one, and starts it.)
+            let stopped = connected_before && self.paths.stopped.exists();
+            if stopped {
+                *self.last_error.lock().expect("last_error lock") = Some(STOPPED.to_string());
+                tracing::info!("the broker was stopped; waiting for one to start");
+                if let Err(e) = crate::platform::wait_until_exists(&self.paths.socket).await {
+                    tracing::warn!("cannot watch for the broker's socket: {e}");
+                    tokio::time::sleep(Duration::from_secs(2)).await;
+                }
+            }
+            match self.connect_once(!stopped).await {
                 Ok(mut events) => {
+                    connected_before = true;
                     backoff = Duration::from_millis(20);
                     *self.last_error.lock().expect("last_error lock") = None;
                     while let Some(ev) = events.recv().await {
@@ -670,9 +687,11 @@ impl Session {
 
     async fn connect_once(
         &self,
+        autostart: bool,
     ) -> Result<tokio::sync::mpsc::UnboundedReceiver<Event>, ClientError> {
         let mut opts = ConnectOptions::new("claude-peers-serve");
         opts.broker_exe = self.broker_exe.clone();
+        opts.autostart = autostart;
         let mut client = Client::connect(&self.paths, &opts).await?;
         let events = client.take_events();
         let request = self.identity.lock().expect("identity lock").clone();
