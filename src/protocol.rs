@@ -12,7 +12,7 @@ use serde_json::value::RawValue;
 
 /// Bumped when a change would confuse the other side. A client that finds an older broker
 /// asks it to hand over; see [`Request::Shutdown`].
-pub const PROTOCOL_VERSION: u32 = 2;
+pub const PROTOCOL_VERSION: u32 = 3;
 
 /// The largest frame either side accepts, newline excluded. A longer frame is answered
 /// with [`ErrorCode::FrameTooLarge`] and the connection is closed, because the reader

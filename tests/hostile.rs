@@ -200,7 +200,7 @@ fn every_class_of_bad_input_gets_a_clear_error_and_loses_nothing() {
         ),
         (
             "second hello",
-            br#"{"id":27,"op":"hello","protocol":2,"client":"x","version":"0"}"#.to_vec(),
+            br#"{"id":27,"op":"hello","protocol":3,"client":"x","version":"0"}"#.to_vec(),
             "bad_request",
         ),
     ];
@@ -294,7 +294,7 @@ fn before_hello_only_hello_is_answered() {
     let v = r.call(r#"{"id":1,"op":"status"}"#);
     assert_eq!(error_code(&v), Some("hello_required"), "{v}");
     assert_eq!(v["id"], 1);
-    let v = r.call(r#"{"id":2,"op":"hello","protocol":2,"client":"raw","version":"0"}"#);
+    let v = r.call(r#"{"id":2,"op":"hello","protocol":3,"client":"raw","version":"0"}"#);
     assert_eq!(v["result"]["protocol"], 2, "{v}");
     let v = r.call(r#"{"id":3,"op":"whoami"}"#);
     assert_eq!(error_code(&v), Some("not_registered"), "{v}");
