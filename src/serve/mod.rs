@@ -257,7 +257,7 @@ const REGISTER_AFTER: Duration = Duration::from_millis(500);
 /// The live Claude Code sessions that do not run claude-peers, except the hosts in
 /// `hosts` (for `doctor`).
 pub fn native_sessions(hosts: impl Iterator<Item = u32>) -> Vec<Native> {
-    native::list(&hosts.collect())
+    native::list(|| hosts.collect())
 }
 
 /// A message between us and a Claude Code session without claude-peers, which the
@@ -1245,7 +1245,7 @@ impl Session {
     /// The live Claude Code sessions that do not run claude-peers: all but our own host
     /// and the hosts of `peer_pids` (our peers' `serve` processes).
     pub fn natives(&self, peer_pids: impl Iterator<Item = u32>) -> Vec<Native> {
-        native::list(&native_skip(peer_pids))
+        native::list(|| native_skip(peer_pids))
     }
 
     /// Sends to a Claude Code session that does not run claude-peers (`cc:<name>`),
@@ -1259,10 +1259,12 @@ impl Session {
         in_reply_to: Option<String>,
         peer_pids: impl Iterator<Item = u32>,
     ) -> Result<(String, &'static str), String> {
-        let skip = native_skip(peer_pids);
-        let target = native::find(address, native::list(&skip)).ok_or_else(|| {
-            format!("no live Claude Code session is {address}; list_peers shows those there are")
-        })?;
+        let target =
+            native::find(address, native::list(|| native_skip(peer_pids))).ok_or_else(|| {
+                format!(
+                    "no live Claude Code session is {address}; list_peers shows those there are"
+                )
+            })?;
         let dir = target
             .socket
             .parent()

@@ -64,7 +64,7 @@ fn plain(name: &str) -> bool {
 
 /// The live native sessions, except those whose pid is in `skip` (the hosts of our own
 /// peers, and our own host), sorted by address.
-pub fn list(skip: &HashSet<u32>) -> Vec<Native> {
+pub fn list(skip: impl FnOnce() -> HashSet<u32>) -> Vec<Native> {
     let Some(dir) = super::inbox::config_dir().map(|d| d.join("sessions")) else {
         return Vec::new();
     };
@@ -75,7 +75,17 @@ pub fn list(skip: &HashSet<u32>) -> Vec<Native> {
         .flatten()
         .filter(|e| e.path().extension().is_some_and(|x| x == "json"))
         .filter_map(|e| serde_json::from_slice(&std::fs::read(e.path()).ok()?).ok())
-        .filter(|r: &Record| !skip.contains(&r.pid) && r.messaging_socket_path.is_some())
+        .filter(|r: &Record| r.messaging_socket_path.is_some())
+        .collect();
+    if records.is_empty() {
+        // The hosts to skip cost a /proc read per peer: only when there is something
+        // to skip them from.
+        return Vec::new();
+    }
+    let skip = skip();
+    let records: Vec<Record> = records
+        .into_iter()
+        .filter(|r| !skip.contains(&r.pid))
         .filter(alive)
         .collect();
     let mut out: Vec<Native> = records
