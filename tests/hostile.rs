@@ -7,7 +7,7 @@ mod common;
 use std::collections::HashMap;
 use std::time::Duration;
 
-use claude_peers::protocol::MAX_FRAME_BYTES;
+use claude_peers::protocol::{MAX_FRAME_BYTES, PROTOCOL_VERSION};
 use common::*;
 use serde_json::Value;
 
@@ -294,8 +294,10 @@ fn before_hello_only_hello_is_answered() {
     let v = r.call(r#"{"id":1,"op":"status"}"#);
     assert_eq!(error_code(&v), Some("hello_required"), "{v}");
     assert_eq!(v["id"], 1);
-    let v = r.call(r#"{"id":2,"op":"hello","protocol":3,"client":"raw","version":"0"}"#);
-    assert_eq!(v["result"]["protocol"], 2, "{v}");
+    let v = r.call(&format!(
+        r#"{{"id":2,"op":"hello","protocol":{PROTOCOL_VERSION},"client":"raw","version":"0"}}"#
+    ));
+    assert_eq!(v["result"]["protocol"], PROTOCOL_VERSION, "{v}");
     let v = r.call(r#"{"id":3,"op":"whoami"}"#);
     assert_eq!(error_code(&v), Some("not_registered"), "{v}");
 }

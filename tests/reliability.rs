@@ -541,6 +541,10 @@ async fn a_subscriber_that_never_reads_gets_a_lag_notice_not_unbounded_memory() 
     }
     let _bob = reader.await.unwrap();
     let peak = memory(pid, "VmHWM");
+    eprintln!(
+        "broker peak RSS with a stalled subscriber: {} MB",
+        peak / MB
+    );
     assert!(peak <= 50 * MB, "broker peak RSS {} MB", peak / MB);
 
     // It reads again: what fit its queue, then the notice, and together they count all.
@@ -557,6 +561,7 @@ async fn a_subscriber_that_never_reads_gets_a_lag_notice_not_unbounded_memory() 
     assert_eq!(events + missed, 1200, "{events} events and {missed} missed");
     drop(sub);
     let after = memory(pid, "VmRSS");
+    eprintln!("broker RSS after the subscriber left: {} MB", after / MB);
     assert!(after <= 50 * MB, "broker RSS after {} MB", after / MB);
 }
 
@@ -581,6 +586,7 @@ async fn a_recipient_that_never_reads_leaves_its_mail_in_the_store() {
         ids.push(sent.unwrap().message_id);
     }
     let peak = memory(pid, "VmHWM");
+    eprintln!("broker peak RSS with a stalled recipient: {} MB", peak / MB);
     assert!(peak <= 50 * MB, "broker peak RSS {} MB", peak / MB);
 
     let mut got = Vec::new();
@@ -665,6 +671,10 @@ async fn stalled_half_frames_cannot_take_the_broker_s_memory() {
     }
     assert!(refused > 200, "only {refused} of 300 refused");
     let peak = memory(pid, "VmHWM");
+    eprintln!(
+        "broker peak RSS with 300 stalled half-frames: {} MB",
+        peak / MB
+    );
     assert!(peak <= 120 * MB, "broker peak RSS {} MB", peak / MB);
     // Everyone else is served meanwhile.
     let out = home.run(&["status"]);

@@ -245,7 +245,10 @@ impl Raw {
     /// Connects and says hello.
     pub fn greeted(socket: &Path) -> Self {
         let mut r = Self::connect(socket);
-        let v = r.call(r#"{"id":0,"op":"hello","protocol":3,"client":"raw","version":"0"}"#);
+        let v = r.call(&format!(
+            r#"{{"id":0,"op":"hello","protocol":{},"client":"raw","version":"0"}}"#,
+            claude_peers::protocol::PROTOCOL_VERSION
+        ));
         assert!(v.get("result").is_some(), "hello failed: {v}");
         r
     }
