@@ -1,6 +1,7 @@
-//! Where a directory sits in git, read from the files under `.git` (no `git` process, so
-//! it costs microseconds): the work tree root, the common git directory shared by all
-//! worktrees of a repository, and the branch.
+//! Where a directory sits in git, read from the files under `.git` without running `git`
+//! (it costs microseconds): the work tree root, the common git directory shared by all
+//! worktrees of a repository, and the branch. Only [`default_summary`] runs `git` (`log`
+//! and `status`), once when a session starts, off the async runtime.
 
 use std::fs;
 use std::path::{Path, PathBuf};

@@ -61,7 +61,7 @@ pub fn ago(then: Millis, now: Millis) -> String {
     }
 }
 
-/// A timestamp as RFC 3339 in UTC, to the second.
+/// A timestamp in UTC, to the second, for tables: `2026-12-01 16:30:45`.
 pub fn timestamp(ms: Millis) -> String {
     jiff::Timestamp::from_millisecond(ms)
         .map(|t| t.strftime("%Y-%m-%d %H:%M:%S").to_string())
