@@ -338,11 +338,14 @@ impl Client {
         }
     }
 
-    /// A whole peer listing, every page of it.
+    /// A whole peer listing, every page of it. (A peer that went online or offline
+    /// between two pages may be in both: it is listed once.)
     pub async fn list_peers(&self, l: ListPeers) -> Result<Vec<PeerInfo>, ClientError> {
-        let mut peers = Vec::new();
+        let mut peers: Vec<PeerInfo> = Vec::new();
+        let mut names = std::collections::HashSet::new();
         for page in self.list_peers_pages(l).await? {
-            peers.extend(page.read::<PeerList>()?.peers);
+            let page = page.read::<PeerList>()?.peers;
+            peers.extend(page.into_iter().filter(|p| names.insert(p.name.clone())));
         }
         Ok(peers)
     }

@@ -18,67 +18,79 @@ pub const PARTIAL_FRAMES_BYTES: usize = 64 << 20;
 /// [`PARTIAL_FRAMES_BYTES`].
 pub const SMALL_FRAME_BYTES: usize = 64 * 1024;
 
-/// Limits and timers of one broker.
-#[derive(Debug, Clone)]
+/// The defaults, each written once: for [`Limits::default`] and for the flags' help.
+mod defaults {
+    pub const MAX_MESSAGE_BYTES: usize = 64 * 1024;
+    pub const MAILBOX_LIMIT: u64 = 10_000;
+    pub const SEND_RATE: u32 = 100;
+    pub const BROADCAST_LIMIT: usize = 256;
+    pub const ACK_WAIT: &str = "250ms";
+    pub const IDLE_TIMEOUT: &str = "30m";
+    pub const RETENTION: &str = "7d";
+    pub const MAX_CONNECTIONS: usize = 1024;
+}
+
+/// Limits and timers of one broker: also the flags of `claude-peers broker` (the doc
+/// comments are their help), each with its environment variable.
+#[derive(Debug, Clone, clap::Args)]
 pub struct Limits {
-    /// Longest message text, in bytes.
+    /// Longest message text, in bytes (at most 128 KiB).
+    #[arg(long, env = "CLAUDE_PEERS_MAX_MESSAGE_BYTES", default_value_t = defaults::MAX_MESSAGE_BYTES)]
     pub max_message_bytes: usize,
-    /// Most unacked messages one recipient may have waiting.
+    /// Most unread messages one recipient may have waiting.
+    #[arg(long, env = "CLAUDE_PEERS_MAILBOX_LIMIT", default_value_t = defaults::MAILBOX_LIMIT)]
     pub mailbox_limit: u64,
-    /// Sends (and broadcasts) per second allowed on one connection; bursts of up to twice
-    /// this are absorbed. 0 turns the limit off.
+    /// Sends per second per connection (bursts of twice this); 0 = unlimited.
+    #[arg(long, env = "CLAUDE_PEERS_SEND_RATE", default_value_t = defaults::SEND_RATE)]
     pub send_rate: u32,
-    /// Most recipients of one broadcast.
+    /// Most recipients of one message or broadcast.
+    #[arg(long, env = "CLAUDE_PEERS_BROADCAST_LIMIT", default_value_t = defaults::BROADCAST_LIMIT)]
     pub broadcast_limit: usize,
-    /// How long a send waits for online recipients to ack before it answers `pushed`.
+    /// How long a send waits for acks before answering "pushed".
+    #[arg(long, env = "CLAUDE_PEERS_ACK_WAIT", default_value = defaults::ACK_WAIT, value_parser = parse_duration)]
     pub ack_wait: Duration,
-    /// The broker exits after this long with no connection. Zero: never.
+    /// Exit after this long with no connections; 0 = never.
+    #[arg(long, env = "CLAUDE_PEERS_IDLE_TIMEOUT", default_value = defaults::IDLE_TIMEOUT, value_parser = parse_duration)]
     pub idle_timeout: Duration,
-    /// Mail (delivered or not) and offline peers without mail are kept this long.
+    /// Keep mail and forget offline peers after this long.
+    #[arg(long, env = "CLAUDE_PEERS_RETENTION", default_value = defaults::RETENTION, value_parser = parse_duration)]
     pub retention: Duration,
-    /// Most open connections; one more is refused with `too_many_connections`.
+    /// Most open connections (sessions, CLI commands, hooks); more are refused.
+    #[arg(long, env = "CLAUDE_PEERS_MAX_CONNECTIONS", default_value_t = defaults::MAX_CONNECTIONS)]
     pub max_connections: usize,
 }
 
 impl Default for Limits {
     fn default() -> Self {
+        let duration = |s| parse_duration(s).expect("a default duration parses");
         Self {
-            max_message_bytes: 64 * 1024,
-            mailbox_limit: 10_000,
-            send_rate: 100,
-            broadcast_limit: 256,
-            ack_wait: Duration::from_millis(250),
-            idle_timeout: Duration::from_secs(30 * 60),
-            retention: Duration::from_secs(7 * 24 * 3600),
-            max_connections: 1024,
+            max_message_bytes: defaults::MAX_MESSAGE_BYTES,
+            mailbox_limit: defaults::MAILBOX_LIMIT,
+            send_rate: defaults::SEND_RATE,
+            broadcast_limit: defaults::BROADCAST_LIMIT,
+            ack_wait: duration(defaults::ACK_WAIT),
+            idle_timeout: duration(defaults::IDLE_TIMEOUT),
+            retention: duration(defaults::RETENTION),
+            max_connections: defaults::MAX_CONNECTIONS,
         }
     }
 }
 
-/// Parses a duration such as `250ms`, `30s`, `30m`, `12h`, `7d`, or a bare number of
-/// seconds.
+/// Parses a duration such as `250ms`, `30s`, `30m`, `12h`, `7d`, `1d 12h` (jiff's
+/// friendly format, or ISO 8601; a day is 24 hours), or a bare number of seconds.
 pub fn parse_duration(s: &str) -> Result<Duration, String> {
     let s = s.trim();
-    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
-    let (num, unit) = s.split_at(split);
-    let n: u64 = num
-        .parse()
-        .map_err(|_| format!("{s:?} is not a duration; write e.g. 250ms, 30s, 30m, 12h or 7d"))?;
-    let ms = match unit.trim() {
-        "ms" => 1,
-        "" | "s" => 1000,
-        "m" => 60_000,
-        "h" => 3_600_000,
-        "d" => 86_400_000,
-        other => {
-            return Err(format!(
-                "unknown unit {other:?} in {s:?}; use ms, s, m, h or d"
-            ));
-        }
+    if let Ok(secs) = s.parse::<u64>() {
+        return Ok(Duration::from_secs(secs));
+    }
+    let unclear = |why: String| {
+        format!("{s:?} is not a duration ({why}); write e.g. 250ms, 30s, 30m, 12h or 7d")
     };
-    n.checked_mul(ms)
-        .map(Duration::from_millis)
-        .ok_or_else(|| format!("{s:?} is too long"))
+    let span: jiff::Span = s.parse().map_err(|e: jiff::Error| unclear(e.to_string()))?;
+    let signed = span
+        .to_duration(jiff::SpanRelativeTo::days_are_24_hours())
+        .map_err(|e| unclear(e.to_string()))?;
+    Duration::try_from(signed).map_err(|_| unclear("it is negative".into()))
 }
 
 #[cfg(test)]
@@ -91,7 +103,12 @@ mod tests {
         assert_eq!(parse_duration("30"), Ok(Duration::from_secs(30)));
         assert_eq!(parse_duration("30m"), Ok(Duration::from_secs(1800)));
         assert_eq!(parse_duration("7d"), Ok(Duration::from_secs(7 * 86400)));
-        assert!(parse_duration("7w").is_err());
+        assert_eq!(parse_duration("1d 12h"), Ok(Duration::from_secs(36 * 3600)));
+        assert!(parse_duration("-5s").is_err());
+        assert!(
+            parse_duration("1 month").is_err(),
+            "a month has no fixed length"
+        );
         assert!(parse_duration("m").is_err());
         assert!(parse_duration("99999999999999999999d").is_err());
     }

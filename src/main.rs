@@ -13,7 +13,9 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     init_logging(matches!(cli.command, Command::Broker(_)));
     match run(cli) {
-        Ok(()) => ExitCode::SUCCESS,
+        Ok(code) => code,
+        // The reader of our output went away (`claude-peers log | head`): end quietly.
+        Err(e) if cli::is_closed_stdout(&e) => ExitCode::SUCCESS,
         Err(e) => {
             let msg = format!("{e:#}").replace('\n', " ");
             // Not eprintln!: it panics when stderr cannot be written (the broker's stderr
@@ -24,20 +26,21 @@ fn main() -> ExitCode {
     }
 }
 
-fn run(cli: Cli) -> anyhow::Result<()> {
+fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     let paths = Paths::resolve(cli.home.as_deref(), cli.db.as_deref())?;
     match cli.command {
         Command::Broker(args) => {
-            let mut opts = BrokerOptions::new(paths, args.limits());
+            let mut opts = BrokerOptions::new(paths, args.limits);
             opts.protocol = args.protocol_version;
-            broker::run(opts)
+            broker::run(opts)?;
+            Ok(ExitCode::SUCCESS)
         }
         Command::InboxRelay { session_socket } => {
             let rt = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
                 .build()?;
             rt.block_on(claude_peers::serve::run_relay(&session_socket))?;
-            Ok(())
+            Ok(ExitCode::SUCCESS)
         }
         Command::Hook { kind } => {
             let rt = tokio::runtime::Builder::new_current_thread()

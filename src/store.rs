@@ -123,6 +123,9 @@ pub enum StoreError {
     },
     #[error("database error: {0}")]
     Sql(#[from] rusqlite::Error),
+    /// SQLite ended the transaction by itself after an error (it does after some).
+    #[error("the database rolled the transaction back after an error")]
+    RolledBack,
 }
 
 impl StoreError {
@@ -416,6 +419,12 @@ impl Store {
         Ok(())
     }
 
+    /// Whether a transaction is open (`begin` and not yet committed or rolled back, by
+    /// us or by SQLite).
+    pub fn in_transaction(&self) -> bool {
+        !self.conn.is_autocommit()
+    }
+
     pub fn rollback(&self) {
         if !self.conn.is_autocommit() {
             let _ = self.conn.execute_batch("ROLLBACK");
@@ -671,7 +680,8 @@ impl Store {
         let newest: Option<Vec<u8>> = self
             .conn
             .query_row(
-                "SELECT CAST(id AS BLOB) FROM messages ORDER BY id DESC LIMIT 1",
+                "SELECT CAST(id AS BLOB) FROM messages WHERE typeof(id) = 'text'
+                 ORDER BY id DESC LIMIT 1",
                 [],
                 |r| r.get(0),
             )

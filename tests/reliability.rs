@@ -156,6 +156,30 @@ async fn a_full_disk_refuses_sends_and_the_broker_carries_on() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(1), "{out:?}");
     assert!(err.contains("is full"), "the CLI says why: {err}");
+    // A session that registers now is refused (nothing of it saved), and the broker's
+    // table of who is online stays true to the store: a broadcast after it is answered.
+    let dave = home.client().await;
+    let reg = dave.call(register("dave", "/d")).await;
+    assert!(
+        matches!(&reg, Err(ClientError::Refused(e)) if e.code == ErrorCode::DiskFull),
+        "{reg:?}"
+    );
+    let b = c
+        .call(Broadcast {
+            scope: Scope::Machine,
+            text: "anyone?".into(),
+            in_reply_to: None,
+            from: Some("alice".into()),
+            cwd: None,
+            git_common_dir: None,
+            key: None,
+        })
+        .await;
+    assert!(b.is_err(), "no one is online to hear it: {b:?}");
+    assert!(
+        alive(broker_pid),
+        "the broker survived a refused registration"
+    );
 
     std::fs::remove_file(&filler).unwrap();
     let after = c.call(from("alice", "bob", "after")).await.unwrap();
@@ -757,4 +781,34 @@ async fn log_follow_carries_on_across_a_stopped_broker() {
     c.call(from("alice", "bob", "two")).await.unwrap();
     expect(&mut lines, "two").await;
     let _ = follow.kill();
+}
+
+/// Review of issue 11's queues: a session killed while the broker waits for room to push
+/// its backlog. The broker's reader, which had stopped reading from it, must still see it
+/// go: the peer goes offline and its connection is freed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_dies_with_a_full_queue_goes_offline() {
+    let home = Home::new();
+    let _b = home.broker(&["--send-rate", "0"]);
+    known_offline(&home, "bob").await;
+    let alice = home.client().await;
+    let text = "w".repeat(60 * 1024);
+    for i in 0..100 {
+        alice
+            .call(from("alice", "bob", &format!("{i} {text}")))
+            .await
+            .unwrap();
+    }
+    let mut bob = Raw::greeted(&home.paths.socket);
+    bob.send(r#"{"id":1,"op":"register","name":"bob","cwd":"/w","pid":1,"push":true}"#);
+    // It reads nothing; its backlog fills its queue; it asks one more thing (so the
+    // broker's reader, after it, waits for room), and dies.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    bob.send(r#"{"id":2,"op":"status"}"#);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    drop(bob);
+    wait_offline(&alice, "bob").await;
+    let status = alice.call(StatusCall).await.unwrap();
+    assert_eq!(status.peers_online, 0);
+    assert_eq!(status.connections, 1, "only ours is left");
 }

@@ -153,7 +153,9 @@ async fn read_frames(
     loop {
         // A client that does not read its answers stops being read: its queue, not the
         // broker's memory, is what fills.
-        outbox.wait_for_writer(|q| !q.reader_must_wait()).await;
+        if !outbox.wait_for_writer(|q| !q.reader_must_wait()).await {
+            return;
+        }
         let bytes = match frames.next().await {
             Ok(Some(b)) => b,
             Ok(None) => return,
@@ -195,12 +197,14 @@ async fn read_frames(
         if matches!(frame.request, Request::Log(_) | Request::ListPeers(_)) {
             // An answer of up to a page (1 MiB): one at a time, once what came before
             // is written.
-            outbox.wait_for_writer(|q| q.unanswered() == 0).await;
+            if !outbox.wait_for_writer(|q| q.unanswered() == 0).await {
+                return;
+            }
         }
-        // Every request is answered except an ack without id.
-        if id.is_some() || !matches!(frame.request, Request::Ack(_)) {
-            outbox.request_in();
-        }
+        // Counted as owed an answer; an ack without id that reaches the core is not
+        // answered, and is uncounted there (below). Any refusal here is an answer.
+        outbox.request_in();
+        let unanswered = id.is_none() && matches!(frame.request, Request::Ack(_));
         if let Err(e) = frame::validate(&frame.request, &ctx.limits) {
             outbox.send_now(answer(&ServerFrame::error(id, e)));
             continue;
@@ -258,6 +262,9 @@ async fn read_frames(
             }
             _ => {}
         }
+        if unanswered {
+            outbox.request_out();
+        }
         if ctx
             .core
             .send(Command::Request {
@@ -278,9 +285,21 @@ async fn read_frames(
 }
 
 async fn write_frames(
+    write: OwnedWriteHalf,
+    rx: UnboundedReceiver<Outbound>,
+    outq: Rc<Outq>,
+    conn: ConnId,
+    core: UnboundedSender<Command>,
+) {
+    write_until_done(write, rx, &outq, conn, core).await;
+    // However it ended, a reader waiting for room must not wait for a writer that is gone.
+    outq.writer_stopped();
+}
+
+async fn write_until_done(
     mut write: OwnedWriteHalf,
     mut rx: UnboundedReceiver<Outbound>,
-    outq: Rc<Outq>,
+    outq: &Outq,
     conn: ConnId,
     core: UnboundedSender<Command>,
 ) {

@@ -33,14 +33,18 @@ pub type ConnId = u64;
 /// A frame the core made in the current batch, for one connection, released after the
 /// commit. Encoded when made, so its bytes count in the connection's queue at once.
 enum Effect {
-    /// The answer to request `id`; `ok` unless it is an error.
+    /// The answer to request `id`; `ok` unless it is an error. `settled`: it reports what
+    /// an earlier, committed batch did (a send whose acks came in now), so it stands even
+    /// if this batch fails.
     Answer {
         id: Option<u64>,
         ok: bool,
+        settled: bool,
         bytes: Vec<u8>,
     },
-    /// A delivery, log event or lag notice.
-    Push(Vec<u8>),
+    /// A delivery or log event; `lagged` is the count of missed events a lag notice
+    /// carries (0 for anything else), given back if the notice is withheld.
+    Push { bytes: Vec<u8>, lagged: u64 },
 }
 
 /// What connection tasks (and the signal handler) ask of the core.
@@ -141,6 +145,14 @@ pub struct Core {
     awaiting_in_batch: Vec<String>,
     /// A write of the current batch failed: the batch is rolled back instead of committed.
     batch_error: Option<StoreError>,
+    /// Connections registered in the current batch (undone if it fails).
+    registered_in_batch: Vec<ConnId>,
+    /// Where each connection pushed to in the current batch had got to before it (put
+    /// back if the batch fails).
+    pushed_before: HashMap<ConnId, Option<String>>,
+    /// Connections whose backlog could not be read, and when to try again.
+    retry_backlog: Vec<ConnId>,
+    retry_backlog_at: Option<Instant>,
     /// Deliveries put aside as damaged; mirrors the store's state 5 rows.
     quarantined: u64,
     /// Stamps ids and expiries; see [`StoreClock`].
@@ -216,6 +228,10 @@ impl Core {
             drains: Vec::new(),
             awaiting_in_batch: Vec::new(),
             batch_error: None,
+            registered_in_batch: Vec::new(),
+            pushed_before: HashMap::new(),
+            retry_backlog: Vec::new(),
+            retry_backlog_at: None,
             quarantined,
             clock,
             idle_since: Some(now),
@@ -269,6 +285,9 @@ impl Core {
         if let (Some(since), false) = (self.idle_since, self.limits.idle_timeout.is_zero()) {
             next = next.min(since + self.limits.idle_timeout);
         }
+        if let Some(at) = self.retry_backlog_at {
+            next = next.min(at);
+        }
         next
     }
 
@@ -288,8 +307,22 @@ impl Core {
             return;
         }
         self.awaiting_in_batch.clear();
-        for cmd in batch.drain(..) {
+        self.registered_in_batch.clear();
+        self.pushed_before.clear();
+        let mut commands = batch.drain(..);
+        while let Some(cmd) = commands.next() {
             self.handle(cmd);
+            if self.batch_error.is_none() && !self.store.in_transaction() {
+                // SQLite rolled the transaction back by itself (after some errors it
+                // does): what follows would be saved one by one, under answers that say
+                // nothing was.
+                self.batch_error = Some(StoreError::RolledBack);
+            }
+            if let Some(e) = self.batch_error.take() {
+                let mut rest: Vec<Command> = commands.by_ref().collect();
+                self.refuse_batch(&mut rest, &e);
+                self.batch_error = Some(e);
+            }
         }
         // A write that failed inside the batch may have left part of itself in the
         // transaction: the whole batch is rolled back, as if its commit had failed.
@@ -322,6 +355,8 @@ impl Core {
                         self.answer(conn, id, Err(refusal.clone()));
                     }
                 }
+                // After the failure: the queue is looked at again in the next batch.
+                Command::Drained { conn } => self.drains.push(conn),
                 other => self.handle(other),
             }
         }
@@ -333,35 +368,24 @@ impl Core {
         let refusal = self.write_failed(e);
         let effects = std::mem::take(&mut self.effects);
         for (conn, effect) in effects {
-            let outq = self.conns.get(&conn).map(|c| c.outq.clone());
-            let bytes = match &effect {
-                Effect::Answer { bytes, .. } | Effect::Push(bytes) => bytes.len(),
+            let Some(c) = self.conns.get_mut(&conn) else {
+                continue;
             };
-            if let Some(q) = &outq {
-                q.unreserve(bytes);
-            }
             match effect {
-                Effect::Answer { id, ok: true, .. } => {
-                    self.emit(conn, ServerFrame::error(id, refusal.clone()));
-                }
                 Effect::Answer {
                     id,
-                    ok: false,
+                    ok: true,
+                    settled: false,
                     bytes,
                 } => {
-                    if let Some(q) = &outq {
-                        q.reserve(bytes.len());
-                    }
-                    self.effects.push((
-                        conn,
-                        Effect::Answer {
-                            id,
-                            ok: false,
-                            bytes,
-                        },
-                    ));
+                    c.outq.unreserve(bytes.len());
+                    self.emit(conn, ServerFrame::error(id, refusal.clone()));
                 }
-                Effect::Push(_) => {}
+                kept @ Effect::Answer { .. } => self.effects.push((conn, kept)),
+                Effect::Push { bytes, lagged } => {
+                    c.outq.unreserve(bytes.len());
+                    c.missed += lagged;
+                }
             }
         }
         // Sends of this batch were not stored: their waits end here (their answers are
@@ -373,19 +397,23 @@ impl Core {
         }
         self.deadlines
             .retain(|(_, id)| self.awaiting.contains_key(id));
-        // What was pushed in the batch was withheld: push the queued mail again from
-        // the store (clients drop what they already have, by id).
-        let registered: Vec<ConnId> = self
-            .conns
-            .iter_mut()
-            .filter(|(_, c)| c.name.is_some())
-            .map(|(id, c)| {
-                c.pushed_upto = None;
-                *id
-            })
-            .collect();
-        for conn in registered {
-            self.hold(conn);
+        // Registrations of this batch were not stored, and were answered with errors.
+        for conn in std::mem::take(&mut self.registered_in_batch) {
+            if let Some(name) = self.conns.get_mut(&conn).and_then(|c| c.name.take())
+                && self.online.get(&name) == Some(&conn)
+            {
+                self.online.remove(&name);
+            }
+        }
+        // What was pushed in the batch was withheld: those connections are pushed again
+        // from the store, from where they were.
+        for (conn, before) in std::mem::take(&mut self.pushed_before) {
+            if let Some(c) = self.conns.get_mut(&conn) {
+                c.pushed_upto = before;
+                if c.name.is_some() {
+                    self.hold(conn);
+                }
+            }
         }
     }
 
@@ -449,7 +477,7 @@ impl Core {
                 // command is on the way.
                 c.outq.send(match effect {
                     Effect::Answer { bytes, .. } => Outbound::Answer(bytes),
-                    Effect::Push(bytes) => Outbound::Push(bytes),
+                    Effect::Push { bytes, .. } => Outbound::Push(bytes),
                 });
             }
         }
@@ -468,10 +496,14 @@ impl Core {
             Effect::Answer {
                 id: frame.id,
                 ok: frame.error.is_none(),
+                settled: false,
                 bytes,
             }
         } else {
-            Effect::Push(bytes)
+            Effect::Push {
+                bytes,
+                lagged: frame.lagged.map_or(0, |l| l.missed),
+            }
         };
         self.effects.push((conn, effect));
     }
@@ -653,6 +685,7 @@ impl Core {
             .map_err(|e| self.failed_write(e))?;
         self.peers.insert(name.clone(), row);
         self.online.insert(name.clone(), conn);
+        self.registered_in_batch.push(conn);
         if let Some(c) = self.conns.get_mut(&conn) {
             c.name = Some(name.clone());
             c.push = r.push;
@@ -702,43 +735,59 @@ impl Core {
     /// pushed there already, a page at a time and while its queue has room. What does not
     /// fit stays in the store; `Drained` goes on with it.
     fn push_backlog(&mut self, conn: ConnId, name: &str) {
-        let Some(c) = self.conns.get_mut(&conn) else {
-            return;
-        };
-        c.holding = false;
         loop {
             let Some(c) = self.conns.get(&conn) else {
                 return;
             };
-            if !c.outq.has_room_for_push() {
-                break;
-            }
             let after = c.pushed_upto.clone();
             let pending = match self.store.pending_for(name, after.as_deref(), BACKLOG_PAGE) {
                 Ok(p) => p,
                 Err(e) => {
-                    tracing::error!(peer = name, "cannot read queued mail: {e}");
+                    // Still holding: new mail must not overtake what could not be read.
+                    tracing::error!(
+                        peer = name,
+                        "cannot read queued mail: {e}; trying again in a second"
+                    );
+                    if let Some(c) = self.conns.get_mut(&conn) {
+                        c.holding = true;
+                    }
+                    self.retry_backlog.push(conn);
                     return;
                 }
             };
             let more = pending.rows.len() + pending.damaged.len() == BACKLOG_PAGE as usize;
             self.quarantine(name, &pending.damaged);
-            let last = pending.rows.last().map(|m| m.id.clone());
             for m in pending.rows {
+                if !self
+                    .conns
+                    .get(&conn)
+                    .is_some_and(|c| c.outq.has_room_for_push())
+                {
+                    // No room: the rest when the writer has caught up.
+                    self.hold(conn);
+                    return;
+                }
+                let id = m.id.clone();
                 let d = self.delivery(m.id, m.sender, name, m.text, m.in_reply_to, m.sent_at);
                 self.emit(conn, ServerFrame::deliver(d));
-            }
-            if let Some(c) = self.conns.get_mut(&conn)
-                && last.is_some()
-            {
-                c.pushed_upto = last;
+                self.set_pushed_upto(conn, id);
             }
             if !more {
+                if let Some(c) = self.conns.get_mut(&conn) {
+                    c.holding = false;
+                }
                 return;
             }
         }
-        // No room: the rest when the writer has caught up.
-        self.hold(conn);
+    }
+
+    /// Records that mail up to `id` was pushed on `conn`, keeping what it was before this
+    /// batch, to put back if the batch fails.
+    fn set_pushed_upto(&mut self, conn: ConnId, id: String) {
+        if let Some(c) = self.conns.get_mut(&conn) {
+            let before = c.pushed_upto.replace(id);
+            self.pushed_before.entry(conn).or_insert(before);
+        }
     }
 
     /// Holds back deliveries to `conn` until its queue has room (`drained`).
@@ -940,7 +989,7 @@ impl Core {
             let mut recipients: Vec<String> = self
                 .online
                 .keys()
-                .filter(|n| **n != from && filter(&self.peers[*n]))
+                .filter(|n| **n != from && self.peers.get(*n).is_some_and(&filter))
                 .cloned()
                 .collect();
             if recipients.is_empty() {
@@ -1053,12 +1102,8 @@ impl Core {
                         sent_at,
                     );
                     self.emit(to_conn, ServerFrame::deliver(d));
-                    let c = self
-                        .conns
-                        .get_mut(&to_conn)
-                        .expect("online means connected");
-                    c.pushed_upto = Some(id.clone());
-                    if c.push {
+                    self.set_pushed_upto(to_conn, id.clone());
+                    if self.conns[&to_conn].push {
                         unacked.insert(r.clone());
                         DeliveryState::Pushed
                     } else {
@@ -1190,6 +1235,12 @@ impl Core {
             }
         }
         self.answer(w.conn, w.request_id, Ok(Reply::Sent(w.reply)));
+        // A send stored by an earlier batch: its answer stands whatever becomes of this one.
+        if !self.awaiting_in_batch.iter().any(|b| b == id)
+            && let Some((_, Effect::Answer { settled, .. })) = self.effects.last_mut()
+        {
+            *settled = true;
+        }
     }
 
     /// A predicate for peers in `scope` as seen from `conn` (or from the `cwd` and
@@ -1419,6 +1470,16 @@ impl Core {
         if now >= self.next_sweep {
             self.next_sweep = now + SWEEP_EVERY;
             self.sweep();
+        }
+        if !self.retry_backlog.is_empty() {
+            let at = *self
+                .retry_backlog_at
+                .get_or_insert(now + Duration::from_secs(1));
+            if now >= at {
+                self.retry_backlog_at = None;
+                let conns = std::mem::take(&mut self.retry_backlog);
+                self.drains.extend(conns);
+            }
         }
         self.flush_effects();
     }

@@ -49,8 +49,11 @@ pub struct Outq {
     unanswered: Cell<usize>,
     /// The core held something back and waits to hear of room.
     wants_room: Cell<bool>,
-    /// Woken when the writer wrote something.
+    /// Woken when the writer wrote something, or stopped.
     wrote: Notify,
+    /// The writer has stopped (the client is gone, or the connection was closed): nothing
+    /// will be written any more, so no one should wait for it.
+    closed: Cell<bool>,
 }
 
 impl Outq {
@@ -62,6 +65,7 @@ impl Outq {
             unanswered: Cell::new(0),
             wants_room: Cell::new(false),
             wrote: Notify::new(),
+            closed: Cell::new(false),
         };
         (q, rx)
     }
@@ -116,6 +120,11 @@ impl Outq {
         self.unanswered.set(self.unanswered.get() + 1);
     }
 
+    /// A request let in will not be answered after all (an ack without id).
+    pub fn request_out(&self) {
+        self.unanswered.set(self.unanswered.get().saturating_sub(1));
+    }
+
     pub fn unanswered(&self) -> usize {
         self.unanswered.get()
     }
@@ -125,15 +134,25 @@ impl Outq {
         self.bytes.get() > READ_PAUSE_BYTES || self.unanswered.get() >= MAX_UNANSWERED
     }
 
-    /// Waits until the writer writes something (then look again).
-    pub async fn wait_for_writer(&self, until: impl Fn(&Self) -> bool) {
+    /// Waits until `until` holds, looking again each time the writer writes something.
+    /// Returns false, at once, when the writer has stopped: then the connection is over.
+    pub async fn wait_for_writer(&self, until: impl Fn(&Self) -> bool) -> bool {
         loop {
             let wrote = self.wrote.notified();
+            if self.closed.get() {
+                return false;
+            }
             if until(self) {
-                return;
+                return true;
             }
             wrote.await;
         }
+    }
+
+    /// The writer stopped: wakes whoever waits for it.
+    pub fn writer_stopped(&self) {
+        self.closed.set(true);
+        self.wrote.notify_waiters();
     }
 
     /// The writer wrote `bytes` bytes holding `answers` answers. Returns true when the core

@@ -3,15 +3,15 @@
 //! Every verb is a client of the broker like any other. Tables for people, `--json` for
 //! scripts; errors go to stderr in one line. Exit codes: 0 ok, 1 failure, 2 usage.
 
-/// Writes a line to stdout like `println!`, without its panic on a write error (see
-/// [`emit`]).
+/// Writes a line to stdout like `println!`, but returns a write error (with `?`) instead
+/// of panicking (see [`emit`]).
 macro_rules! outln {
-    ($($t:tt)*) => { $crate::cli::emit(format_args!("{}\n", format_args!($($t)*))) };
+    ($($t:tt)*) => { $crate::cli::emit(format_args!("{}\n", format_args!($($t)*)))? };
 }
 
-/// Writes to stdout like `print!`, without its panic on a write error (see [`emit`]).
+/// Writes to stdout like `print!`, but returns a write error (see [`emit`]).
 macro_rules! out {
-    ($($t:tt)*) => { $crate::cli::emit(format_args!($($t)*)) };
+    ($($t:tt)*) => { $crate::cli::emit(format_args!($($t)*))? };
 }
 
 pub mod doctor;
@@ -25,7 +25,7 @@ use anyhow::{Context, Result, bail};
 use clap::{Args, Parser, Subcommand};
 
 use crate::client::{Client, ClientError, ConnectOptions, Event, SEND_TRIES};
-use crate::config::{Limits, parse_duration};
+use crate::config::Limits;
 use crate::paths::Paths;
 use crate::protocol::*;
 
@@ -151,48 +151,11 @@ pub struct ServeArgs {
 
 #[derive(Debug, Args)]
 pub struct BrokerArgs {
-    /// Longest message text, in bytes.
-    #[arg(long, env = "CLAUDE_PEERS_MAX_MESSAGE_BYTES", default_value_t = Limits::default().max_message_bytes)]
-    pub max_message_bytes: usize,
-    /// Most unread messages one recipient may have waiting.
-    #[arg(long, env = "CLAUDE_PEERS_MAILBOX_LIMIT", default_value_t = Limits::default().mailbox_limit)]
-    pub mailbox_limit: u64,
-    /// Sends per second per connection (bursts of twice this); 0 = unlimited.
-    #[arg(long, env = "CLAUDE_PEERS_SEND_RATE", default_value_t = Limits::default().send_rate)]
-    pub send_rate: u32,
-    /// Most recipients of one message or broadcast.
-    #[arg(long, env = "CLAUDE_PEERS_BROADCAST_LIMIT", default_value_t = Limits::default().broadcast_limit)]
-    pub broadcast_limit: usize,
-    /// How long a send waits for acks before answering "pushed".
-    #[arg(long, env = "CLAUDE_PEERS_ACK_WAIT", default_value = "250ms", value_parser = parse_duration)]
-    pub ack_wait: std::time::Duration,
-    /// Exit after this long with no connections; 0 = never.
-    #[arg(long, env = "CLAUDE_PEERS_IDLE_TIMEOUT", default_value = "30m", value_parser = parse_duration)]
-    pub idle_timeout: std::time::Duration,
-    /// Keep mail and forget offline peers after this long.
-    #[arg(long, env = "CLAUDE_PEERS_RETENTION", default_value = "7d", value_parser = parse_duration)]
-    pub retention: std::time::Duration,
-    /// Most open connections (sessions, CLI commands, hooks); more are refused.
-    #[arg(long, env = "CLAUDE_PEERS_MAX_CONNECTIONS", default_value_t = Limits::default().max_connections)]
-    pub max_connections: usize,
+    #[command(flatten)]
+    pub limits: Limits,
     /// Protocol version to announce (for testing handover).
     #[arg(long, hide = true, default_value_t = PROTOCOL_VERSION)]
     pub protocol_version: u32,
-}
-
-impl BrokerArgs {
-    pub fn limits(&self) -> Limits {
-        Limits {
-            max_message_bytes: self.max_message_bytes,
-            mailbox_limit: self.mailbox_limit,
-            send_rate: self.send_rate,
-            broadcast_limit: self.broadcast_limit,
-            ack_wait: self.ack_wait,
-            idle_timeout: self.idle_timeout,
-            retention: self.retention,
-            max_connections: self.max_connections,
-        }
-    }
 }
 
 async fn connect(paths: &Paths, autostart: bool) -> Result<Client, ClientError> {
@@ -207,27 +170,29 @@ fn print_json<T: serde::Serialize>(value: &T) -> Result<()> {
     Ok(())
 }
 
-/// Writes to stdout and flushes. A reader that went away (`claude-peers log | head`) ends
-/// the program quietly with status 0, as filters do; any other write error (a redirect to
-/// a full disk) ends it with status 1 and says why on stderr. Never panics.
-pub fn emit(args: std::fmt::Arguments<'_>) {
+/// Writes to stdout and flushes; never panics. The error keeps its kind, so `main` can
+/// end quietly when the reader went away (`claude-peers log | head`), as filters do
+/// ([`is_closed_stdout`]), and report any other (a redirect to a full disk).
+pub fn emit(args: std::fmt::Arguments<'_>) -> std::io::Result<()> {
     let mut out = std::io::stdout().lock();
-    if let Err(e) = out.write_fmt(args).and_then(|()| out.flush()) {
-        if e.kind() == std::io::ErrorKind::BrokenPipe {
-            std::process::exit(0);
-        }
-        let _ = writeln!(
-            std::io::stderr(),
-            "claude-peers: error: cannot write to standard output: {e}"
-        );
-        std::process::exit(1);
-    }
+    out.write_fmt(args)
+        .and_then(|()| out.flush())
+        .map_err(|e| std::io::Error::new(e.kind(), format!("cannot write to standard output: {e}")))
 }
 
-/// Runs a client verb (everything but `serve` and `broker`).
-pub async fn run(command: Command, paths: Paths) -> Result<()> {
-    match command {
-        Command::Status { json } => status(&paths, json).await,
+/// Whether `e` is stdout's reader having gone away.
+pub fn is_closed_stdout(e: &anyhow::Error) -> bool {
+    e.chain().any(|c| {
+        c.downcast_ref::<std::io::Error>()
+            .is_some_and(|io| io.kind() == std::io::ErrorKind::BrokenPipe)
+    })
+}
+
+/// Runs a client verb (everything but `serve` and `broker`), and says how the program
+/// should exit.
+pub async fn run(command: Command, paths: Paths) -> Result<std::process::ExitCode> {
+    let done = match command {
+        Command::Status { json } => return status(&paths, json).await,
         Command::Peers { scope, all, json } => peers(&paths, scope, all, json).await,
         Command::Send {
             to,
@@ -273,10 +238,11 @@ pub async fn run(command: Command, paths: Paths) -> Result<()> {
         | Command::InboxRelay { .. } => {
             unreachable!("handled by main")
         }
-    }
+    };
+    done.map(|()| std::process::ExitCode::SUCCESS)
 }
 
-async fn status(paths: &Paths, json: bool) -> Result<()> {
+async fn status(paths: &Paths, json: bool) -> Result<std::process::ExitCode> {
     let client = match connect(paths, false).await {
         Ok(c) => c,
         Err(ClientError::NotRunning { socket }) => {
@@ -303,13 +269,14 @@ async fn status(paths: &Paths, json: bool) -> Result<()> {
                     );
                 }
             }
-            std::process::exit(1);
+            return Ok(std::process::ExitCode::FAILURE);
         }
         Err(e) => return Err(e.into()),
     };
     let s = client.call(StatusCall).await?;
     if json {
-        return print_json(&s);
+        print_json(&s)?;
+        return Ok(std::process::ExitCode::SUCCESS);
     }
     let rows = [
         ("broker", format!("running, pid {}", s.pid)),
@@ -344,7 +311,7 @@ async fn status(paths: &Paths, json: bool) -> Result<()> {
     for (k, v) in rows {
         outln!("{k:<12} {v}");
     }
-    Ok(())
+    Ok(std::process::ExitCode::SUCCESS)
 }
 
 /// Where the current directory is, for scoped requests: its path and git common dir.

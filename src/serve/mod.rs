@@ -1426,37 +1426,6 @@ pub async fn run(
     let session = Session::new(paths, name)?;
     let server = tools::PeersServer::new(session.clone(), push, bypass_inbox);
     let parent = platform::parent_pid();
-    {
-        let session = session.clone();
-        tokio::spawn(async move {
-            // Claude Code may die without closing our stdin; do not outlive it, whether or
-            // not the MCP handshake has happened.
-            platform::parent_exited(parent).await;
-            tracing::info!("parent process exited; stopping");
-            session.clean_up();
-            std::process::exit(0);
-        });
-    }
-    {
-        // Claude Code ends its servers with SIGINT (`-p`, `claude mcp list`).
-        let session = session.clone();
-        tokio::spawn(async move {
-            use tokio::signal::unix::{SignalKind, signal};
-            let (Ok(mut int), Ok(mut term)) = (
-                signal(SignalKind::interrupt()),
-                signal(SignalKind::terminate()),
-            ) else {
-                return;
-            };
-            tokio::select! {
-                _ = int.recv() => {}
-                _ = term.recv() => {}
-            }
-            tracing::info!("signalled; stopping");
-            session.clean_up();
-            std::process::exit(0);
-        });
-    }
     let inbound = session.inbound_rx.lock().expect("inbound lock").take();
     if let Some(mut inbound) = inbound {
         let session = session.clone();
@@ -1473,13 +1442,45 @@ pub async fn run(
             .clone()
             .serve_hooks(crate::hook::socket_path(&session.paths, parent)),
     );
-    let service = server.serve(stdio_pipes()).await?;
-    *session.peer.lock().expect("peer lock") = Some(service.peer().clone());
-    tokio::spawn(session.clone().connection_loop());
-    let reason = service.waiting().await;
-    tracing::info!("MCP session ended: {reason:?}");
+    let mcp = async {
+        let service = server.serve(stdio_pipes()).await?;
+        *session.peer.lock().expect("peer lock") = Some(service.peer().clone());
+        tokio::spawn(session.clone().connection_loop());
+        let reason = service.waiting().await;
+        tracing::info!("MCP session ended: {reason:?}");
+        Ok::<(), anyhow::Error>(())
+    };
+    // The session ends when the host closes stdin, or — whether or not the MCP handshake
+    // has happened — when the host dies without closing it, or signals us (Claude Code
+    // ends its servers with SIGINT: `-p`, `claude mcp list`).
+    let outcome = tokio::select! {
+        r = mcp => r,
+        () = platform::parent_exited(parent) => {
+            tracing::info!("parent process exited; stopping");
+            Ok(())
+        }
+        () = stop_signal() => {
+            tracing::info!("signalled; stopping");
+            Ok(())
+        }
+    };
     session.clean_up();
-    Ok(())
+    outcome
+}
+
+/// SIGINT or SIGTERM (never, if they cannot be watched).
+async fn stop_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let (Ok(mut int), Ok(mut term)) = (
+        signal(SignalKind::interrupt()),
+        signal(SignalKind::terminate()),
+    ) else {
+        return std::future::pending().await;
+    };
+    tokio::select! {
+        _ = int.recv() => {}
+        _ = term.recv() => {}
+    }
 }
 
 #[cfg(test)]

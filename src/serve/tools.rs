@@ -162,10 +162,17 @@ struct Listed<'a> {
 
 /// The peers of every page of a listing, borrowed from the pages.
 fn read_pages(pages: &[crate::client::Encoded]) -> Result<Vec<ListedPeer<'_>>, String> {
-    let mut peers = Vec::new();
+    let mut peers: Vec<ListedPeer<'_>> = Vec::new();
+    let mut names = std::collections::HashSet::new();
     for page in pages {
         let listed: Listed<'_> = page.read().map_err(|e| e.to_string())?;
-        peers.extend(listed.peers);
+        // A peer that went online or offline between two pages is listed once.
+        peers.extend(
+            listed
+                .peers
+                .into_iter()
+                .filter(|p| names.insert(p.name.to_string())),
+        );
     }
     Ok(peers)
 }
