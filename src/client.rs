@@ -220,12 +220,13 @@ impl Client {
                     if let Some(child) = started.as_mut()
                         && let Ok(Some(status)) = child.try_wait()
                     {
-                        if !status.success() {
-                            // A broker that could not write its log (a full disk) says
-                            // nothing there: then the disk is what to look at.
-                            let reason = broker_error(paths, log_from).or_else(|| full_disk(paths));
-                            if let Some(reason) = reason
-                                && !reason.contains(crate::broker::ALREADY_RUNNING)
+                        let lost_race = status.code() == Some(i32::from(EXIT_ALREADY_RUNNING));
+                        if !status.success() && !lost_race {
+                            // Its last error line says why; a broker that could not write
+                            // its log (a full disk) says nothing there, and then the disk
+                            // is what to look at.
+                            if let Some(reason) =
+                                broker_error(paths, log_from).or_else(|| full_disk(paths))
                             {
                                 return Err(ClientError::StartFailed {
                                     reason,

@@ -22,10 +22,10 @@ use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::net::UnixStream;
 
-use crate::cli::table::timestamp_rfc3339;
 use crate::paths::Paths;
 use crate::platform;
 use crate::protocol::Delivery;
+use crate::time::timestamp_rfc3339;
 
 /// How far up its ancestors a hook looks for its host (hooks run under a shell or two).
 const MAX_DEPTH: usize = 12;

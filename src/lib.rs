@@ -11,7 +11,7 @@
 //!
 //! Shared pieces: [`protocol`] (the wire types, one definition for both ends), [`wire`]
 //! (newline-delimited frames), [`client`] (connect, auto-start, typed calls, events),
-//! [`names`] (the peer name rules), [`paths`] (where files live, and the checks that keep
+//! [`names`] (the peer name rules), [`time`] (how times are shown), [`paths`] (where files live, and the checks that keep
 //! them private), [`config`] (limits), [`git`] (repository context), and [`platform`]
 //! (every OS-specific call).
 //!
@@ -29,4 +29,5 @@ pub mod platform;
 pub mod protocol;
 pub mod serve;
 pub mod store;
+pub mod time;
 pub mod wire;

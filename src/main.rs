@@ -16,6 +16,10 @@ fn main() -> ExitCode {
         Ok(code) => code,
         // The reader of our output went away (`claude-peers log | head`): end quietly.
         Err(e) if cli::is_closed_stdout(&e) => ExitCode::SUCCESS,
+        Err(e) if e.downcast_ref::<broker::AlreadyRunning>().is_some() => {
+            let _ = writeln!(std::io::stderr(), "claude-peers: error: {e}");
+            ExitCode::from(claude_peers::protocol::EXIT_ALREADY_RUNNING)
+        }
         Err(e) => {
             let msg = format!("{e:#}").replace('\n', " ");
             // Not eprintln!: it panics when stderr cannot be written (the broker's stderr

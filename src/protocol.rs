@@ -31,6 +31,10 @@ pub const LOG_MAX: u32 = 1000;
 /// The longest paging cursor (`after`, `before`).
 pub const MAX_CURSOR_BYTES: usize = 512;
 
+/// The exit status of a `claude-peers broker` that found another broker holding the
+/// lock: the client that started it tries again rather than report a failure.
+pub const EXIT_ALREADY_RUNNING: u8 = 3;
+
 /// Milliseconds since the Unix epoch.
 pub type Millis = i64;
 

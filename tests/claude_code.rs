@@ -925,7 +925,26 @@ fn an_answer_from_a_session_without_claude_peers_is_signed_with_its_address() {
         json!({"to": format!("cc:{}", native.pid()), "message": "question for the native session"}),
     ));
     ours.submit("ask the other session");
-    let asked = shown_to_model(&api, "question for the native session", &native);
+    // The native session's request, where the question arrived as mail: our own session's
+    // requests hold the text too (our model's call), but no mail has reached it yet, and
+    // only it has our MCP tools (the native one runs under --strict-mcp-config).
+    let asked = api
+        .wait_for_request(
+            |r| {
+                let text = r.messages_text();
+                r.is_main()
+                    && !r.has_tool(&common::claude::mcp_tool("send_message"))
+                    && text.contains("<cross-session-message")
+                    && text.contains("question for the native session")
+            },
+            Duration::from_secs(30),
+        )
+        .unwrap_or_else(|| {
+            panic!(
+                "the native session was never shown the question\n{}",
+                native.diagnostics()
+            )
+        });
     let to = from_address(&asked.messages_text(), "question for the native session");
     assert!(to.contains("-cc:"), "our reply socket for it: {to}");
     api.push(

@@ -29,9 +29,17 @@ use crate::store::Store;
 use conn::ConnContext;
 use core::{BrokerInfo, Command, Core};
 
-/// How a broker that lost the race for the lock explains itself; clients that started it
-/// recognize it and try again instead of reporting it.
-pub const ALREADY_RUNNING: &str = "another broker is already running";
+/// A broker that lost the race for the lock: its process exits with
+/// [`crate::protocol::EXIT_ALREADY_RUNNING`], by which a client that started it knows to
+/// try again instead of reporting it.
+#[derive(Debug, thiserror::Error)]
+#[error(
+    "another broker is already running (pid {pid}) for {dir}; use `claude-peers status` to see it or `claude-peers stop` to stop it"
+)]
+pub struct AlreadyRunning {
+    pub pid: String,
+    pub dir: String,
+}
 
 /// How a broker run is set up.
 #[derive(Debug, Clone)]
@@ -108,11 +116,11 @@ pub fn run(opts: BrokerOptions) -> Result<()> {
     }
     let Some(lock) = BrokerLock::acquire(paths)? else {
         let pid = std::fs::read_to_string(&paths.lock).unwrap_or_default();
-        bail!(
-            "{ALREADY_RUNNING} (pid {}) for {}; use `claude-peers status` to see it or `claude-peers stop` to stop it",
-            pid.trim(),
-            paths.runtime_dir.display()
-        );
+        return Err(AlreadyRunning {
+            pid: pid.trim().to_string(),
+            dir: paths.runtime_dir.display().to_string(),
+        }
+        .into());
     };
     // One broker per database too: two runtime directories can name one database (or
     // the runtime directory was removed under a running broker), and two brokers on one

@@ -1,6 +1,7 @@
 //! Aligned text tables and human-friendly times for the CLI.
 
 use crate::protocol::Millis;
+pub use crate::time::timestamp;
 
 /// Renders rows under headers, each column as wide as its widest cell, the last column
 /// left ragged.
@@ -59,20 +60,6 @@ pub fn ago(then: Millis, now: Millis) -> String {
         3600..=86_399 => format!("{}h ago", secs / 3600),
         _ => format!("{}d ago", secs / 86_400),
     }
-}
-
-/// A timestamp in UTC, to the second, for tables: `2026-12-01 16:30:45`.
-pub fn timestamp(ms: Millis) -> String {
-    jiff::Timestamp::from_millisecond(ms)
-        .map(|t| t.strftime("%Y-%m-%d %H:%M:%S").to_string())
-        .unwrap_or_else(|_| ms.to_string())
-}
-
-/// A timestamp as RFC 3339 in UTC, to the millisecond.
-pub fn timestamp_rfc3339(ms: Millis) -> String {
-    jiff::Timestamp::from_millisecond(ms)
-        .map(|t| t.to_string())
-        .unwrap_or_else(|_| ms.to_string())
 }
 
 /// `path` with the home directory shown as `~`.

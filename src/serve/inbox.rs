@@ -29,9 +29,9 @@ use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{UnixListener, UnixStream};
 use tokio::sync::mpsc::UnboundedSender;
 
-use crate::cli::table::timestamp_rfc3339;
 use crate::platform;
 use crate::protocol::Delivery;
+use crate::time::timestamp_rfc3339;
 
 /// The longest a write to the inbox may take before it counts as failed.
 const WRITE_TIMEOUT: Duration = Duration::from_secs(5);

@@ -584,6 +584,38 @@ impl Session {
         }
     }
 
+    /// Settles how mail reaches this session, once its host has said who it is
+    /// (`initialize`): the route, why, and whether the user holds other sessions' mail.
+    pub(crate) fn set_route(&self, route: Route, why: String, held_back: bool, host: u32) {
+        *self.route_why.lock().expect("route lock") = why;
+        // Where the user's hold applies, mail is written by the relay (Claude Code holds
+        // it), or waits for the next prompt; it never starts a turn by itself otherwise.
+        self.may_wake.store(!held_back, Ordering::Release);
+        let relay = held_back && matches!(route, Route::Inbox(_));
+        *self.route.lock().expect("route lock") = route;
+        self.use_relay.store(relay, Ordering::Release);
+        if relay {
+            let socket = crate::hook::socket_path(&self.paths, host);
+            if let Err(e) = relay::spawn(&socket) {
+                tracing::warn!("cannot start the inbox relay: {e}");
+            }
+        }
+    }
+
+    /// What the host said of itself, for the peer record.
+    pub(crate) fn set_client(&self, push: bool, name: &str, version: &str) {
+        let mut id = self.identity.lock().expect("identity lock");
+        id.push = push;
+        id.client_name = Some(name.to_string());
+        id.client_version = Some(version.to_string());
+    }
+
+    /// The MCP handshake is complete.
+    pub(crate) fn mark_initialized(&self) {
+        self.initialized.store(true, Ordering::Release);
+        self.initialized_signal.notify_one();
+    }
+
     /// Lets the connection task register (once).
     fn want_registration(&self) {
         if !self.wanted_flag.swap(true, Ordering::AcqRel) {

@@ -3,7 +3,6 @@
 use std::borrow::Cow;
 use std::collections::BTreeMap;
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
 
 use rmcp::handler::server::tool::IntoCallToolResult;
 use rmcp::handler::server::{router::tool::ToolRouter, wrapper::Parameters};
@@ -17,9 +16,9 @@ use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
 use super::{PushMode, Session};
-use crate::cli::table::timestamp_rfc3339;
 use crate::client::{ClientError, SEND_TRIES};
 use crate::protocol::{self, Delivery, ListPeers, Scope, SetSummary};
+use crate::time::timestamp_rfc3339;
 
 /// The server Claude Code talks to.
 #[derive(Clone)]
@@ -657,25 +656,12 @@ impl ServerHandler for PeersServer {
         if let super::Route::Inbox(inbox) = &route {
             tracing::info!(socket = %inbox.socket().display(), "mail goes to Claude Code's inbox");
         }
-        *self.session.route_why.lock().expect("route lock") = why;
-        // Where the user's hold applies, mail is written by the relay (Claude Code holds
-        // it), or waits for the next prompt; it never starts a turn by itself otherwise.
-        self.session.may_wake.store(!held_back, Ordering::Release);
-        let relay = held_back && matches!(route, super::Route::Inbox(_));
-        *self.session.route.lock().expect("route lock") = route;
-        self.session.use_relay.store(relay, Ordering::Release);
-        if relay {
-            let socket = crate::hook::socket_path(&self.session.paths, parent);
-            if let Err(e) = super::relay::spawn(&socket) {
-                tracing::warn!("cannot start the inbox relay: {e}");
-            }
-        }
-        {
-            let mut id = self.session.identity.lock().expect("identity lock");
-            id.push = push;
-            id.client_name = Some(request.client_info.name.clone());
-            id.client_version = Some(request.client_info.version.clone());
-        }
+        self.session.set_route(route, why, held_back, parent);
+        self.session.set_client(
+            push,
+            &request.client_info.name,
+            &request.client_info.version,
+        );
         tracing::info!(client = %request.client_info.name, channel, push, "initialize");
         context.peer.set_peer_info(request.clone());
         self.negotiate_initialize(&request)
@@ -693,8 +679,7 @@ impl ServerHandler for PeersServer {
     }
 
     async fn on_initialized(&self, _context: NotificationContext<RoleServer>) {
-        self.session.initialized.store(true, Ordering::Release);
-        self.session.initialized_signal.notify_one();
+        self.session.mark_initialized();
         // A client that stays past a health check's few milliseconds is a session: it
         // registers (at once, if it calls a tool first).
         let session = self.session.clone();
