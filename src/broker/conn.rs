@@ -156,7 +156,13 @@ async fn read_frames(
         if !outbox.wait_for_writer(|q| !q.reader_must_wait()).await {
             return;
         }
-        let bytes = match frames.next().await {
+        // A connection the broker closed (its writer stopped) is read no more, even if
+        // the client keeps its end open.
+        let next = tokio::select! {
+            next = frames.next() => next,
+            () = outbox.writer_gone() => return,
+        };
+        let bytes = match next {
             Ok(Some(b)) => b,
             Ok(None) => return,
             Err(ReadError::TooLarge(max)) => {

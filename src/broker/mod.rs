@@ -135,8 +135,8 @@ pub fn run(opts: BrokerOptions) -> Result<()> {
         .build()?;
     let local = tokio::task::LocalSet::new();
     let result = local.block_on(&runtime, serve(&opts, store));
-    // Connection tasks have been told to close; give them a moment to write their last frames.
-    runtime.shutdown_timeout(Duration::from_millis(500));
+    // Connections have written their last frames (or were given up on) in `serve`.
+    runtime.shutdown_timeout(Duration::from_millis(10));
     checkpointer.stop();
     // The socket goes before the lock, so a new broker never sees a live-looking socket
     // it does not own.
@@ -243,6 +243,9 @@ async fn serve(opts: &BrokerOptions, store: Store) -> Result<()> {
     });
     let open = Rc::new(Cell::new(0usize));
     let max_connections = opts.limits.max_connections;
+    // Each connection task holds a sender; when the last one is gone, every connection
+    // has written its last frames (the receiver then reads `None`).
+    let (conns_alive, mut conns_done) = tokio::sync::mpsc::channel::<()>(1);
     tracing::info!(
         pid = std::process::id(),
         socket = %paths.socket.display(),
@@ -263,10 +266,11 @@ async fn serve(opts: &BrokerOptions, store: Store) -> Result<()> {
                 Ok((stream, _)) => {
                     next_conn += 1;
                     open.set(open.get() + 1);
-                    let (ctx, open) = (ctx.clone(), open.clone());
+                    let (ctx, open, alive) = (ctx.clone(), open.clone(), conns_alive.clone());
                     tokio::task::spawn_local(async move {
                         conn::serve(stream, next_conn, ctx).await;
                         open.set(open.get() - 1);
+                        drop(alive);
                     });
                 }
                 Err(e) => {
@@ -284,7 +288,9 @@ async fn serve(opts: &BrokerOptions, store: Store) -> Result<()> {
         }
     }
     drop(listener);
-    // Let writers flush the final answers before the runtime is shut down.
-    tokio::time::sleep(Duration::from_millis(20)).await;
+    // The core told every connection to close after its last frames: wait for them to be
+    // written (a client that does not read gets half a second).
+    drop(conns_alive);
+    let _ = tokio::time::timeout(Duration::from_millis(500), conns_done.recv()).await;
     Ok(())
 }

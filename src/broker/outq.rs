@@ -54,6 +54,8 @@ pub struct Outq {
     /// The writer has stopped (the client is gone, or the connection was closed): nothing
     /// will be written any more, so no one should wait for it.
     closed: Cell<bool>,
+    /// Woken once, when the writer stops.
+    stopped: Notify,
 }
 
 impl Outq {
@@ -66,6 +68,7 @@ impl Outq {
             wants_room: Cell::new(false),
             wrote: Notify::new(),
             closed: Cell::new(false),
+            stopped: Notify::new(),
         };
         (q, rx)
     }
@@ -149,10 +152,22 @@ impl Outq {
         }
     }
 
+    /// Returns once the writer has stopped.
+    pub async fn writer_gone(&self) {
+        loop {
+            let stopped = self.stopped.notified();
+            if self.closed.get() {
+                return;
+            }
+            stopped.await;
+        }
+    }
+
     /// The writer stopped: wakes whoever waits for it.
     pub fn writer_stopped(&self) {
         self.closed.set(true);
         self.wrote.notify_waiters();
+        self.stopped.notify_waiters();
     }
 
     /// The writer wrote `bytes` bytes holding `answers` answers. Returns true when the core

@@ -40,7 +40,7 @@ pub use native::Native;
 pub use relay::run as run_relay;
 
 /// How deliveries may reach the model, as the user set it (`--push`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum PushMode {
     /// The native inbox when the session has one; else channel events when the client
     /// declared `claude/channel` or the host's command line enabled this server's
@@ -50,24 +50,11 @@ pub enum PushMode {
     Inbox,
     /// Channel events (`always` is the older spelling). They cannot be confirmed, so the
     /// sender is told `pushed`, never `delivered`.
+    #[value(alias = "always")]
     Channel,
     /// Mail waits for `check_messages`.
+    #[value(alias = "poll")]
     Never,
-}
-
-impl std::str::FromStr for PushMode {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
-        match s {
-            "auto" => Ok(PushMode::Auto),
-            "inbox" => Ok(PushMode::Inbox),
-            "channel" | "always" => Ok(PushMode::Channel),
-            "never" | "poll" => Ok(PushMode::Never),
-            _ => Err(format!(
-                "push must be auto, inbox, channel or never, not {s:?}"
-            )),
-        }
-    }
 }
 
 /// The path this session's mail takes to the model, chosen at `initialize`.
