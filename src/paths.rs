@@ -191,6 +191,20 @@ pub fn secure_dir(dir: &Path) -> Result<(), PathError> {
     Ok(())
 }
 
+/// Opens `path` to read and write, creating it 0600 if it is missing, never through a
+/// symlink (the lock files, the stop marker).
+pub fn private_file(path: &Path) -> std::io::Result<std::fs::File> {
+    use std::os::unix::fs::OpenOptionsExt;
+    std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .read(true)
+        .write(true)
+        .mode(0o600)
+        .custom_flags(rustix::fs::OFlags::NOFOLLOW.bits() as i32)
+        .open(path)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -12,9 +12,9 @@ pub mod frame;
 pub mod outq;
 
 use std::cell::Cell;
-use std::fs::{File, OpenOptions};
+use std::fs::File;
 use std::io::Write;
-use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::os::unix::fs::PermissionsExt;
 use std::rc::Rc;
 use std::time::{Duration, Instant};
 
@@ -69,12 +69,7 @@ pub struct BrokerLock {
 impl BrokerLock {
     /// Takes the lock, or returns `None` when another live broker holds it.
     pub fn acquire(paths: &Paths) -> Result<Option<Self>> {
-        let mut file = OpenOptions::new()
-            .create(true)
-            .truncate(false)
-            .write(true)
-            .mode(0o600)
-            .open(&paths.lock)
+        let mut file = crate::paths::private_file(&paths.lock)
             .with_context(|| format!("cannot open lock file {}", paths.lock.display()))?;
         match file.try_lock() {
             Ok(()) => {}
@@ -159,14 +154,7 @@ impl DatabaseLock {
             p.push(".broker");
             std::path::PathBuf::from(p)
         };
-        let mut file = OpenOptions::new()
-            .create(true)
-            .truncate(false)
-            .read(true)
-            .write(true)
-            .mode(0o600)
-            .custom_flags(rustix::fs::OFlags::NOFOLLOW.bits() as i32)
-            .open(&path)
+        let mut file = crate::paths::private_file(&path)
             .with_context(|| format!("cannot open lock file {}", path.display()))?;
         match file.try_lock() {
             Ok(()) => {}

@@ -553,16 +553,8 @@ async fn stop(paths: &Paths) -> Result<()> {
     // Sessions that lose their broker now wait for one instead of starting it again; the
     // next broker (started by a command or a new session that needs one) removes this.
     paths.prepare()?;
-    {
-        use std::os::unix::fs::OpenOptionsExt;
-        std::fs::OpenOptions::new()
-            .create(true)
-            .truncate(true)
-            .write(true)
-            .mode(0o600)
-            .open(&paths.stopped)
-            .with_context(|| format!("cannot write {}", paths.stopped.display()))?;
-    }
+    crate::paths::private_file(&paths.stopped)
+        .with_context(|| format!("cannot write {}", paths.stopped.display()))?;
     let mut client = match connect(paths, false).await {
         Ok(c) => c,
         Err(ClientError::NotRunning { .. }) => {

@@ -198,83 +198,86 @@ impl Core {
     }
 
     pub(super) fn send(&mut self, conn: ConnId, id: Option<u64>, s: Send) -> Outcome {
-        let prepared = (|| {
-            let from = self.sender_name(conn, s.from)?;
-            if let Some(k) = &s.key
-                && let Some(first) = self.sent_before(&from, k)?
-            {
-                return Ok(Err(first));
-            }
-            let mut recipients: Vec<String> = Vec::with_capacity(s.to.len());
-            for to in s.to {
-                if !self.peers.contains_key(&to) {
-                    return Err(self.unknown_peer(&to));
+        let draft = Draft {
+            text: s.text,
+            in_reply_to: s.in_reply_to,
+            key: s.key,
+        };
+        let to = s.to;
+        self.submit(conn, id, s.from, draft, move |core, _| {
+            let mut recipients: Vec<String> = Vec::with_capacity(to.len());
+            for name in to {
+                if !core.peers.contains_key(&name) {
+                    return Err(core.unknown_peer(&name));
                 }
-                if !recipients.contains(&to) {
-                    recipients.push(to);
+                if !recipients.contains(&name) {
+                    recipients.push(name);
                 }
             }
-            Ok(Ok((from, recipients)))
-        })();
-        match prepared {
-            Ok(Ok((from, recipients))) => {
-                let draft = Draft {
-                    text: s.text,
-                    in_reply_to: s.in_reply_to,
-                    key: s.key,
-                };
-                self.deliver_new(conn, id, from, recipients, draft)
-            }
-            Ok(Err(first)) => Outcome::Answer(Ok(Reply::Sent(first))),
-            Err(e) => Outcome::Answer(Err(e)),
-        }
+            Ok(recipients)
+        })
     }
 
     pub(super) fn broadcast(&mut self, conn: ConnId, id: Option<u64>, b: Broadcast) -> Outcome {
-        let prepared = (|| {
-            let from = self.sender_name(conn, b.from)?;
-            if let Some(k) = &b.key
-                && let Some(first) = self.sent_before(&from, k)?
-            {
-                return Ok(Err(first));
-            }
-            let filter =
-                self.scope_filter(conn, b.scope, b.cwd.as_ref(), b.git_common_dir.as_ref())?;
-            let mut recipients: Vec<String> = self
+        let draft = Draft {
+            text: b.text,
+            in_reply_to: b.in_reply_to,
+            key: b.key,
+        };
+        let (scope, cwd, git_common_dir) = (b.scope, b.cwd, b.git_common_dir);
+        self.submit(conn, id, b.from, draft, move |core, from| {
+            let filter = core.scope_filter(conn, scope, cwd.as_ref(), git_common_dir.as_ref())?;
+            let mut recipients: Vec<String> = core
                 .online
                 .keys()
-                .filter(|n| **n != from && self.peers.get(*n).is_some_and(&filter))
+                .filter(|n| **n != from && core.peers.get(*n).is_some_and(&filter))
                 .cloned()
                 .collect();
             if recipients.is_empty() {
                 return Err(err(
                     ErrorCode::NoRecipients,
-                    format!("no other peer is online in scope {:?}", b.scope),
+                    format!("no other peer is online in scope {scope:?}"),
                 ));
             }
-            if recipients.len() > self.limits.broadcast_limit {
+            if recipients.len() > core.limits.broadcast_limit {
                 return Err(err(
                     ErrorCode::BadRequest,
                     format!(
                         "{} peers are in scope; a broadcast reaches at most {}. Narrow the scope",
                         recipients.len(),
-                        self.limits.broadcast_limit
+                        core.limits.broadcast_limit
                     ),
                 ));
             }
             recipients.sort();
-            Ok(Ok((from, recipients)))
-        })();
-        match prepared {
-            Ok(Ok((from, recipients))) => {
-                let draft = Draft {
-                    text: b.text,
-                    in_reply_to: b.in_reply_to,
-                    key: b.key,
-                };
-                self.deliver_new(conn, id, from, recipients, draft)
+            Ok(recipients)
+        })
+    }
+
+    /// A send or broadcast: the sender is checked, a key it already used is answered with
+    /// that message, else `recipients` says who gets it (or why no one can), and it is
+    /// stored and delivered.
+    fn submit(
+        &mut self,
+        conn: ConnId,
+        id: Option<u64>,
+        from: Option<String>,
+        draft: Draft,
+        recipients: impl FnOnce(&Self, &str) -> Result<Vec<String>, ErrorBody>,
+    ) -> Outcome {
+        let from = match self.sender_name(conn, from) {
+            Ok(from) => from,
+            Err(e) => return Outcome::Answer(Err(e)),
+        };
+        if let Some(k) = &draft.key {
+            match self.sent_before(&from, k) {
+                Ok(Some(first)) => return Outcome::Answer(Ok(Reply::Sent(first))),
+                Ok(None) => {}
+                Err(e) => return Outcome::Answer(Err(e)),
             }
-            Ok(Err(first)) => Outcome::Answer(Ok(Reply::Sent(first))),
+        }
+        match recipients(self, &from) {
+            Ok(recipients) => self.deliver_new(conn, id, from, recipients, draft),
             Err(e) => Outcome::Answer(Err(e)),
         }
     }
