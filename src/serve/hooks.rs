@@ -1,0 +1,281 @@
+//! The session socket (`hooks/<host pid>.sock`): mail lent to the hooks, `doctor`'s
+//! questions, and the inbox relay's connection.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use super::inbox::{Inbound, Inbox};
+use super::*;
+use crate::protocol::Delivery;
+
+impl Session {
+    /// Serves the hooks of this session (`claude-peers hook prompt|wait`) on
+    /// `hooks/<host pid>.sock`: lends them the unread mail, which their `shown` settles
+    /// and their going away gives back.
+    pub(super) async fn serve_hooks(self: Arc<Self>, path: PathBuf) {
+        let listener = match path
+            .parent()
+            .map(crate::paths::secure_dir)
+            .transpose()
+            .map_err(|e| std::io::Error::other(e.to_string()))
+            .and_then(|_| {
+                // Another live `serve` of the same host (two servers in one agent) keeps
+                // its socket: its hooks keep working, ours are not served.
+                if std::os::unix::net::UnixStream::connect(&path).is_ok() {
+                    return Err(std::io::Error::new(
+                        std::io::ErrorKind::AddrInUse,
+                        "another serve of this host answers there",
+                    ));
+                }
+                let _ = std::fs::remove_file(&path);
+                tokio::net::UnixListener::bind(&path)
+            }) {
+            Ok(l) => l,
+            Err(e) => {
+                tracing::warn!("no socket for hooks at {}: {e}", path.display());
+                return;
+            }
+        };
+        *self.hook_socket.lock().expect("hook_socket lock") = Some(path);
+        loop {
+            let stream = match listener.accept().await {
+                Ok((s, _)) => s,
+                Err(e) => {
+                    tracing::warn!("the hook socket could not accept: {e}");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            };
+            if platform::peer_uid(&stream).ok() != Some(platform::current_uid()) {
+                tracing::warn!("refused a hook connection from another uid");
+                continue;
+            }
+            tokio::spawn(self.clone().lend_to_hook(stream));
+        }
+    }
+
+    /// One hook's connection: its request, the lent mail, and `shown` or going away.
+    pub(super) async fn lend_to_hook(self: Arc<Self>, stream: tokio::net::UnixStream) {
+        use crate::hook::{HookReply, HookRequest};
+        use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+        let mut stream = BufReader::new(stream);
+        let mut line = String::new();
+        if !matches!(stream.read_line(&mut line).await, Ok(n) if n > 0) {
+            return;
+        }
+        let lent = match serde_json::from_str::<HookRequest>(&line) {
+            Ok(HookRequest::Relay) => {
+                self.serve_relay(stream).await;
+                return;
+            }
+            Ok(HookRequest::Status) => {
+                let parent = platform::parent_pid();
+                let status = crate::hook::SessionStatus {
+                    name: self.name().unwrap_or_default(),
+                    pid: std::process::id(),
+                    host_pid: parent,
+                    host: platform::command_line(parent).unwrap_or_default(),
+                    route: self.route().as_str().into(),
+                    why: self.route_why.lock().expect("route lock").clone(),
+                    unread: self.unread_count(),
+                };
+                let mut text = serde_json::to_string(&status).expect("serializable");
+                text.push('\n');
+                let _ = stream.get_mut().write_all(text.as_bytes()).await;
+                return;
+            }
+            Ok(HookRequest::Take) => self.lend(),
+            Ok(HookRequest::Wait) => {
+                // Until mail arrives, the hook goes away (its host ended it), or a newer
+                // wait replaces this one: the host starts one after every turn and does
+                // not end the older ones.
+                let me = self.hook_waits.fetch_add(1, Ordering::AcqRel) + 1;
+                self.mail_arrived.notify_waiters();
+                let mut probe = String::new();
+                loop {
+                    let arrived = self.mail_arrived.notified();
+                    tokio::pin!(arrived);
+                    // Registered before looking, so what happens in between still wakes us.
+                    arrived.as_mut().enable();
+                    if self.hook_waits.load(Ordering::Acquire) != me {
+                        return;
+                    }
+                    // A session whose inbox was withheld (it bypasses permissions, or its
+                    // settings hold other sessions' mail) is not woken by mail either: it
+                    // sees its mail when its user next prompts.
+                    let lent = if self.may_wake.load(Ordering::Acquire) {
+                        self.lend()
+                    } else {
+                        Vec::new()
+                    };
+                    if !lent.is_empty() {
+                        break lent;
+                    }
+                    tokio::select! {
+                        _ = arrived => {}
+                        _ = stream.read_line(&mut probe) => return,
+                    }
+                }
+            }
+            _ => return,
+        };
+        self.want_registration();
+        let name = self.name().unwrap_or_default();
+        let reply = HookReply {
+            name,
+            messages: lent,
+        };
+        let mut text = serde_json::to_string(&reply).expect("serializable");
+        text.push('\n');
+        let lent = reply.messages;
+        if stream.get_mut().write_all(text.as_bytes()).await.is_err() {
+            self.give_back(lent);
+            return;
+        }
+        line.clear();
+        match stream.read_line(&mut line).await {
+            Ok(n) if n > 0 && matches!(serde_json::from_str(&line), Ok(HookRequest::Shown)) => {
+                self.shown_by_hook(lent);
+            }
+            _ => self.give_back(lent),
+        }
+    }
+
+    /// The inbox relay's connection: jobs out, events in, until either side goes.
+    pub(super) async fn serve_relay(
+        self: Arc<Self>,
+        stream: tokio::io::BufReader<tokio::net::UnixStream>,
+    ) {
+        use tokio::io::{AsyncBufReadExt, AsyncWriteExt};
+        let (read, mut write) = stream.into_inner().into_split();
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<String>();
+        tokio::spawn(async move {
+            while let Some(line) = rx.recv().await {
+                if write.write_all(line.as_bytes()).await.is_err() {
+                    break;
+                }
+            }
+        });
+        *self.relay_tx.lock().expect("relay lock") = Some(tx);
+        self.relay_ready.notify_waiters();
+        tracing::info!("the inbox relay is connected");
+        let mut lines = tokio::io::BufReader::new(read).lines();
+        while let Ok(Some(line)) = lines.next_line().await {
+            let Ok(ev) = serde_json::from_str::<relay::Event>(&line) else {
+                continue;
+            };
+            match ev {
+                relay::Event::Taken { id, held } => self.relay_done(&id, Ok(held)),
+                relay::Event::Failed { id, error } => self.relay_done(&id, Err(error)),
+                relay::Event::Receipt {
+                    message_id,
+                    status,
+                    reason,
+                } => {
+                    self.on_inbound(Inbound::Receipt {
+                        message_id,
+                        status,
+                        reason,
+                    })
+                    .await
+                }
+                relay::Event::Reply { peer, text } => {
+                    self.on_inbound(Inbound::Reply { peer, text }).await
+                }
+            }
+        }
+        tracing::warn!("the inbox relay went away");
+        *self.relay_tx.lock().expect("relay lock") = None;
+        let pending: Vec<_> = self
+            .relay_pending
+            .lock()
+            .expect("relay lock")
+            .drain()
+            .collect();
+        for (_, done) in pending {
+            let _ = done.send(Err("the inbox relay went away".into()));
+        }
+    }
+
+    pub(super) fn relay_done(&self, id: &str, result: Result<bool, String>) {
+        if let Some(done) = self.relay_pending.lock().expect("relay lock").remove(id) {
+            let _ = done.send(result);
+        }
+    }
+
+    /// Has the relay write `d` into the inbox; whether the session holds it.
+    pub(super) async fn relay_write(&self, inbox: &Inbox, d: &Delivery) -> Result<bool, String> {
+        let (socket, session_id) = inbox.target().await.map_err(|e| e.to_string())?;
+        let wait = async {
+            loop {
+                let ready = self.relay_ready.notified();
+                tokio::pin!(ready);
+                ready.as_mut().enable();
+                if let Some(tx) = self.relay_tx.lock().expect("relay lock").clone() {
+                    return tx;
+                }
+                ready.await;
+            }
+        };
+        let tx = tokio::time::timeout(BROKER_WAIT, wait)
+            .await
+            .map_err(|_| "the inbox relay did not start".to_string())?;
+        let (done, result) = tokio::sync::oneshot::channel();
+        self.relay_pending
+            .lock()
+            .expect("relay lock")
+            .insert(d.id.clone(), done);
+        let job = relay::Job {
+            delivery: d.clone(),
+            socket,
+            session_id,
+        };
+        let mut line = serde_json::to_string(&job).expect("serializable");
+        line.push('\n');
+        tx.send(line)
+            .map_err(|_| "the inbox relay went away".to_string())?;
+        result
+            .await
+            .map_err(|_| "the inbox relay went away".to_string())?
+    }
+
+    /// Every unread message, for a hook to show.
+    pub(super) fn lend(&self) -> Vec<Delivery> {
+        let lent: Vec<Delivery> = self.unread.lock().expect("unread lock").drain(..).collect();
+        let mut out = self.lent.lock().expect("lent lock");
+        out.extend(lent.iter().map(|d| d.id.clone()));
+        lent
+    }
+
+    /// Lent mail a hook showed: seen, and acked.
+    pub(super) fn shown_by_hook(&self, lent: Vec<Delivery>) {
+        let ids: Vec<String> = lent.into_iter().map(|d| d.id).collect();
+        {
+            let mut seen = self.seen.lock().expect("seen lock");
+            let mut out = self.lent.lock().expect("lent lock");
+            for id in &ids {
+                seen.insert(id);
+                out.remove(id);
+            }
+        }
+        self.ack(ids);
+    }
+
+    /// Lent mail a hook did not show, back at the front of the queue.
+    pub(super) fn give_back(&self, lent: Vec<Delivery>) {
+        if lent.is_empty() {
+            return;
+        }
+        {
+            let mut unread = self.unread.lock().expect("unread lock");
+            let mut out = self.lent.lock().expect("lent lock");
+            for d in lent.into_iter().rev() {
+                out.remove(&d.id);
+                unread.push_front(d);
+            }
+        }
+        self.mail_arrived.notify_waiters();
+    }
+}
