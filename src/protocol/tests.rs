@@ -1,0 +1,82 @@
+//! The wire shapes, as documented in docs/PROTOCOL.md.
+
+use super::*;
+
+#[test]
+fn requests_have_the_documented_shape() {
+    let f = ClientFrame {
+        id: Some(7),
+        request: Send {
+            key: None,
+            to: vec!["bob".into()],
+            text: "hi".into(),
+            in_reply_to: None,
+            from: None,
+        }
+        .into(),
+    };
+    assert_eq!(
+        serde_json::to_string(&f).unwrap(),
+        r#"{"id":7,"op":"send","to":["bob"],"text":"hi"}"#
+    );
+    let back: ClientFrame = serde_json::from_str(r#"{"op":"status"}"#).unwrap();
+    assert!(matches!(back.request, Request::Status));
+    assert_eq!(back.id, None);
+}
+
+#[test]
+fn ops_list_matches_the_enum() {
+    for op in Request::OPS {
+        let v = serde_json::json!({ "op": op });
+        let err = serde_json::from_value::<Request>(v)
+            .err()
+            .map(|e| e.to_string());
+        assert!(
+            !err.unwrap_or_default().contains("unknown variant"),
+            "{op} is not a Request variant"
+        );
+    }
+}
+
+#[test]
+fn borrowed_peer_records_read_back_as_owned_ones() {
+    let r = PeerInfoRef {
+        name: "bob",
+        online: true,
+        pid: 7,
+        cwd: "/w/a \"q\"",
+        git_root: Some("/w"),
+        git_common_dir: None,
+        branch: Some("main"),
+        tty: None,
+        host: Some("h"),
+        summary: "line\nbreak",
+        client_name: Some("claude-code"),
+        client_version: None,
+        push: true,
+        first_seen: 1,
+        last_seen: 2,
+        unread: 3,
+    };
+    let expected = r.to_owned();
+    let s = serde_json::to_string(&PeerListRef {
+        next: None,
+        peers: vec![r],
+    })
+    .unwrap();
+    let back: PeerList = serde_json::from_str(&s).unwrap();
+    assert_eq!(back.peers, vec![expected]);
+    // Every field of PeerInfo is written by PeerInfoRef, under the same name.
+    let owned = serde_json::to_value(&back.peers[0]).unwrap();
+    let borrowed: serde_json::Value = serde_json::from_str(&s).unwrap();
+    assert_eq!(owned, borrowed["peers"][0]);
+}
+
+#[test]
+fn server_frames_round_trip() {
+    let f = ServerFrame::result(Some(1), Reply::Done(Done {}));
+    let s = serde_json::to_string(&f).unwrap();
+    assert_eq!(s, r#"{"id":1,"result":{}}"#);
+    let back: ServerFrame<Box<serde_json::value::RawValue>> = serde_json::from_str(&s).unwrap();
+    assert_eq!(back.result.unwrap().get(), "{}");
+}
