@@ -1,5 +1,10 @@
 //! The MCP face of a session: server info, instructions, and the tools.
 
+mod listing;
+#[cfg(test)]
+mod tests;
+
+use listing::{PeerListing, PeerOut, PeersOut, read_pages};
 use std::borrow::Cow;
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -104,162 +109,6 @@ pub struct WhoamiOut {
     pub delivery: String,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub notice: Option<String>,
-}
-
-/// A peer as a listing shows it. Its strings are borrowed from the broker's answer where
-/// they can be: a listing of hundreds of peers copies each string once, into the result.
-#[derive(Debug, Serialize, JsonSchema)]
-pub struct PeerOut<'a> {
-    /// The address to send to: a peer name, or `cc:<name>` for a Claude Code session
-    /// that does not run claude-peers.
-    pub name: Cow<'a, str>,
-    /// "online" or "offline".
-    pub state: &'static str,
-    /// "claude-peers" (a peer: offline mail, history, broadcast) or "claude-code" (a
-    /// Claude Code session without claude-peers, reached through its own inbox while
-    /// it runs).
-    pub kind: &'static str,
-    pub cwd: Cow<'a, str>,
-    pub repo: Option<Cow<'a, str>>,
-    pub branch: Option<Cow<'a, str>>,
-    pub summary: Cow<'a, str>,
-    /// RFC 3339 time this peer was last connected ("now" when online).
-    pub last_seen: Cow<'a, str>,
-}
-
-#[derive(Debug, Serialize, JsonSchema)]
-pub struct PeersOut<'a> {
-    pub peers: Vec<PeerOut<'a>>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub notice: Option<String>,
-}
-
-/// The fields of the broker's peer record that a listing shows, borrowed from its answer;
-/// the others are skipped unread.
-#[derive(Deserialize)]
-struct ListedPeer<'a> {
-    #[serde(borrow)]
-    name: Cow<'a, str>,
-    online: bool,
-    pid: u32,
-    #[serde(borrow)]
-    cwd: Cow<'a, str>,
-    #[serde(borrow)]
-    git_root: Option<Cow<'a, str>>,
-    #[serde(borrow)]
-    branch: Option<Cow<'a, str>>,
-    #[serde(borrow)]
-    summary: Cow<'a, str>,
-    last_seen: protocol::Millis,
-}
-
-#[derive(Deserialize)]
-struct Listed<'a> {
-    #[serde(borrow)]
-    peers: Vec<ListedPeer<'a>>,
-}
-
-/// The peers of every page of a listing, borrowed from the pages.
-fn read_pages(pages: &[crate::client::Encoded]) -> Result<Vec<ListedPeer<'_>>, String> {
-    let mut peers: Vec<ListedPeer<'_>> = Vec::new();
-    let mut names = std::collections::HashSet::new();
-    for page in pages {
-        let listed: Listed<'_> = page.read().map_err(|e| e.to_string())?;
-        // A peer that went online or offline between two pages is listed once.
-        peers.extend(
-            listed
-                .peers
-                .into_iter()
-                .filter(|p| names.insert(p.name.to_string())),
-        );
-    }
-    Ok(peers)
-}
-
-/// The longest summary a listing shows the model, in bytes: a summary may be 4 KiB, and
-/// a listing of many peers must stay readable (and under the host's tool-output limit).
-const LISTED_SUMMARY_BYTES: usize = 300;
-
-impl<'a> From<ListedPeer<'a>> for PeerOut<'a> {
-    fn from(p: ListedPeer<'a>) -> Self {
-        PeerOut {
-            state: if p.online { "online" } else { "offline" },
-            kind: "claude-peers",
-            last_seen: if p.online {
-                "now".into()
-            } else {
-                timestamp_rfc3339(p.last_seen).into()
-            },
-            name: p.name,
-            cwd: p.cwd,
-            repo: p.git_root,
-            branch: p.branch,
-            summary: clip(p.summary, LISTED_SUMMARY_BYTES),
-        }
-    }
-}
-
-/// `s` cut to at most `max` bytes at a character boundary, with "…" where it was cut.
-fn clip(s: Cow<'_, str>, max: usize) -> Cow<'_, str> {
-    if s.len() <= max {
-        return s;
-    }
-    let mut end = max;
-    while !s.is_char_boundary(end) {
-        end -= 1;
-    }
-    format!("{}…", &s[..end]).into()
-}
-
-/// A peer listing as a tool result: one readable line per peer as the text the model
-/// reads, the records in `structuredContent`. (rmcp's `Json` would repeat the records as
-/// JSON text: twice the bytes to write and parse, and more tokens, for hundreds of peers.)
-pub struct PeerListing(CallToolResult);
-
-impl PeerListing {
-    fn new(out: &PeersOut<'_>) -> Result<Self, String> {
-        let structured =
-            serde_json::to_value(out).map_err(|e| format!("cannot build the listing: {e}"))?;
-        let mut result = CallToolResult::success(vec![ContentBlock::text(Self::text(out))]);
-        result.structured_content = Some(structured);
-        Ok(Self(result))
-    }
-
-    fn text(out: &PeersOut<'_>) -> String {
-        use std::fmt::Write;
-        let peers = &out.peers;
-        let mut text = match peers.len() {
-            0 => "No other sessions found.".to_string(),
-            1 => "1 other session:".to_string(),
-            n => format!("{n} other sessions:"),
-        };
-        for p in peers {
-            let _ = write!(text, "\n- {} ({}", p.name, p.state);
-            if p.kind == "claude-code" {
-                let _ = write!(text, ", Claude Code without claude-peers");
-            }
-            if p.state != "online" {
-                let _ = write!(text, ", last seen {}", p.last_seen);
-            }
-            let _ = write!(text, ") in {}", p.cwd);
-            if let Some(branch) = &p.branch {
-                let _ = write!(text, " on {branch}");
-            }
-            if !p.summary.is_empty() {
-                let _ = write!(text, ": {}", p.summary);
-            }
-        }
-        if let Some(notice) = &out.notice {
-            let _ = write!(text, "\n{notice}");
-        }
-        text
-    }
-}
-
-impl IntoCallToolResult for PeerListing {
-    fn into_call_tool_result(self) -> Result<CallToolResponse, McpError> {
-        Ok(self.0.into())
-    }
 }
 
 #[derive(Debug, Serialize, JsonSchema)]
@@ -687,64 +536,5 @@ impl ServerHandler for PeersServer {
             tokio::time::sleep(super::REGISTER_AFTER).await;
             session.want_registration();
         });
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::protocol::{PeerInfo, PeerList};
-
-    fn peer(name: &str, online: bool) -> PeerInfo {
-        PeerInfo {
-            name: name.into(),
-            online,
-            pid: 7,
-            cwd: "/w/a \"quoted\"".into(),
-            git_root: Some("/w".into()),
-            git_common_dir: Some("/w/.git".into()),
-            branch: None,
-            tty: None,
-            host: Some("h".into()),
-            summary: "line\nbreak".into(),
-            client_name: None,
-            client_version: None,
-            push: true,
-            first_seen: 1,
-            last_seen: 1_700_000_000_000,
-            unread: 3,
-        }
-    }
-
-    #[test]
-    fn a_listing_reads_the_brokers_records() {
-        let list = PeerList {
-            next: None,
-            peers: vec![peer("bob", true), peer("carol", false)],
-        };
-        let json = serde_json::to_string(&list).unwrap();
-        let listed: Listed<'_> = serde_json::from_str(&json).unwrap();
-        let out = PeersOut {
-            peers: listed.peers.into_iter().map(PeerOut::from).collect(),
-            notice: None,
-        };
-        let value = serde_json::to_value(&out).unwrap();
-        assert_eq!(
-            value["peers"][0],
-            serde_json::json!({"name": "bob", "state": "online", "kind": "claude-peers", "cwd": "/w/a \"quoted\"",
-                "repo": "/w", "branch": null, "summary": "line\nbreak", "last_seen": "now"})
-        );
-        assert_eq!(value["peers"][1]["state"], "offline");
-        assert_eq!(
-            value["peers"][1]["last_seen"],
-            timestamp_rfc3339(1_700_000_000_000)
-        );
-        assert_eq!(
-            PeerListing::text(&out),
-            format!(
-                "2 other sessions:\n- bob (online) in /w/a \"quoted\": line\nbreak\n- carol (offline, last seen {}) in /w/a \"quoted\": line\nbreak",
-                timestamp_rfc3339(1_700_000_000_000)
-            )
-        );
     }
 }
