@@ -534,6 +534,10 @@ async fn log(
 /// A connection to the broker after the last one was lost: after `claude-peers stop`, the
 /// next broker someone starts (waiting asleep for its socket); otherwise one started now.
 async fn reconnect(paths: &Paths) -> Result<Client> {
+    let mut backoff = crate::client::Backoff::new(
+        std::time::Duration::from_millis(100),
+        std::time::Duration::from_secs(2),
+    );
     loop {
         let stopped = paths.stopped.exists();
         if stopped {
@@ -542,7 +546,7 @@ async fn reconnect(paths: &Paths) -> Result<Client> {
         match connect(paths, !stopped).await {
             Ok(c) => return Ok(c),
             Err(ClientError::NotRunning { .. }) | Err(ClientError::Disconnected) => {
-                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                backoff.wait().await;
             }
             Err(e) => return Err(e.into()),
         }

@@ -85,6 +85,35 @@ pub enum Event {
 /// before its answer.
 pub const SEND_TRIES: u32 = 3;
 
+/// Waits that double from `first` up to `max`: for trying again after a failure.
+#[derive(Debug, Clone)]
+pub struct Backoff {
+    first: Duration,
+    next: Duration,
+    max: Duration,
+}
+
+impl Backoff {
+    pub fn new(first: Duration, max: Duration) -> Self {
+        Self {
+            first,
+            next: first,
+            max,
+        }
+    }
+
+    /// Sleeps the next wait, and doubles the one after.
+    pub async fn wait(&mut self) {
+        tokio::time::sleep(self.next).await;
+        self.next = (self.next * 2).min(self.max);
+    }
+
+    /// Back to the first wait, after a success.
+    pub fn reset(&mut self) {
+        self.next = self.first;
+    }
+}
+
 /// How to connect.
 #[derive(Debug, Clone)]
 pub struct ConnectOptions {
@@ -164,7 +193,7 @@ impl Client {
         let mut spawned = 0;
         // Where the broker log ended when we last started a broker: what it writes after.
         let mut log_from = 0;
-        let mut delay = Duration::from_millis(2);
+        let mut delay = Backoff::new(Duration::from_millis(2), Duration::from_millis(50));
         loop {
             match UnixStream::connect(&paths.socket).await {
                 Ok(stream) => {
@@ -271,8 +300,7 @@ impl Client {
                     log: paths.log.clone(),
                 });
             }
-            tokio::time::sleep(delay).await;
-            delay = (delay * 2).min(Duration::from_millis(50));
+            delay.wait().await;
         }
     }
 
@@ -564,34 +592,32 @@ async fn read_loop(
             }
             continue;
         }
-        let frame: ServerFrame<Box<RawValue>> = match serde_json::from_slice(bytes) {
-            Ok(f) => f,
-            Err(e) => {
-                tracing::warn!("unreadable frame from the broker: {e}");
-                continue;
+        let message = serde_json::from_slice::<ServerFrame<Box<RawValue>>>(bytes)
+            .map_err(|e| e.to_string())
+            .and_then(ServerFrame::into_message);
+        match message {
+            Err(e) => tracing::warn!("unreadable frame from the broker: {e}"),
+            Ok(ServerMessage::Deliver(d)) => {
+                let _ = events.send(Event::Deliver(d));
             }
-        };
-        if let Some(d) = frame.deliver {
-            let _ = events.send(Event::Deliver(d));
-        } else if let Some(ev) = frame.event {
-            let _ = events.send(Event::Log(ev));
-        } else if let Some(l) = frame.lagged {
-            let _ = events.send(Event::Lagged(l.missed));
-        } else if let Some(id) = frame.id {
-            let outcome = match (frame.result, frame.error) {
-                (_, Some(e)) => Err(e),
-                (Some(r), None) => Ok(Encoded::from(r)),
-                (None, None) => Err(ErrorBody::new(ErrorCode::Internal, "empty answer")),
-            };
-            if let Some(tx) = pending.lock().expect("pending lock").remove(&id) {
-                let _ = tx.send(outcome);
+            Ok(ServerMessage::Event(ev)) => {
+                let _ = events.send(Event::Log(ev));
             }
-        } else if let Some(e) = frame.error {
-            // An error about the connection itself (refused, frame too large).
-            tracing::warn!("broker: {}", e.message);
-            let waiting: Vec<_> = pending.lock().expect("pending lock").drain().collect();
-            for (_, tx) in waiting {
-                let _ = tx.send(Err(e.clone()));
+            Ok(ServerMessage::Lagged(l)) => {
+                let _ = events.send(Event::Lagged(l.missed));
+            }
+            Ok(ServerMessage::Answer { id, result }) => {
+                if let Some(tx) = pending.lock().expect("pending lock").remove(&id) {
+                    let _ = tx.send(result.map(Encoded::from));
+                }
+            }
+            Ok(ServerMessage::Refused(e)) => {
+                // An error about the connection itself (refused, frame too large).
+                tracing::warn!("broker: {}", e.message);
+                let waiting: Vec<_> = pending.lock().expect("pending lock").drain().collect();
+                for (_, tx) in waiting {
+                    let _ = tx.send(Err(e.clone()));
+                }
             }
         }
     }

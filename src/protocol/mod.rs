@@ -237,6 +237,71 @@ impl<R> ServerFrame<R> {
     }
 }
 
+/// A server frame as what it is. [`ServerFrame`] is the wire's shape (a key each, all
+/// optional); [`ServerFrame::into_message`] checks once that exactly one is there.
+#[derive(Debug)]
+pub enum ServerMessage<R> {
+    /// The answer to request `id`.
+    Answer {
+        id: u64,
+        result: Result<R, ErrorBody>,
+    },
+    /// An error about the connection itself, with no id: refused, frame too large, busy.
+    Refused(ErrorBody),
+    Deliver(Delivery),
+    Event(LogEvent),
+    Lagged(Lagged),
+}
+
+impl<R> ServerFrame<R> {
+    /// The frame as one [`ServerMessage`], or why it is none.
+    pub fn into_message(self) -> Result<ServerMessage<R>, String> {
+        let keys = [
+            self.result.is_some(),
+            self.error.is_some(),
+            self.deliver.is_some(),
+            self.event.is_some(),
+            self.lagged.is_some(),
+        ];
+        let n = keys.iter().filter(|k| **k).count();
+        if n != 1 {
+            return Err(format!(
+                "a frame must hold one of result, error, deliver, event and lagged; this one holds {n}"
+            ));
+        }
+        Ok(match self {
+            ServerFrame {
+                deliver: Some(d), ..
+            } => ServerMessage::Deliver(d),
+            ServerFrame { event: Some(e), .. } => ServerMessage::Event(e),
+            ServerFrame {
+                lagged: Some(l), ..
+            } => ServerMessage::Lagged(l),
+            ServerFrame {
+                id: Some(id),
+                result,
+                error,
+                ..
+            } => ServerMessage::Answer {
+                id,
+                result: match (result, error) {
+                    (Some(r), _) => Ok(r),
+                    (None, Some(e)) => Err(e),
+                    (None, None) => unreachable!("one key is set"),
+                },
+            },
+            ServerFrame {
+                id: None,
+                error: Some(e),
+                ..
+            } => ServerMessage::Refused(e),
+            ServerFrame { id: None, .. } => {
+                return Err("a result without an id answers nothing".into());
+            }
+        })
+    }
+}
+
 /// Every answer the broker gives, serialized bare inside `result`.
 #[derive(Debug, Clone, Serialize)]
 #[serde(untagged)]

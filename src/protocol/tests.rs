@@ -80,3 +80,40 @@ fn server_frames_round_trip() {
     let back: ServerFrame<Box<serde_json::value::RawValue>> = serde_json::from_str(&s).unwrap();
     assert_eq!(back.result.unwrap().get(), "{}");
 }
+
+#[test]
+fn a_frame_is_read_as_exactly_one_message() {
+    let read = |s: &str| {
+        serde_json::from_str::<ServerFrame<Box<RawValue>>>(s)
+            .unwrap()
+            .into_message()
+    };
+    assert!(matches!(
+        read(r#"{"id":4,"result":{}}"#),
+        Ok(ServerMessage::Answer {
+            id: 4,
+            result: Ok(_)
+        })
+    ));
+    assert!(matches!(
+        read(r#"{"id":5,"error":{"code":"internal","message":"x"}}"#),
+        Ok(ServerMessage::Answer {
+            id: 5,
+            result: Err(_)
+        })
+    ));
+    assert!(matches!(
+        read(r#"{"error":{"code":"busy","message":"x"}}"#),
+        Ok(ServerMessage::Refused(_))
+    ));
+    assert!(matches!(
+        read(r#"{"lagged":{"missed":3}}"#),
+        Ok(ServerMessage::Lagged(Lagged { missed: 3 }))
+    ));
+    assert!(read(r#"{"id":1}"#).is_err(), "nothing in it");
+    assert!(
+        read(r#"{"id":1,"result":{},"lagged":{"missed":1}}"#).is_err(),
+        "two things in it"
+    );
+    assert!(read(r#"{"result":{}}"#).is_err(), "a result for no request");
+}

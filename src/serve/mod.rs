@@ -31,7 +31,7 @@ use rmcp::service::{Peer, RoleServer};
 use rmcp::{ServiceExt, transport::stdio_pipes};
 use tokio::sync::{Notify, watch};
 
-use crate::client::{Client, ClientError, ConnectOptions, Event};
+use crate::client::{Backoff, Client, ClientError, ConnectOptions, Event};
 use crate::git::GitInfo;
 use crate::names::PeerName;
 use crate::paths::Paths;
@@ -375,7 +375,7 @@ impl Session {
         if !self.wanted_flag.load(Ordering::Acquire) {
             self.wanted.notified().await;
         }
-        let mut backoff = Duration::from_millis(20);
+        let mut backoff = Backoff::new(Duration::from_millis(20), Duration::from_secs(2));
         let mut connected_before = false;
         loop {
             // After `claude-peers stop`, a session that had a broker waits, asleep, for
@@ -393,7 +393,7 @@ impl Session {
             match self.connect_once(!stopped).await {
                 Ok(mut events) => {
                     connected_before = true;
-                    backoff = Duration::from_millis(20);
+                    backoff.reset();
                     *self.last_error.lock().expect("last_error lock") = None;
                     while let Some(ev) = events.recv().await {
                         if let Event::Deliver(d) = ev {
@@ -408,8 +408,7 @@ impl Session {
                     *self.last_error.lock().expect("last_error lock") = Some(e.to_string());
                 }
             }
-            tokio::time::sleep(backoff).await;
-            backoff = (backoff * 2).min(Duration::from_secs(2));
+            backoff.wait().await;
         }
     }
 
