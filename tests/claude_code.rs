@@ -179,7 +179,7 @@ fn mail_to_an_idle_session_starts_a_turn() {
     wait_online(&peers, "bob", &session);
     session.wait_idle(Duration::from_secs(30));
 
-    let out = peers.run(&[
+    let out = peers.run_ok(&[
         "send",
         "bob",
         "idle hello from alice",
@@ -187,7 +187,6 @@ fn mail_to_an_idle_session_starts_a_turn() {
         "alice",
         "--json",
     ]);
-    assert!(out.status.success(), "{out:?}");
     let sent: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     let id = sent["message_id"].as_str().unwrap().to_string();
     let shown = shown_to_model(&api, "idle hello from alice", &session);
@@ -238,8 +237,7 @@ fn mail_to_a_busy_session_arrives_in_that_turn() {
     {
         panic!("the turn never started\n{}", session.diagnostics());
     }
-    let out = peers.run(&["send", "bob", "busy hello from alice", "--from", "alice"]);
-    assert!(out.status.success(), "{out:?}");
+    peers.run_ok(&["send", "bob", "busy hello from alice", "--from", "alice"]);
     gate.open();
     let shown = shown_to_model(&api, "busy hello from alice", &session);
     let text = shown.messages_text();
@@ -352,8 +350,7 @@ fn claude_mcp_list_leaves_no_peer() {
     );
     // Give a server that outlived the check the time it would take to register.
     std::thread::sleep(Duration::from_secs(1));
-    let out = peers.run(&["peers", "--all", "--json"]);
-    assert!(out.status.success(), "{out:?}");
+    let out = peers.run_ok(&["peers", "--all", "--json"]);
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(!text.contains("health-check"), "{text}");
 }
@@ -376,7 +373,7 @@ fn a_bypass_mode_session_gets_mail_only_once_its_user_approves_it() {
         let session = Interactive::start(&cc, &["--dangerously-skip-permissions"]);
         wait_online(&peers, "bob", &session);
         session.wait_idle(Duration::from_secs(30));
-        let out = peers.run(&[
+        let out = peers.run_ok(&[
             "send",
             "bob",
             "unapproved hello",
@@ -384,7 +381,6 @@ fn a_bypass_mode_session_gets_mail_only_once_its_user_approves_it() {
             "alice",
             "--json",
         ]);
-        assert!(out.status.success(), "{out:?}");
         let sent: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
         let why = doctor(&peers, &cc)["sessions"][0].clone();
         assert_eq!(
@@ -459,7 +455,7 @@ fn a_session_that_holds_cross_session_mail_holds_ours_too() {
     let _broker = peers.broker(&["--ack-wait", "10s"]);
     let session = Interactive::start(&cc, &[]);
     wait_online(&peers, "bob", &session);
-    let out = peers.run(&[
+    let out = peers.run_ok(&[
         "send",
         "bob",
         "held by setting",
@@ -467,7 +463,6 @@ fn a_session_that_holds_cross_session_mail_holds_ours_too() {
         "alice",
         "--json",
     ]);
-    assert!(out.status.success(), "{out:?}");
     let sent: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(sent["recipients"][0]["state"], "held", "{sent}");
     let shown = api.wait_for(
@@ -597,8 +592,7 @@ fn hooks_show_mail_at_the_next_prompt() {
     let cc = hooks_only(&peers, &api, &["UserPromptSubmit"]);
     let session = Interactive::start(&cc, &[]);
     wait_online(&peers, "bob", &session);
-    let out = peers.run(&["send", "bob", "mail for the next prompt", "--from", "alice"]);
-    assert!(out.status.success(), "{out:?}");
+    peers.run_ok(&["send", "bob", "mail for the next prompt", "--from", "alice"]);
     let quiet = api.wait_for(
         |r| r.is_main() && r.messages_text().contains("mail for the next prompt"),
         Duration::from_secs(2),
@@ -642,8 +636,7 @@ fn hook_wait_wakes_an_idle_session() {
     let session = Interactive::start(&cc, &[]);
     wait_online(&peers, "bob", &session);
     session.wait_idle(Duration::from_secs(30));
-    let out = peers.run(&["send", "bob", "wake up for this", "--from", "alice"]);
-    assert!(out.status.success(), "{out:?}");
+    peers.run_ok(&["send", "bob", "wake up for this", "--from", "alice"]);
     let shown = shown_to_model(&api, "wake up for this", &session);
     let text = shown.messages_text();
     assert!(
@@ -865,7 +858,7 @@ fn serve_killed_then_a_new_session_of_the_name_gets_the_mail_once() {
         let w = peers.client().await;
         common::wait_offline(&w, "bob").await;
     });
-    let out = peers.run(&[
+    let out = peers.run_ok(&[
         "send",
         "bob",
         "sent while bob was away",
@@ -873,7 +866,6 @@ fn serve_killed_then_a_new_session_of_the_name_gets_the_mail_once() {
         "alice",
         "--json",
     ]);
-    assert!(out.status.success(), "{out:?}");
     let sent: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(sent["recipients"][0]["state"], "queued", "{sent}");
     drop(first);

@@ -34,9 +34,8 @@ fn status_before_and_after_start() {
     assert_eq!(v["running"], false);
 
     // `peers` starts a broker on demand.
-    assert!(home.run(&["peers"]).status.success());
-    let o = home.run(&["status"]);
-    assert!(o.status.success(), "{}", stderr(&o));
+    home.run_ok(&["peers"]);
+    let o = home.run_ok(&["status"]);
     let text = stdout(&o);
     for key in [
         "broker", "version", "uptime", "socket", "database", "peers", "queued",
@@ -58,7 +57,7 @@ async fn peers_send_and_log() {
     let home = Home::new();
     assert!(home.run(&["status"]).status.code() == Some(1));
     // Start via the CLI (auto-start), then register a session with the library.
-    assert!(home.run(&["peers", "--all"]).status.success());
+    home.run_ok(&["peers", "--all"]);
     let (mut bob, _) = home.peer("bob", "/home/u/api").await;
     bob.call(claude_peers::protocol::SetSummary {
         summary: "rewriting the\nauth flow".into(),
@@ -66,8 +65,7 @@ async fn peers_send_and_log() {
     .await
     .unwrap();
 
-    let o = home.run(&["peers"]);
-    assert!(o.status.success(), "{}", stderr(&o));
+    let o = home.run_ok(&["peers"]);
     let table = stdout(&o);
     let mut lines = table.lines();
     let header = lines.next().unwrap();
@@ -97,8 +95,7 @@ async fn peers_send_and_log() {
     assert_eq!(v[0]["cwd"], "/home/u/api");
 
     // send: text, then JSON, then from stdin.
-    let o = home.run(&["send", "bob", "hello from the shell"]);
-    assert!(o.status.success(), "{}", stderr(&o));
+    let o = home.run_ok(&["send", "bob", "hello from the shell"]);
     assert!(stdout(&o).contains("bob"), "{}", stdout(&o));
     let d = next_delivery(&mut bob).await;
     assert_eq!(
@@ -140,8 +137,7 @@ async fn peers_send_and_log() {
     assert_eq!(next_delivery(&mut bob).await.text, "line one\nline two");
 
     // log: people and scripts.
-    let o = home.run(&["log"]);
-    assert!(o.status.success());
+    let o = home.run_ok(&["log"]);
     let text = stdout(&o);
     assert_eq!(text.lines().count(), 3, "{text}");
     assert!(
@@ -158,7 +154,7 @@ async fn peers_send_and_log() {
 #[tokio::test(flavor = "multi_thread")]
 async fn log_follow_streams_new_messages() {
     let home = Home::new();
-    assert!(home.run(&["peers"]).status.success());
+    home.run_ok(&["peers"]);
     let (_bob, _) = home.peer("bob", "/b").await;
     let mut follow = home
         .cmd()
@@ -170,10 +166,10 @@ async fn log_follow_streams_new_messages() {
     let mut lines = BufReader::new(follow.stdout.take().unwrap()).lines();
     // The first message may come from history or live; once it is printed the follower
     // has subscribed (it subscribes before reading history), so the second is live.
-    assert!(home.run(&["send", "bob", "live 0"]).status.success());
+    home.run_ok(&["send", "bob", "live 0"]);
     let first: Value = serde_json::from_str(&lines.next().unwrap().unwrap()).unwrap();
     assert_eq!(first["text"], "live 0");
-    assert!(home.run(&["send", "bob", "live 1"]).status.success());
+    home.run_ok(&["send", "bob", "live 1"]);
     let second: Value = serde_json::from_str(&lines.next().unwrap().unwrap()).unwrap();
     assert_eq!(second["text"], "live 1");
     assert_eq!(second["to"], "bob");
@@ -185,14 +181,13 @@ async fn log_follow_streams_new_messages() {
 #[test]
 fn stop_is_clean_and_idempotent() {
     let home = Home::new();
-    assert!(home.run(&["peers"]).status.success());
+    home.run_ok(&["peers"]);
     let pid: u32 = std::fs::read_to_string(&home.paths.lock)
         .unwrap()
         .trim()
         .parse()
         .unwrap();
-    let o = home.run(&["stop"]);
-    assert!(o.status.success(), "{}", stderr(&o));
+    let o = home.run_ok(&["stop"]);
     assert!(
         stdout(&o).contains(&format!("broker stopped (pid {pid})")),
         "{}",
@@ -210,8 +205,7 @@ fn stop_is_clean_and_idempotent() {
         .unwrap();
     assert!(f.try_lock().is_ok());
     drop(f);
-    let o = home.run(&["kill-broker"]);
-    assert!(o.status.success());
+    let o = home.run_ok(&["kill-broker"]);
     assert!(stdout(&o).contains("no broker is running"));
     assert!(
         home.broker_output()

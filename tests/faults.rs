@@ -796,9 +796,8 @@ fn spoil(home: &Home, how: BadDb) {
 fn lock_database(home: &Home, wal: bool) -> rusqlite::Connection {
     home.paths.prepare().unwrap();
     if wal {
-        let out = home.run(&["peers"]);
-        assert!(out.status.success());
-        assert!(home.run(&["stop"]).status.success());
+        home.run_ok(&["peers"]);
+        home.run_ok(&["stop"]);
     }
     let conn = rusqlite::Connection::open(&home.paths.db).unwrap();
     conn.execute_batch(
@@ -1059,5 +1058,5 @@ fn a_second_broker_on_one_database_is_refused() {
         "names the first broker's socket: {err}"
     );
     assert!(!second.paths.socket.exists(), "no second socket");
-    assert!(first.run(&["status"]).status.success());
+    first.run_ok(&["status"]);
 }

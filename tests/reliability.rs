@@ -325,8 +325,7 @@ async fn a_damaged_row_is_put_aside_and_the_rest_is_delivered() {
         "the broker log names the damaged message"
     );
 
-    let log = home.run(&["log", "--json", "--limit", "100"]);
-    assert!(log.status.success(), "{log:?}");
+    let log = home.run_ok(&["log", "--json", "--limit", "100"]);
     let entries: Vec<serde_json::Value> = serde_json::from_slice(&log.stdout).unwrap();
     assert_eq!(entries.len(), 40);
     let bad = entries
@@ -482,8 +481,7 @@ async fn answers_larger_than_a_frame_come_in_pages() {
     );
     assert!(serde_json::to_vec(&page).unwrap().len() <= MAX_FRAME_BYTES);
 
-    let log = home.run(&["log", "--json", "--limit", "100"]);
-    assert!(log.status.success(), "{log:?}");
+    let log = home.run_ok(&["log", "--json", "--limit", "100"]);
     let log: Vec<Value> = serde_json::from_slice(&log.stdout).unwrap();
     let got: Vec<&str> = log.iter().map(|e| e["text"].as_str().unwrap()).collect();
     assert_eq!(got, texts, "all 20, whole, oldest first");
@@ -509,8 +507,7 @@ async fn answers_larger_than_a_frame_come_in_pages() {
     let page = raw.call(r#"{"id":2,"op":"list_peers"}"#);
     assert!(page["result"]["next"].is_string(), "{page:.300}");
     assert!(serde_json::to_vec(&page).unwrap().len() <= MAX_FRAME_BYTES);
-    let peers = home.run(&["peers", "--json"]);
-    assert!(peers.status.success(), "{peers:?}");
+    let peers = home.run_ok(&["peers", "--json"]);
     let peers: Vec<Value> = serde_json::from_slice(&peers.stdout).unwrap();
     let names: Vec<&str> = peers.iter().map(|p| p["name"].as_str().unwrap()).collect();
     let expected: Vec<String> = (0..72).map(|i| format!("p{i:02}")).collect();
@@ -701,8 +698,7 @@ async fn stalled_half_frames_cannot_take_the_broker_s_memory() {
     );
     assert!(peak <= 120 * MB, "broker peak RSS {} MB", peak / MB);
     // Everyone else is served meanwhile.
-    let out = home.run(&["status"]);
-    assert!(out.status.success(), "{out:?}");
+    home.run_ok(&["status"]);
 }
 
 /// Newcomer's run, issue 11: a send whose answer was lost (the broker died after storing
@@ -772,7 +768,7 @@ async fn log_follow_carries_on_across_a_stopped_broker() {
     expect(&mut lines, "one").await;
     drop(c);
 
-    assert!(home.run(&["stop"]).status.success());
+    home.run_ok(&["stop"]);
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert!(follow.try_wait().unwrap().is_none(), "log -f exited");
 

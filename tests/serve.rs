@@ -803,8 +803,7 @@ async fn stop_sticks_until_someone_needs_a_broker() {
     // The session starts the broker, as sessions do.
     let mut a = home.session("a", true).await;
     a.whoami_when_ready().await;
-    let out = home.run(&["stop"]);
-    assert!(out.status.success(), "{out:?}");
+    let out = home.run_ok(&["stop"]);
     assert!(
         String::from_utf8_lossy(&out.stdout).contains("broker stopped"),
         "{out:?}"
@@ -825,8 +824,7 @@ async fn stop_sticks_until_someone_needs_a_broker() {
     assert!(!home.paths.socket.exists());
 
     // A command that needs a broker starts one; the session reconnects and reads its mail.
-    let out = home.run(&["send", "a", "back again", "--from", "cli"]);
-    assert!(out.status.success(), "{out:?}");
+    home.run_ok(&["send", "a", "back again", "--from", "cli"]);
     let ev = a.next_event().await;
     assert!(ev.to_string().contains("back again"), "{ev}");
     assert_eq!(a.ok("whoami", json!({})).await["name"], "a");

@@ -66,6 +66,23 @@ impl Home {
         self.cmd().args(args).output().unwrap()
     }
 
+    /// Runs the binary with `args`, which must succeed; a failure shows the command, its
+    /// directory, status, stdout and stderr.
+    pub fn run_ok(&self, args: &[&str]) -> Output {
+        let out = self.run(args);
+        assert!(
+            out.status.success(),
+            "`claude-peers {}` failed ({}) in {} with CLAUDE_PEERS_HOME={}\n--- stdout\n{}\n--- stderr\n{}",
+            args.join(" "),
+            out.status,
+            std::env::current_dir().unwrap().display(),
+            self.root().display(),
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr),
+        );
+        out
+    }
+
     /// Starts `claude-peers broker` in the foreground as our child and waits for it.
     pub fn broker(&self, args: &[&str]) -> Broker {
         let child = self
