@@ -592,11 +592,27 @@ async fn read_loop(
             }
             continue;
         }
-        let message = serde_json::from_slice::<ServerFrame<Box<RawValue>>>(bytes)
-            .map_err(|e| e.to_string())
-            .and_then(ServerFrame::into_message);
-        match message {
-            Err(e) => tracing::warn!("unreadable frame from the broker: {e}"),
+        let frame = match serde_json::from_slice::<ServerFrame<Box<RawValue>>>(bytes) {
+            Ok(frame) => frame,
+            Err(e) => {
+                tracing::warn!("unreadable frame from the broker: {e}");
+                continue;
+            }
+        };
+        let id = frame.id;
+        match frame.into_message() {
+            Err(e) => {
+                tracing::warn!("unreadable frame from the broker: {e}");
+                // An answer, if unreadable, still ends the call that waits for it.
+                if let Some(tx) =
+                    id.and_then(|id| pending.lock().expect("pending lock").remove(&id))
+                {
+                    let _ = tx.send(Err(ErrorBody::new(
+                        ErrorCode::Internal,
+                        format!("the broker's answer could not be read: {e}"),
+                    )));
+                }
+            }
             Ok(ServerMessage::Deliver(d)) => {
                 let _ = events.send(Event::Deliver(d));
             }

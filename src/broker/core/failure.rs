@@ -13,6 +13,9 @@ impl Core {
         let refusal = self.write_failed(e);
         for cmd in batch.drain(..) {
             match cmd {
+                // What needs no write is served as usual: above all, `stop` still works
+                // while the database fails.
+                Command::Request { ref request, .. } if writes_nothing(request) => self.handle(cmd),
                 Command::Request { conn, id, request } => {
                     // An ack without an id is never answered; unstored, it is simply
                     // delivered again later.
@@ -21,8 +24,8 @@ impl Core {
                         self.answer(conn, id, Err(refusal.clone()));
                     }
                 }
-                // After the failure: the queue is looked at again in the next batch.
-                Command::Drained { conn } => self.drains.push(conn),
+                // Pushing from the store reads only; handled now (deferring it could keep
+                // the core busy with it while the database refuses every batch).
                 other => self.handle(other),
             }
         }

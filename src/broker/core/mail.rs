@@ -5,7 +5,7 @@
 use std::collections::HashSet;
 use std::time::Instant;
 
-use super::{ConnId, Core, Effect, Outcome, err, internal};
+use super::{ConnId, Core, Outcome, err, internal};
 use crate::protocol::*;
 use crate::store::{Marked, NewMessage};
 
@@ -491,13 +491,9 @@ impl Core {
                 r.state = DeliveryState::Queued;
             }
         }
-        self.answer(w.conn, w.request_id, Ok(Reply::Sent(w.reply)));
         // A send stored by an earlier batch: its answer stands whatever becomes of this one.
-        if !self.awaiting_in_batch.iter().any(|b| b == id)
-            && let Some((_, Effect::Answer { settled, .. })) = self.effects.last_mut()
-        {
-            *settled = true;
-        }
+        let settled = !self.awaiting_in_batch.iter().any(|b| b == id);
+        self.answer_as(w.conn, w.request_id, Ok(Reply::Sent(w.reply)), settled);
     }
 
     pub(super) fn log(&self, q: LogQuery) -> Result<LogReply, ErrorBody> {

@@ -173,17 +173,20 @@ const MAX_BATCH: usize = 1024;
 /// Whether a command only reads (from memory, or from the store in autocommit). A batch
 /// of only such commands runs outside a write transaction.
 fn reads_only(cmd: &Command) -> bool {
-    match cmd {
-        Command::Request { request, .. } => matches!(
-            **request,
-            Request::ListPeers(_)
-                | Request::Whoami
-                | Request::Status
-                | Request::Log(_)
-                | Request::Subscribe
-        ),
-        _ => false,
-    }
+    matches!(cmd, Command::Request { request, .. } if writes_nothing(request))
+}
+
+/// Requests whose effect needs no write: their answers stand even if their batch fails.
+fn writes_nothing(request: &Request) -> bool {
+    matches!(
+        request,
+        Request::ListPeers(_)
+            | Request::Whoami
+            | Request::Status
+            | Request::Log(_)
+            | Request::Subscribe
+            | Request::Shutdown(_)
+    )
 }
 
 fn err(code: ErrorCode, message: impl Into<String>) -> ErrorBody {
@@ -353,8 +356,15 @@ impl Core {
     /// Queues a frame for `conn`, counted in its queue at once and written after the
     /// batch commits.
     fn emit(&mut self, conn: ConnId, frame: ServerFrame<Reply>) {
+        self.emit_as(conn, frame, false);
+    }
+
+    /// [`Core::emit`]; a `settled` answer stands even if this batch fails (it reports
+    /// what needs nothing of this batch). Returns whether it was queued (the connection
+    /// may be gone).
+    fn emit_as(&mut self, conn: ConnId, frame: ServerFrame<Reply>, settled: bool) -> bool {
         let Some(c) = self.conns.get(&conn) else {
-            return;
+            return false;
         };
         let mut bytes = Vec::new();
         wire::encode(&frame, &mut bytes);
@@ -363,7 +373,7 @@ impl Core {
             Effect::Answer {
                 id: frame.id,
                 ok: frame.error.is_none(),
-                settled: false,
+                settled,
                 bytes,
             }
         } else {
@@ -373,14 +383,26 @@ impl Core {
             }
         };
         self.effects.push((conn, effect));
+        true
     }
 
     fn answer(&mut self, conn: ConnId, id: Option<u64>, outcome: Result<Reply, ErrorBody>) {
+        self.answer_as(conn, id, outcome, false);
+    }
+
+    /// [`Core::answer`], `settled` as for [`Core::emit_as`].
+    fn answer_as(
+        &mut self,
+        conn: ConnId,
+        id: Option<u64>,
+        outcome: Result<Reply, ErrorBody>,
+        settled: bool,
+    ) {
         let frame = match outcome {
             Ok(reply) => ServerFrame::result(id, reply),
             Err(e) => ServerFrame::error(id, e),
         };
-        self.emit(conn, frame);
+        self.emit_as(conn, frame, settled);
     }
 
     fn handle(&mut self, cmd: Command) {
@@ -409,8 +431,11 @@ impl Core {
                 if !self.conns.contains_key(&conn) {
                     return;
                 }
+                // What writes nothing stands whatever becomes of the batch (a shutdown
+                // asked for is under way; a subscription is made).
+                let settled = writes_nothing(&request);
                 match self.request(conn, id, *request) {
-                    Outcome::Answer(answer) => self.answer(conn, id, answer),
+                    Outcome::Answer(answer) => self.answer_as(conn, id, answer, settled),
                     Outcome::Deferred | Outcome::Answered | Outcome::Unanswered => {}
                 }
             }

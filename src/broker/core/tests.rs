@@ -14,7 +14,7 @@ use crate::protocol::*;
 use crate::store::Store;
 
 struct Harness {
-    _dir: tempfile::TempDir,
+    dir: tempfile::TempDir,
     core: Core,
     queues: Vec<(ConnId, Rc<Outq>, UnboundedReceiver<Outbound>)>,
 }
@@ -33,7 +33,7 @@ impl Harness {
         };
         let core = Core::new(store, Limits::default(), info).unwrap();
         Self {
-            _dir: dir,
+            dir,
             core,
             queues: Vec::new(),
         }
@@ -210,4 +210,41 @@ fn a_bad_listing_cursor_is_a_bad_request() {
     );
     let f = h.frames(c);
     assert_eq!(f[0]["error"]["code"], "bad_request", "{f:?}");
+}
+
+/// Second review: while the database refuses every write (another process holds its
+/// write lock), a batch is refused as a whole, but what needs no write is still served:
+/// `stop` works, and a connection waiting for room is pushed to from the store now, not
+/// put back to be refused again and again (the core would never yield).
+#[test]
+fn a_refused_batch_still_serves_what_needs_no_write() {
+    let mut h = Harness::new();
+    let bob = h.register("bob");
+    let alice = h.connect();
+    let db = rusqlite::Connection::open(h.dir.path().join("peers.db")).unwrap();
+    db.execute_batch("BEGIN IMMEDIATE").unwrap();
+    h.batch(vec![
+        Command::Request {
+            conn: alice,
+            id: Some(1),
+            request: Box::new(send("bob", "refused", None).into()),
+        },
+        Command::Drained { conn: bob },
+        Command::Request {
+            conn: alice,
+            id: Some(2),
+            request: Box::new(Shutdown { reason: None }.into()),
+        },
+    ]);
+    let answers = h.frames(alice);
+    assert_eq!(answers[0]["id"], 1);
+    assert!(answers[0]["error"].is_object(), "{answers:?}");
+    assert_eq!(answers[1]["id"], 2);
+    assert!(
+        answers[1]["result"].is_object(),
+        "stop still works: {answers:?}"
+    );
+    assert!(h.core.stopping.is_some());
+    assert!(h.core.drains.is_empty(), "nothing put back to spin on");
+    db.execute_batch("ROLLBACK").unwrap();
 }
