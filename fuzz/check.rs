@@ -103,7 +103,7 @@ fn one_frame(bytes: &[u8]) {
         }
         Request::SetSummary(s) => assert!(s.summary.len() <= MAX_SUMMARY_BYTES),
         Request::Register(r) => {
-            assert!(!r.cwd.is_empty());
+            assert!(!r.context.cwd.is_empty());
             assert!(claude_peers::names::PeerName::new(&r.name).is_ok());
         }
         _ => {}

@@ -386,15 +386,12 @@ async fn a_listing_follows_every_change_to_a_peer() {
     assert_eq!(bob_now().await.unread, 1);
 
     let mut back = home.client().await;
-    back.call(Register {
-        branch: Some("feature".into()),
-        ..register("bob", "/b")
-    })
-    .await
-    .unwrap();
+    let mut r = register("bob", "/b");
+    r.context.branch = Some("feature".into());
+    back.call(r).await.unwrap();
     let again = bob_now().await;
     assert!(again.online);
-    assert_eq!(again.branch.as_deref(), Some("feature"));
+    assert_eq!(again.context.branch.as_deref(), Some("feature"));
     let d = next_delivery(&mut back).await;
     back.call(Ack::delivered(vec![d.id])).await.unwrap();
     assert_eq!(bob_now().await.unread, 0);
@@ -405,9 +402,10 @@ async fn scopes_select_directory_and_repo() {
     let home = Home::new();
     let _b = home.broker(&[]);
     let c = home.client().await;
-    let at = |name: &str, cwd: &str, common: Option<&str>| Register {
-        git_common_dir: common.map(str::to_string),
-        ..register(name, cwd)
+    let at = |name: &str, cwd: &str, common: Option<&str>| {
+        let mut r = register(name, cwd);
+        r.context.git_common_dir = common.map(str::to_string);
+        r
     };
     let (mut keep, mut names) = (Vec::new(), Vec::new());
     for r in [
@@ -639,11 +637,11 @@ async fn the_wal_is_checkpointed_after_writes() {
     // Neither reads its mail as it comes: the sends do not wait for acks.
     let bob = home.client().await;
     let mut reg = register("bob", "/w");
-    reg.push = false;
+    reg.context.push = false;
     bob.call(reg).await.unwrap();
     let alice = home.client().await;
     let mut reg = register("alice", "/w");
-    reg.push = false;
+    reg.context.push = false;
     alice.call(reg).await.unwrap();
     let text = "x".repeat(200);
     for _ in 0..8 {

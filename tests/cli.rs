@@ -92,7 +92,7 @@ async fn peers_send_and_log() {
     let v = json(&home.run(&["peers", "--json"]));
     assert_eq!(v[0]["name"], "bob");
     assert_eq!(v[0]["online"], true);
-    assert_eq!(v[0]["cwd"], "/home/u/api");
+    assert_eq!(v[0]["context"]["cwd"], "/home/u/api");
 
     // send: text, then JSON, then from stdin.
     let o = home.run_ok(&["send", "bob", "hello from the shell"]);

@@ -16,7 +16,7 @@ use serde_json::Value;
 fn raw_peer(home: &Home, name: &str) -> (Raw, Value) {
     let mut r = Raw::greeted(&home.paths.socket);
     let v = r.call(&format!(
-        r#"{{"id":1,"op":"register","name":"{name}","cwd":"/{name}"}}"#
+        r#"{{"id":1,"op":"register","name":"{name}","context":{{"cwd":"/{name}"}}}}"#
     ));
     assert_eq!(v["result"]["name"], name, "{v}");
     (r, v)
@@ -195,7 +195,7 @@ fn every_class_of_bad_input_gets_a_clear_error_and_loses_nothing() {
         ),
         (
             "second register",
-            br#"{"id":26,"op":"register","name":"carol","cwd":"/c"}"#.to_vec(),
+            br#"{"id":26,"op":"register","name":"carol","context":{"cwd":"/c"}}"#.to_vec(),
             "bad_request",
         ),
         (
@@ -223,7 +223,7 @@ fn every_class_of_bad_input_gets_a_clear_error_and_loses_nothing() {
     for name in ["a/b", "..", "tab\\there", long_name.as_str(), ""] {
         let mut c = Raw::greeted(&home.paths.socket);
         let v = c.call(&format!(
-            r#"{{"id":1,"op":"register","name":"{name}","cwd":"/x"}}"#
+            r#"{{"id":1,"op":"register","name":"{name}","context":{{"cwd":"/x"}}}}"#
         ));
         assert_eq!(error_code(&v), Some("bad_name"), "{name:?}: {v}");
     }

@@ -494,14 +494,11 @@ async fn answers_larger_than_a_frame_come_in_pages() {
     let mut sessions = Vec::new();
     for i in 0..72 {
         let s = home.client().await;
-        s.call(Register {
-            git_root: Some(long('g', 4000)),
-            git_common_dir: Some(long('c', 4000)),
-            summary: Some("\u{1}".repeat(4000)),
-            ..register(&format!("p{i:02}"), &long('d', 4000))
-        })
-        .await
-        .unwrap();
+        let mut r = register(&format!("p{i:02}"), &long('d', 4000));
+        r.context.git_root = Some(long('g', 4000));
+        r.context.git_common_dir = Some(long('c', 4000));
+        r.summary = Some("\u{1}".repeat(4000));
+        s.call(r).await.unwrap();
         sessions.push(s);
     }
     let page = raw.call(r#"{"id":2,"op":"list_peers"}"#);
@@ -594,7 +591,9 @@ async fn a_recipient_that_never_reads_leaves_its_mail_in_the_store() {
     let broker = home.broker(&["--send-rate", "0", "--ack-wait", "0"]);
     let pid = broker.pid();
     let mut bob = Raw::greeted(&home.paths.socket);
-    let reg = bob.call(r#"{"id":1,"op":"register","name":"bob","cwd":"/w","pid":1,"push":true}"#);
+    let reg = bob.call(
+        r#"{"id":1,"op":"register","name":"bob","context":{"cwd":"/w","pid":1,"push":true}}"#,
+    );
     assert_eq!(reg["result"]["name"], "bob", "{reg}");
 
     let alice = home.client().await;
@@ -796,7 +795,7 @@ async fn a_client_that_dies_with_a_full_queue_goes_offline() {
             .unwrap();
     }
     let mut bob = Raw::greeted(&home.paths.socket);
-    bob.send(r#"{"id":1,"op":"register","name":"bob","cwd":"/w","pid":1,"push":true}"#);
+    bob.send(r#"{"id":1,"op":"register","name":"bob","context":{"cwd":"/w","pid":1,"push":true}}"#);
     // It reads nothing; its backlog fills its queue; it asks one more thing (so the
     // broker's reader, after it, waits for room), and dies.
     tokio::time::sleep(Duration::from_millis(300)).await;

@@ -768,14 +768,11 @@ async fn a_listing_larger_than_a_frame_reaches_the_model_whole() {
     let mut peers = Vec::new();
     for i in 0..72 {
         let c = home.client().await;
-        c.call(claude_peers::protocol::Register {
-            git_root: Some(long('g')),
-            git_common_dir: Some(long('c')),
-            summary: Some("s".repeat(4000)),
-            ..register(&format!("p{i:02}"), &long('d'))
-        })
-        .await
-        .unwrap();
+        let mut r = register(&format!("p{i:02}"), &long('d'));
+        r.context.git_root = Some(long('g'));
+        r.context.git_common_dir = Some(long('c'));
+        r.summary = Some("s".repeat(4000));
+        c.call(r).await.unwrap();
         peers.push(c);
     }
     let listed = main.ok("list_peers", json!({})).await;

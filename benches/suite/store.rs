@@ -26,9 +26,12 @@ fn fill(paths: &Paths, n: usize) {
         store
             .upsert_peer(&PeerRow {
                 name,
-                cwd: "/bench".into(),
                 first_seen: now,
                 last_seen: now,
+                context: claude_peers::protocol::PeerContext {
+                    cwd: "/bench".into(),
+                    ..Default::default()
+                },
                 ..Default::default()
             })
             .unwrap();

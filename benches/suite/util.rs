@@ -119,8 +119,11 @@ pub async fn peer(paths: &Paths, name: &str, push: bool) -> Client {
     let c = client(paths).await;
     c.call(Register {
         name: name.into(),
-        cwd: format!("/bench/{name}"),
-        push,
+        context: claude_peers::protocol::PeerContext {
+            cwd: format!("/bench/{name}"),
+            push,
+            ..Default::default()
+        },
         ..Default::default()
     })
     .await

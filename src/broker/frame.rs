@@ -122,22 +122,22 @@ pub fn validate(request: &Request, limits: &Limits) -> Result<(), ErrorBody> {
         Request::Register(r) => {
             PeerName::registrable(&r.name)
                 .map_err(|e| ErrorBody::new(ErrorCode::BadName, e.to_string()))?;
-            if r.cwd.is_empty() {
+            if r.context.cwd.is_empty() {
                 return Err(bad_request("register needs the session's cwd"));
             }
-            at_most("cwd", Some(&r.cwd), MAX_PATH_BYTES)?;
-            at_most("git_root", r.git_root.as_deref(), MAX_PATH_BYTES)?;
+            at_most("cwd", Some(&r.context.cwd), MAX_PATH_BYTES)?;
+            at_most("git_root", r.context.git_root.as_deref(), MAX_PATH_BYTES)?;
             at_most(
                 "git_common_dir",
-                r.git_common_dir.as_deref(),
+                r.context.git_common_dir.as_deref(),
                 MAX_PATH_BYTES,
             )?;
             for (field, value) in [
-                ("branch", &r.branch),
-                ("tty", &r.tty),
-                ("host", &r.host),
-                ("client_name", &r.client_name),
-                ("client_version", &r.client_version),
+                ("branch", &r.context.branch),
+                ("tty", &r.context.tty),
+                ("host", &r.context.host),
+                ("client_name", &r.context.client_name),
+                ("client_version", &r.context.client_version),
             ] {
                 at_most(field, value.as_deref(), MAX_FIELD_BYTES)?;
             }
@@ -296,11 +296,13 @@ mod tests {
     fn each_field_is_bounded() {
         let long = "x".repeat(MAX_PATH_BYTES + 1);
         assert_eq!(
-            code(&format!(r#"{{"op":"register","name":"a","cwd":"{long}"}}"#)),
+            code(&format!(
+                r#"{{"op":"register","name":"a","context":{{"cwd":"{long}"}}}}"#
+            )),
             ErrorCode::BadRequest
         );
         assert_eq!(
-            code(r#"{"op":"register","name":"a/b","cwd":"/"}"#),
+            code(r#"{"op":"register","name":"a/b","context":{"cwd":"/"}}"#),
             ErrorCode::BadName
         );
         assert_eq!(

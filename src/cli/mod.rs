@@ -357,8 +357,8 @@ async fn peers(paths: &Paths, scope: Scope, all: bool, json: bool) -> Result<()>
             vec![
                 p.name.clone(),
                 if p.online { "online" } else { "offline" }.to_string(),
-                table::short_path(&p.cwd),
-                p.branch.clone().unwrap_or_else(|| "-".into()),
+                table::short_path(&p.context.cwd),
+                p.context.branch.clone().unwrap_or_else(|| "-".into()),
                 if p.summary.is_empty() {
                     "-".into()
                 } else {

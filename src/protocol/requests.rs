@@ -10,19 +10,15 @@ pub struct Hello {
     pub version: String,
 }
 
-/// A session's identity and context.
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+/// Where a session works and what runs it: one definition, carried by `register` and
+/// by every peer record (listed and stored). Unknown values are `null` on the wire.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct Register {
-    /// The name wanted. Taken by an online peer: the broker picks `name-2`, `name-3`, ….
-    pub name: String,
-    /// The name was chosen by the user (not derived from the directory): an offline peer
-    /// of that name is reclaimed even from another directory.
-    #[serde(default)]
-    pub explicit: bool,
+pub struct PeerContext {
     pub cwd: String,
     #[serde(default)]
     pub git_root: Option<String>,
+    /// The repository's common git directory: equal for all worktrees of one repository.
     #[serde(default)]
     pub git_common_dir: Option<String>,
     #[serde(default)]
@@ -30,12 +26,9 @@ pub struct Register {
     #[serde(default)]
     pub tty: Option<String>,
     #[serde(default)]
-    pub pid: u32,
-    #[serde(default)]
     pub host: Option<String>,
-    /// Replaces the stored summary when set.
     #[serde(default)]
-    pub summary: Option<String>,
+    pub pid: u32,
     #[serde(default)]
     pub client_name: Option<String>,
     #[serde(default)]
@@ -45,6 +38,22 @@ pub struct Register {
     /// them until its reader asks, and senders are told `queued` at once.
     #[serde(default)]
     pub push: bool,
+}
+
+/// A session's name and context.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Register {
+    /// The name wanted. Taken by an online peer: the broker picks `name-2`, `name-3`, ….
+    pub name: String,
+    /// The name was chosen by the user (not derived from the directory): an offline peer
+    /// of that name is reclaimed even from another directory.
+    #[serde(default)]
+    pub explicit: bool,
+    pub context: PeerContext,
+    /// Replaces the stored summary when set.
+    #[serde(default)]
+    pub summary: Option<String>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

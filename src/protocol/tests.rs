@@ -43,20 +43,22 @@ fn borrowed_peer_records_read_back_as_owned_ones() {
     let r = PeerInfoRef {
         name: "bob",
         online: true,
-        pid: 7,
-        cwd: "/w/a \"q\"",
-        git_root: Some("/w"),
-        git_common_dir: None,
-        branch: Some("main"),
-        tty: None,
-        host: Some("h"),
         summary: "line\nbreak",
-        client_name: Some("claude-code"),
-        client_version: None,
-        push: true,
         first_seen: 1,
         last_seen: 2,
         unread: 3,
+        context: &PeerContext {
+            pid: 7,
+            cwd: "/w/a \"q\"".into(),
+            git_root: Some("/w".into()),
+            git_common_dir: None,
+            branch: Some("main".into()),
+            tty: None,
+            host: Some("h".into()),
+            client_name: Some("claude-code".into()),
+            client_version: None,
+            push: true,
+        },
     };
     let expected = r.to_owned();
     let s = serde_json::to_string(&PeerListRef {

@@ -36,7 +36,7 @@ use crate::git::GitInfo;
 use crate::names::PeerName;
 use crate::paths::Paths;
 use crate::platform;
-use crate::protocol::{Ack, AckState, Delivery, Register};
+use crate::protocol::{Ack, AckState, Delivery, PeerContext, Register};
 pub use direct::native_sessions;
 pub use inbox::config_dir as claude_config_dir;
 pub use inbox::user_file as claude_user_file;
@@ -194,18 +194,20 @@ impl Session {
         let identity = Register {
             name: name.to_string(),
             explicit,
-            cwd: cwd.display().to_string(),
-            git_root: git.root,
-            git_common_dir: git.common_dir,
-            branch: git.branch,
-            tty: platform::tty_name(),
-            pid: std::process::id(),
-            host: Some(platform::host_name()),
             // Filled from git by the connection task, off the start-up path.
             summary: None,
-            client_name: None,
-            client_version: None,
-            push: false,
+            context: PeerContext {
+                cwd: cwd.display().to_string(),
+                git_root: git.root,
+                git_common_dir: git.common_dir,
+                branch: git.branch,
+                tty: platform::tty_name(),
+                pid: std::process::id(),
+                host: Some(platform::host_name()),
+                client_name: None,
+                client_version: None,
+                push: false,
+            },
         };
         let (inbound, inbound_rx) = tokio::sync::mpsc::unbounded_channel();
         Ok(Arc::new(Self {
@@ -301,9 +303,9 @@ impl Session {
     /// What the host said of itself, for the peer record.
     pub(crate) fn set_client(&self, push: bool, name: &str, version: &str) {
         let mut id = self.identity.lock().expect("identity lock");
-        id.push = push;
-        id.client_name = Some(name.to_string());
-        id.client_version = Some(version.to_string());
+        id.context.push = push;
+        id.context.client_name = Some(name.to_string());
+        id.context.client_version = Some(version.to_string());
     }
 
     /// The MCP handshake is complete.
@@ -356,11 +358,11 @@ impl Session {
         let (cwd, git) = {
             let id = self.identity.lock().expect("identity lock");
             let git = GitInfo {
-                root: id.git_root.clone(),
-                common_dir: id.git_common_dir.clone(),
-                branch: id.branch.clone(),
+                root: id.context.git_root.clone(),
+                common_dir: id.context.git_common_dir.clone(),
+                branch: id.context.branch.clone(),
             };
-            (std::path::PathBuf::from(&id.cwd), git)
+            (std::path::PathBuf::from(&id.context.cwd), git)
         };
         let summary = tokio::task::spawn_blocking(move || crate::git::default_summary(&cwd, &git))
             .await

@@ -26,7 +26,7 @@ use std::path::Path;
 
 use rusqlite::Connection;
 
-use crate::protocol::{DeliveryState, Millis};
+use crate::protocol::{DeliveryState, Millis, PeerContext};
 
 mod mail;
 mod peers;
@@ -168,17 +168,8 @@ impl StoreError {
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct PeerRow {
     pub name: String,
-    pub pid: u32,
-    pub cwd: String,
-    pub git_root: Option<String>,
-    pub git_common_dir: Option<String>,
-    pub branch: Option<String>,
-    pub tty: Option<String>,
-    pub host: Option<String>,
+    pub context: PeerContext,
     pub summary: String,
-    pub client_name: Option<String>,
-    pub client_version: Option<String>,
-    pub push: bool,
     pub first_seen: Millis,
     pub last_seen: Millis,
 }

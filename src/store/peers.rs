@@ -3,7 +3,7 @@
 use rusqlite::{OptionalExtension, params};
 
 use super::{ClockAnchor, PeerRow, Store, StoreError};
-use crate::protocol::Millis;
+use crate::protocol::{Millis, PeerContext};
 
 impl Store {
     pub fn load_peers(&self) -> Result<Vec<PeerRow>, StoreError> {
@@ -14,17 +14,19 @@ impl Store {
         let rows = stmt.query_map([], |r| {
             Ok(PeerRow {
                 name: r.get(0)?,
-                pid: r.get(1)?,
-                cwd: r.get(2)?,
-                git_root: r.get(3)?,
-                git_common_dir: r.get(4)?,
-                branch: r.get(5)?,
-                tty: r.get(6)?,
-                host: r.get(7)?,
+                context: PeerContext {
+                    pid: r.get(1)?,
+                    cwd: r.get(2)?,
+                    git_root: r.get(3)?,
+                    git_common_dir: r.get(4)?,
+                    branch: r.get(5)?,
+                    tty: r.get(6)?,
+                    host: r.get(7)?,
+                    client_name: r.get(9)?,
+                    client_version: r.get(10)?,
+                    push: r.get(11)?,
+                },
                 summary: r.get(8)?,
-                client_name: r.get(9)?,
-                client_version: r.get(10)?,
-                push: r.get(11)?,
                 first_seen: r.get(12)?,
                 last_seen: r.get(13)?,
             })
@@ -51,17 +53,17 @@ impl Store {
             )?
             .execute(params![
                 p.name,
-                p.pid,
-                p.cwd,
-                p.git_root,
-                p.git_common_dir,
-                p.branch,
-                p.tty,
-                p.host,
+                p.context.pid,
+                p.context.cwd,
+                p.context.git_root,
+                p.context.git_common_dir,
+                p.context.branch,
+                p.context.tty,
+                p.context.host,
                 p.summary,
-                p.client_name,
-                p.client_version,
-                p.push,
+                p.context.client_name,
+                p.context.client_version,
+                p.context.push,
                 p.first_seen,
                 p.last_seen
             ])?;

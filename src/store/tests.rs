@@ -150,7 +150,10 @@ fn sweep_expires_mail_and_forgets_idle_peers() {
     for name in ["old", "busy", "online"] {
         s.upsert_peer(&PeerRow {
             name: name.into(),
-            cwd: "/".into(),
+            context: crate::protocol::PeerContext {
+                cwd: "/".into(),
+                ..Default::default()
+            },
             first_seen: 0,
             last_seen: 0,
             ..Default::default()

@@ -158,9 +158,12 @@ pub fn send(to: &str, text: &str) -> Send {
 pub fn register(name: &str, cwd: &str) -> Register {
     Register {
         name: name.into(),
-        cwd: cwd.into(),
-        pid: std::process::id(),
-        push: true,
+        context: claude_peers::protocol::PeerContext {
+            cwd: cwd.into(),
+            pid: std::process::id(),
+            push: true,
+            ..Default::default()
+        },
         ..Default::default()
     }
 }

@@ -174,9 +174,9 @@ impl Core {
             text,
             in_reply_to,
             sent_at,
-            from_cwd: sender.map(|p| p.cwd.clone()),
-            from_repo: sender.and_then(|p| p.git_root.clone()),
-            from_branch: sender.and_then(|p| p.branch.clone()),
+            from_cwd: sender.map(|p| p.context.cwd.clone()),
+            from_repo: sender.and_then(|p| p.context.git_root.clone()),
+            from_branch: sender.and_then(|p| p.context.branch.clone()),
             from_summary: sender.map(|p| p.summary.clone()).filter(|s| !s.is_empty()),
             from,
         }

@@ -64,7 +64,9 @@ impl Core {
             if !self.online.contains_key(key) {
                 match self.peers.get(key) {
                     None => break (candidate, false),
-                    Some(p) if (r.explicit && n == 1) || p.cwd == r.cwd => break (candidate, true),
+                    Some(p) if (r.explicit && n == 1) || p.context.cwd == r.context.cwd => {
+                        break (candidate, true);
+                    }
                     Some(_) => {}
                 }
             }
@@ -73,22 +75,14 @@ impl Core {
         let now = now_millis();
         let name = name.to_string();
         let previous = self.peers.get(&name);
+        let push = r.context.push;
         let row = PeerRow {
             name: name.clone(),
-            pid: r.pid,
-            cwd: r.cwd,
-            git_root: r.git_root,
-            git_common_dir: r.git_common_dir,
-            branch: r.branch,
-            tty: r.tty,
-            host: r.host,
+            context: r.context,
             summary: r
                 .summary
                 .or_else(|| previous.map(|p| p.summary.clone()))
                 .unwrap_or_default(),
-            client_name: r.client_name,
-            client_version: r.client_version,
-            push: r.push,
             first_seen: previous.map_or(now, |p| p.first_seen),
             last_seen: now,
         };
@@ -100,7 +94,7 @@ impl Core {
         self.registered_in_batch.push(conn);
         if let Some(c) = self.conns.get_mut(&conn) {
             c.name = Some(name.clone());
-            c.push = r.push;
+            c.push = push;
         }
         let queued = self.unread(&name);
         tracing::info!(peer = %name, reclaimed, queued, "online");
@@ -168,14 +162,14 @@ impl Core {
             Scope::Machine => Ok(Box::new(|_| true)),
             Scope::Directory => {
                 let cwd = me
-                    .map(|p| p.cwd.clone())
+                    .map(|p| p.context.cwd.clone())
                     .or_else(|| cwd.cloned())
                     .ok_or_else(|| err(ErrorCode::BadRequest, "scope directory needs a cwd"))?;
-                Ok(Box::new(move |p| p.cwd == cwd))
+                Ok(Box::new(move |p| p.context.cwd == cwd))
             }
             Scope::Repo => {
                 let common = me
-                    .map(|p| p.git_common_dir.clone())
+                    .map(|p| p.context.git_common_dir.clone())
                     .unwrap_or_else(|| git_common_dir.cloned())
                     .ok_or_else(|| {
                         err(
@@ -184,7 +178,7 @@ impl Core {
                         )
                     })?;
                 Ok(Box::new(move |p| {
-                    p.git_common_dir.as_deref() == Some(common.as_str())
+                    p.context.git_common_dir.as_deref() == Some(common.as_str())
                 }))
             }
         }
@@ -199,17 +193,8 @@ impl Core {
         PeerInfoRef {
             name: &p.name,
             online,
-            pid: p.pid,
-            cwd: &p.cwd,
-            git_root: p.git_root.as_deref(),
-            git_common_dir: p.git_common_dir.as_deref(),
-            branch: p.branch.as_deref(),
-            tty: p.tty.as_deref(),
-            host: p.host.as_deref(),
+            context: &p.context,
             summary: &p.summary,
-            client_name: p.client_name.as_deref(),
-            client_version: p.client_version.as_deref(),
-            push: p.push,
             first_seen: p.first_seen,
             last_seen: p.last_seen,
             unread: self.unread(&p.name),

@@ -82,9 +82,12 @@ impl Harness {
             Some(1),
             Register {
                 name: name.into(),
-                cwd: "/w".into(),
-                pid: 1,
-                push: true,
+                context: PeerContext {
+                    cwd: "/w".into(),
+                    pid: 1,
+                    push: true,
+                    ..Default::default()
+                },
                 ..Default::default()
             },
         );

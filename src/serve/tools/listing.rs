@@ -38,6 +38,16 @@ pub(super) struct ListedPeer<'a> {
     #[serde(borrow)]
     name: Cow<'a, str>,
     pub(super) online: bool,
+    #[serde(borrow)]
+    pub(super) context: ListedContext<'a>,
+    #[serde(borrow)]
+    summary: Cow<'a, str>,
+    last_seen: protocol::Millis,
+}
+
+/// The fields of a record's `context` that a listing shows.
+#[derive(Deserialize)]
+pub(super) struct ListedContext<'a> {
     pub(super) pid: u32,
     #[serde(borrow)]
     cwd: Cow<'a, str>,
@@ -45,9 +55,6 @@ pub(super) struct ListedPeer<'a> {
     git_root: Option<Cow<'a, str>>,
     #[serde(borrow)]
     branch: Option<Cow<'a, str>>,
-    #[serde(borrow)]
-    summary: Cow<'a, str>,
-    last_seen: protocol::Millis,
 }
 
 #[derive(Deserialize)]
@@ -88,9 +95,9 @@ impl<'a> From<ListedPeer<'a>> for PeerOut<'a> {
                 timestamp_rfc3339(p.last_seen).into()
             },
             name: p.name,
-            cwd: p.cwd,
-            repo: p.git_root,
-            branch: p.branch,
+            cwd: p.context.cwd,
+            repo: p.context.git_root,
+            branch: p.context.branch,
             summary: clip(p.summary, LISTED_SUMMARY_BYTES),
         }
     }

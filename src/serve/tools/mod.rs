@@ -260,7 +260,7 @@ impl PeersServer {
             .await
             .map_err(|e| e.to_string())?;
         let listed = read_pages(&pages)?;
-        let pids = listed.iter().filter(|p| p.online).map(|p| p.pid);
+        let pids = listed.iter().filter(|p| p.online).map(|p| p.context.pid);
         let (id, state) = self
             .session
             .send_native(&to, message, in_reply_to, pids)
@@ -307,9 +307,9 @@ impl PeersServer {
         let me = self.broker(protocol::WhoamiCall).await?;
         Ok(Json(WhoamiOut {
             name: me.name,
-            cwd: me.cwd,
-            repo: me.git_root,
-            branch: me.branch,
+            cwd: me.context.cwd,
+            repo: me.context.git_root,
+            branch: me.context.branch,
             summary: me.summary,
             delivery: self.session.route().as_str().into(),
             notice: self.notice(),
@@ -337,7 +337,7 @@ impl PeersServer {
         let natives = match args.scope {
             ScopeArg::Machine => self
                 .session
-                .natives(listed.iter().filter(|p| p.online).map(|p| p.pid)),
+                .natives(listed.iter().filter(|p| p.online).map(|p| p.context.pid)),
             _ => Vec::new(),
         };
         let mut peers: Vec<PeerOut<'_>> = listed.into_iter().map(PeerOut::from).collect();

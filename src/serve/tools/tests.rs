@@ -2,26 +2,28 @@
 
 use super::listing::Listed;
 use super::*;
-use crate::protocol::{PeerInfo, PeerList};
+use crate::protocol::{PeerContext, PeerInfo, PeerList};
 
 fn peer(name: &str, online: bool) -> PeerInfo {
     PeerInfo {
         name: name.into(),
         online,
-        pid: 7,
-        cwd: "/w/a \"quoted\"".into(),
-        git_root: Some("/w".into()),
-        git_common_dir: Some("/w/.git".into()),
-        branch: None,
-        tty: None,
-        host: Some("h".into()),
         summary: "line\nbreak".into(),
-        client_name: None,
-        client_version: None,
-        push: true,
         first_seen: 1,
         last_seen: 1_700_000_000_000,
         unread: 3,
+        context: PeerContext {
+            pid: 7,
+            cwd: "/w/a \"quoted\"".into(),
+            git_root: Some("/w".into()),
+            git_common_dir: Some("/w/.git".into()),
+            branch: None,
+            tty: None,
+            host: Some("h".into()),
+            client_name: None,
+            client_version: None,
+            push: true,
+        },
     }
 }
 
