@@ -636,27 +636,14 @@ async fn serve_killed_mid_stream_gets_its_unacked_mail_once_under_the_same_name(
 
 /// Runs `cmd` and returns its output, failing the test if it has not exited within
 /// `within` (the process is then killed, so a hang fails instead of blocking CI).
-fn output_within(mut cmd: Command, within: Duration) -> Output {
+fn output_within(cmd: Command, within: Duration) -> Output {
     let shown = format!("{cmd:?}");
-    let child = cmd
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let pid = child.id();
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || tx.send(child.wait_with_output()));
-    match rx.recv_timeout(within) {
-        Ok(out) => out.unwrap(),
-        Err(_) => {
-            kill9(pid);
-            let out = rx.recv().unwrap().unwrap();
-            panic!(
-                "{shown} still running after {within:?}; stderr: {}",
-                String::from_utf8_lossy(&out.stderr)
-            );
-        }
-    }
+    common::claude::run_within(cmd, within).unwrap_or_else(|out| {
+        panic!(
+            "{shown} still running after {within:?}; stderr: {}",
+            String::from_utf8_lossy(&out.stderr)
+        )
+    })
 }
 
 fn status_json(home: &Home) -> Value {

@@ -888,31 +888,16 @@ impl ClaudeHome {
 
     /// `claude <args>`, killed (and the test failed) after `timeout`.
     pub fn print_with(&self, args: &[&str], timeout: Duration) -> Output {
-        let child = self
-            .command()
-            .args(args)
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
-        let pid = child.id();
-        let (tx, rx) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            let _ = tx.send(child.wait_with_output());
-        });
-        match rx.recv_timeout(timeout) {
-            Ok(out) => out.unwrap(),
-            Err(_) => {
-                kill(pid, rustix::process::Signal::KILL);
-                let out = rx.recv().unwrap().unwrap();
-                panic!(
-                    "claude {args:?} still running after {timeout:?}; killed\nstdout: {}\nstderr: {}\n{}",
-                    String::from_utf8_lossy(&out.stdout),
-                    String::from_utf8_lossy(&out.stderr),
-                    self.diagnostics()
-                );
-            }
-        }
+        let mut cmd = self.command();
+        cmd.args(args);
+        run_within(cmd, timeout).unwrap_or_else(|out| {
+            panic!(
+                "claude {args:?} still running after {timeout:?}; killed\nstdout: {}\nstderr: {}\n{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr),
+                self.diagnostics()
+            )
+        })
     }
 
     /// The last `lines` lines of the `--debug-file` log.
@@ -1270,4 +1255,29 @@ fn dialog_answer(screen: &str) -> Option<Vec<&'static str>> {
     let mut keys = vec![step; target.abs_diff(cursor)];
     keys.push("Enter");
     Some(keys)
+}
+
+/// Runs `cmd` with its output captured (here, not in `common/mod.rs`, because the
+/// benches include this file alone; `tests/faults.rs` uses it too), and kills it (SIGKILL) if it has not exited
+/// within `within`: `Ok` with the output of a process that exited, `Err` with what a
+/// killed one had written, for the caller's failure message.
+pub fn run_within(mut cmd: Command, within: Duration) -> Result<Output, Output> {
+    let child = cmd
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let pid = child.id();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || tx.send(child.wait_with_output()));
+    match rx.recv_timeout(within) {
+        Ok(out) => Ok(out.unwrap()),
+        Err(_) => {
+            let _ = rustix::process::kill_process(
+                rustix::process::Pid::from_raw(pid as i32).unwrap(),
+                rustix::process::Signal::KILL,
+            );
+            Err(rx.recv().unwrap().unwrap())
+        }
+    }
 }
