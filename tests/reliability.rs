@@ -365,23 +365,14 @@ fn faketime() -> Option<&'static str> {
 
 /// A broker whose wall clock is `offset` off (libfaketime's syntax: "-10d", "+1d").
 fn broker_with_clock(home: &Home, lib: &str, offset: &str) -> Broker {
-    let child = home
-        .cmd()
-        .arg("broker")
-        .env("LD_PRELOAD", lib)
-        .env("FAKETIME", offset)
-        .env("FAKETIME_DONT_FAKE_MONOTONIC", "1")
-        .env("CLAUDE_PEERS_LOG", "debug")
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let b = Broker { child };
-    wait_for(
-        || std::os::unix::net::UnixStream::connect(&home.paths.socket).is_ok(),
-        "broker socket",
-    );
-    b
+    home.broker_with_env(
+        &[],
+        &[
+            ("LD_PRELOAD", lib),
+            ("FAKETIME", offset),
+            ("FAKETIME_DONT_FAKE_MONOTONIC", "1"),
+        ],
+    )
 }
 
 /// Issue 11, item 7. Mail sent while the wall clock was 10 days behind, then the clock
@@ -406,21 +397,11 @@ async fn mail_stamped_by_a_clock_that_was_behind_survives_the_sweep() {
     behind.kill9();
 
     // The clock is right again. This broker sweeps a second after it starts.
-    let log = home.dir.path().join("debug.log");
-    let _b = home
-        .cmd()
-        .arg("broker")
-        .env("CLAUDE_PEERS_LOG", "debug")
-        .stderr(std::fs::File::create(&log).unwrap())
-        .spawn()
-        .map(|child| Broker { child })
-        .unwrap();
+    // (The broker before it logged at info, which names a sweep only when it removed
+    // something; this one logs every sweep.)
+    let _b = home.broker_with_env(&[], &[("CLAUDE_PEERS_LOG", "debug")]);
     wait_for(
-        || {
-            std::fs::read_to_string(&log)
-                .unwrap_or_default()
-                .contains("retention sweep")
-        },
+        || home.broker_output().contains("retention sweep"),
         "the first retention sweep",
     );
     let (mut bob, _) = home.peer("bob", "/w").await;

@@ -85,10 +85,16 @@ impl Home {
 
     /// Starts `claude-peers broker` in the foreground as our child and waits for it.
     pub fn broker(&self, args: &[&str]) -> Broker {
+        self.broker_with_env(args, &[])
+    }
+
+    /// [`Home::broker`] with more environment (a log level, a preloaded library).
+    pub fn broker_with_env(&self, args: &[&str], env: &[(&str, &str)]) -> Broker {
         let child = self
             .cmd()
             .arg("broker")
             .args(args)
+            .envs(env.iter().copied())
             .stdout(Stdio::null())
             .stderr(Stdio::from(
                 std::fs::OpenOptions::new()
