@@ -154,6 +154,32 @@ impl<R: AsyncBufRead + Unpin> FrameReader<R> {
     }
 }
 
+/// How many bytes one write gathers at most, so a large backlog goes out in steps.
+pub const GATHER_BYTES: usize = 256 * 1024;
+
+/// The writing half of a connection, on both sides: whoever has a frame hands it to a
+/// channel, and one writer task per connection takes `first` and whatever else is
+/// already waiting on `rx` into `buf` (up to [`GATHER_BYTES`]) for a single write.
+/// `add` appends one item and says whether to go on; `false` (a close) stops after it.
+/// Returns what the last `add` said.
+pub fn gather<T>(
+    first: T,
+    rx: &mut tokio::sync::mpsc::UnboundedReceiver<T>,
+    buf: &mut Vec<u8>,
+    mut add: impl FnMut(T, &mut Vec<u8>) -> bool,
+) -> bool {
+    let mut next = Some(first);
+    while let Some(item) = next.take() {
+        if !add(item, buf) {
+            return false;
+        }
+        if buf.len() < GATHER_BYTES {
+            next = rx.try_recv().ok();
+        }
+    }
+    true
+}
+
 /// Appends `value` as one frame (JSON and a newline) to `out`.
 pub fn encode<T: Serialize>(value: &T, out: &mut Vec<u8>) {
     // Serializing our own types into memory cannot fail: no maps with non-string keys.

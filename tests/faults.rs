@@ -367,6 +367,33 @@ async fn broker_killed_three_times_mid_stream_loses_and_doubles_nothing() {
     assert_eq!(got.connections, 1 + KILL_BEFORE.len());
 }
 
+/// A call made on a connection whose broker was killed fails at once with
+/// `Disconnected`, however soon after the kill it is made: none waits for an answer that
+/// cannot come.
+#[tokio::test]
+async fn a_call_on_a_connection_whose_broker_died_fails_at_once() {
+    let home = Home::new();
+    let mut broker = home.broker(&[]);
+    let soon = home.client().await;
+    let later = home.client().await;
+    broker.kill9();
+    for (c, after) in [
+        (&soon, Duration::ZERO),
+        (&later, Duration::from_millis(300)),
+    ] {
+        // Later: the client has seen the connection end before the call is made.
+        tokio::time::sleep(after).await;
+        for _ in 0..2 {
+            let call = c.call(ListPeers::default());
+            let r = tokio::time::timeout(Duration::from_secs(5), call).await;
+            assert!(
+                matches!(r, Ok(Err(ClientError::Disconnected))),
+                "a call {after:?} after the broker died: {r:?}"
+            );
+        }
+    }
+}
+
 // ---------------------------------------------------------------------------------------
 // 2. The recipient's `serve` killed mid-stream and started again.
 // ---------------------------------------------------------------------------------------

@@ -312,25 +312,19 @@ async fn write_until_done(
     let mut buf = Vec::with_capacity(8192);
     while let Some(first) = rx.recv().await {
         buf.clear();
-        let mut close = false;
         let mut answers = 0;
-        let mut next = Some(first);
-        while let Some(out) = next.take() {
-            match out {
-                Outbound::Answer(b) => {
-                    answers += 1;
-                    buf.extend_from_slice(&b);
-                }
-                Outbound::Push(b) => buf.extend_from_slice(&b),
-                Outbound::Close => {
-                    close = true;
-                    break;
-                }
+        let close = !wire::gather(first, &mut rx, &mut buf, |out, buf| match out {
+            Outbound::Answer(b) => {
+                answers += 1;
+                buf.extend_from_slice(&b);
+                true
             }
-            if buf.len() < 256 * 1024 {
-                next = rx.try_recv().ok();
+            Outbound::Push(b) => {
+                buf.extend_from_slice(&b);
+                true
             }
-        }
+            Outbound::Close => false,
+        });
         if write.write_all(&buf).await.is_err() {
             return;
         }

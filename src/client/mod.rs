@@ -11,8 +11,9 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use serde_json::value::RawValue;
-use tokio::io::BufReader;
+use tokio::io::{AsyncWriteExt, BufReader};
 use tokio::net::UnixStream;
+use tokio::net::unix::OwnedWriteHalf;
 use tokio::sync::{mpsc, oneshot};
 
 use crate::paths::{PathError, Paths};
@@ -142,7 +143,52 @@ impl ConnectOptions {
 /// broker's refusal.
 pub type Answer = Result<Encoded, ErrorBody>;
 
-type Pending = Arc<Mutex<HashMap<u64, oneshot::Sender<Answer>>>>;
+/// The calls waiting for their answer, shared by the callers and the connection's two
+/// tasks. Once either task finds the connection gone, it is closed: every waiting call
+/// and every later one fails with [`ClientError::Disconnected`], none waits forever.
+#[derive(Clone)]
+struct Pending(Arc<Mutex<Option<HashMap<u64, oneshot::Sender<Answer>>>>>);
+
+impl Pending {
+    fn new() -> Self {
+        Self(Arc::new(Mutex::new(Some(HashMap::new()))))
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Option<HashMap<u64, oneshot::Sender<Answer>>>> {
+        self.0
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// Waits for the answer to `id`; `false` once the connection is gone.
+    fn insert(&self, id: u64, tx: oneshot::Sender<Answer>) -> bool {
+        match self.lock().as_mut() {
+            Some(calls) => {
+                calls.insert(id, tx);
+                true
+            }
+            None => false,
+        }
+    }
+
+    fn take(&self, id: u64) -> Option<oneshot::Sender<Answer>> {
+        self.lock().as_mut()?.remove(&id)
+    }
+
+    /// Every waiting call, taken out (the connection stays open).
+    fn drain(&self) -> Vec<oneshot::Sender<Answer>> {
+        let mut calls = self.lock();
+        calls
+            .as_mut()
+            .map(|c| c.drain().map(|(_, tx)| tx).collect())
+            .unwrap_or_default()
+    }
+
+    /// The connection is gone: dropping the senders fails every waiting call.
+    fn close(&self) {
+        *self.lock() = None;
+    }
+}
 
 /// A result as it came from the broker, decoded only by the caller, into the type it
 /// asked for: a large answer (a listing of hundreds of peers) is read once, not once to
@@ -176,7 +222,8 @@ impl From<Box<RawValue>> for Encoded {
 /// A connection to the broker. Calls may be made concurrently from many tasks; events
 /// are read by one owner with [`Client::next_event`].
 pub struct Client {
-    out: Arc<Outgoing>,
+    /// Encoded frames for [`write_loop`].
+    out: mpsc::UnboundedSender<Vec<u8>>,
     pending: Pending,
     next_id: AtomicU64,
     events: mpsc::UnboundedReceiver<Event>,
@@ -306,14 +353,10 @@ impl Client {
 
     async fn handshake(stream: UnixStream, opts: &ConnectOptions) -> Result<Self, ClientError> {
         let (read, write) = stream.into_split();
-        let out = Arc::new(Outgoing {
-            socket: write,
-            state: Mutex::new(OutState::default()),
-            wake: Arc::new(tokio::sync::Notify::new()),
-        });
+        let (out, outgoing) = mpsc::unbounded_channel();
         let (events_tx, events) = mpsc::unbounded_channel();
-        let pending: Pending = Arc::default();
-        tokio::spawn(flush_loop(Arc::downgrade(&out), out.wake.clone()));
+        let pending = Pending::new();
+        tokio::spawn(write_loop(write, outgoing, pending.clone()));
         tokio::spawn(read_loop(read, pending.clone(), events_tx));
         let mut client = Self {
             out,
@@ -408,7 +451,9 @@ impl Client {
     pub fn start<C: Call>(&self, request: C) -> Result<oneshot::Receiver<Answer>, ClientError> {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let (tx, rx) = oneshot::channel();
-        self.pending.lock().expect("pending lock").insert(id, tx);
+        if !self.pending.insert(id, tx) {
+            return Err(ClientError::Disconnected);
+        }
         let mut buf = Vec::with_capacity(128);
         wire::encode(
             &ClientFrame {
@@ -417,8 +462,8 @@ impl Client {
             },
             &mut buf,
         );
-        if self.out.send(&buf).is_err() {
-            self.pending.lock().expect("pending lock").remove(&id);
+        if self.out.send(buf).is_err() {
+            self.pending.take(id);
             return Err(ClientError::Disconnected);
         }
         Ok(rx)
@@ -434,7 +479,7 @@ impl Client {
             },
             &mut buf,
         );
-        self.out.send(&buf).map_err(|_| ClientError::Disconnected)
+        self.out.send(buf).map_err(|_| ClientError::Disconnected)
     }
 
     /// Takes the event stream out, so the client can be shared for calls while one task
@@ -481,96 +526,29 @@ fn split_answer(frame: &[u8]) -> Option<(u64, Range<usize>)> {
     (frame[end] == b'}' && start < end).then_some((id, start..end))
 }
 
-/// The sending half of a connection. A frame is written straight from the caller when
-/// nothing is queued (no task hand-off on the common path); whatever the socket does not
-/// take at once is queued, in order, for [`flush_loop`].
-struct Outgoing {
-    socket: tokio::net::unix::OwnedWriteHalf,
-    state: Mutex<OutState>,
-    wake: Arc<tokio::sync::Notify>,
-}
-
-#[derive(Default)]
-struct OutState {
-    queued: Vec<u8>,
-    /// `flush_loop` owns the socket's writing until `queued` is empty.
-    flushing: bool,
-    closed: bool,
-}
-
-impl Outgoing {
-    fn send(&self, frame: &[u8]) -> Result<(), ()> {
-        let mut st = self.state.lock().expect("outgoing lock");
-        if st.closed {
-            return Err(());
-        }
-        if st.flushing {
-            st.queued.extend_from_slice(frame);
-            return Ok(());
-        }
-        let written = match self.socket.try_write(frame) {
-            Ok(n) => n,
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => 0,
-            Err(_) => {
-                st.closed = true;
-                return Err(());
-            }
-        };
-        if written < frame.len() {
-            st.queued.extend_from_slice(&frame[written..]);
-            st.flushing = true;
-            self.wake.notify_one();
-        }
-        Ok(())
-    }
-}
-
-/// Writes what [`Outgoing::send`] queued. Holds the connection only while writing, so
-/// dropping the [`Client`] closes it.
-async fn flush_loop(out: std::sync::Weak<Outgoing>, wake: Arc<tokio::sync::Notify>) {
-    let mut chunk = Vec::new();
-    loop {
-        wake.notified().await;
-        let Some(out) = out.upgrade() else {
-            return;
-        };
-        loop {
-            {
-                let mut st = out.state.lock().expect("outgoing lock");
-                if st.queued.is_empty() {
-                    st.flushing = false;
-                    break;
-                }
-                std::mem::swap(&mut chunk, &mut st.queued);
-            }
-            let mut at = 0;
-            while at < chunk.len() {
-                let wrote = match out.socket.writable().await {
-                    Ok(()) => out.socket.try_write(&chunk[at..]),
-                    Err(e) => Err(e),
-                };
-                match wrote {
-                    Ok(n) => at += n,
-                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
-                    Err(_) => {
-                        out.state.lock().expect("outgoing lock").closed = true;
-                        return;
-                    }
-                }
-            }
-            chunk.clear();
-        }
-        if out.state.lock().expect("outgoing lock").closed {
+/// Writes the frames the client's callers hand over, gathered as the broker's
+/// connections do it ([`wire::gather`]). It ends, closing our side of the connection,
+/// when the [`Client`] is dropped (after writing what is queued) or a write fails.
+async fn write_loop(
+    mut write: OwnedWriteHalf,
+    mut rx: mpsc::UnboundedReceiver<Vec<u8>>,
+    pending: Pending,
+) {
+    let mut buf = Vec::with_capacity(8192);
+    while let Some(first) = rx.recv().await {
+        buf.clear();
+        wire::gather(first, &mut rx, &mut buf, |frame, buf| {
+            buf.extend_from_slice(&frame);
+            true
+        });
+        if write.write_all(&buf).await.is_err() {
+            // What was written in vain will never be answered.
+            pending.close();
             return;
         }
-    }
-}
-
-impl Drop for Client {
-    fn drop(&mut self) {
-        // Let the flush loop finish what is queued, then end and let go of the connection.
-        self.out.state.lock().expect("outgoing lock").closed = true;
-        self.out.wake.notify_one();
+        if buf.capacity() > 1 << 20 {
+            buf = Vec::with_capacity(8192);
+        }
     }
 }
 
@@ -584,7 +562,7 @@ async fn read_loop(
     let mut frames = FrameReader::new(BufReader::with_capacity(READ_BUFFER, read), MAX_FRAME_BYTES);
     while let Ok(Some(bytes)) = frames.next().await {
         if let Some((id, at)) = split_answer(bytes) {
-            if let Some(tx) = pending.lock().expect("pending lock").remove(&id) {
+            if let Some(tx) = pending.take(id) {
                 let _ = tx.send(Ok(Encoded {
                     bytes: bytes.to_vec(),
                     at,
@@ -604,9 +582,7 @@ async fn read_loop(
             Err(e) => {
                 tracing::warn!("unreadable frame from the broker: {e}");
                 // An answer, if unreadable, still ends the call that waits for it.
-                if let Some(tx) =
-                    id.and_then(|id| pending.lock().expect("pending lock").remove(&id))
-                {
+                if let Some(tx) = id.and_then(|id| pending.take(id)) {
                     let _ = tx.send(Err(ErrorBody::new(
                         ErrorCode::Internal,
                         format!("the broker's answer could not be read: {e}"),
@@ -623,20 +599,18 @@ async fn read_loop(
                 let _ = events.send(Event::Lagged(l.missed));
             }
             Ok(ServerMessage::Answer { id, result }) => {
-                if let Some(tx) = pending.lock().expect("pending lock").remove(&id) {
+                if let Some(tx) = pending.take(id) {
                     let _ = tx.send(result.map(Encoded::from));
                 }
             }
             Ok(ServerMessage::Refused(e)) => {
                 // An error about the connection itself (refused, frame too large).
                 tracing::warn!("broker: {}", e.message);
-                let waiting: Vec<_> = pending.lock().expect("pending lock").drain().collect();
-                for (_, tx) in waiting {
+                for tx in pending.drain() {
                     let _ = tx.send(Err(e.clone()));
                 }
             }
         }
     }
-    // Dropping the senders fails every waiting call with Disconnected.
-    pending.lock().expect("pending lock").clear();
+    pending.close();
 }
