@@ -826,3 +826,34 @@ async fn stop_sticks_until_someone_needs_a_broker() {
     assert!(ev.to_string().contains("back again"), "{ev}");
     assert_eq!(a.ok("whoami", json!({})).await["name"], "a");
 }
+
+/// `doctor` asks each running session, over its hook socket, how it is: its name, how
+/// its mail reaches the model and why, and how much waits unread. (It once hung there:
+/// the session's state was locked twice in one answer.)
+#[tokio::test(flavor = "multi_thread")]
+async fn doctor_hears_from_each_session_its_route_and_unread_mail() {
+    let home = Home::new();
+    // One session: the hook socket is named by the host's pid, here the test's.
+    let b = home.session("b", false).await;
+    b.whoami_when_ready().await;
+    home.run_ok(&["send", "b", "hello"]);
+    let report = || -> Value {
+        let out = home.run_ok(&["doctor", "--json"]);
+        serde_json::from_slice(&out.stdout).unwrap()
+    };
+    wait_for(
+        || {
+            let r = report();
+            r["sessions"]
+                .as_array()
+                .is_some_and(|s| s.iter().any(|s| s["name"] == "b" && s["unread"] == 1))
+        },
+        "doctor to show b with one unread message",
+    );
+    let r = report();
+    let s = &r["sessions"][0];
+    assert_eq!(r["sessions"].as_array().unwrap().len(), 1, "{r}");
+    assert_eq!(s["route"], "poll", "{r}");
+    assert!(!s["why"].as_str().unwrap().is_empty(), "{r}");
+    assert_eq!(s["host_pid"], std::process::id(), "{r}");
+}

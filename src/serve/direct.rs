@@ -73,9 +73,7 @@ impl Session {
             .socket
             .parent()
             .ok_or_else(|| format!("{address} has no inbox"))?;
-        let me = self
-            .name()
-            .unwrap_or_else(|| self.identity.lock().expect("identity lock").name.clone());
+        let me = self.name_or_wanted();
         let d = local_delivery(me, address.to_string(), text, in_reply_to);
         // Its replies come back to this socket, as from `address`.
         let reply = self
@@ -92,17 +90,15 @@ impl Session {
         inbox::write_line(&target.socket, &line)
             .await
             .map_err(|e| format!("{address} did not take the message: {e}"))?;
-        self.last_from
-            .lock()
-            .expect("last_from lock")
-            .insert(address.to_string(), d.id.clone());
-        self.native_sockets
-            .lock()
-            .expect("native lock")
-            .insert(address.to_string(), target.socket.clone());
+        {
+            let mut st = self.state();
+            st.last_from.insert(address.to_string(), d.id.clone());
+            st.native_sockets
+                .insert(address.to_string(), target.socket.clone());
+        }
         // A session that holds it says so at once, on another connection.
         tokio::time::sleep(NATIVE_HOLD_WAIT).await;
-        let held = self.held.lock().expect("held lock").remove(&d.id);
+        let held = self.state().held.remove(&d.id);
         Ok((d.id, if held { "held" } else { "delivered" }))
     }
 }

@@ -3,7 +3,6 @@
 
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use super::inbox::{Inbound, Inbox};
@@ -38,7 +37,7 @@ impl Session {
                 return;
             }
         };
-        *self.hook_socket.lock().expect("hook_socket lock") = Some(path);
+        self.state().hook_socket = Some(path);
         loop {
             let stream = match listener.accept().await {
                 Ok((s, _)) => s,
@@ -72,14 +71,17 @@ impl Session {
             }
             Ok(HookRequest::Status) => {
                 let parent = platform::parent_pid();
-                let status = crate::hook::SessionStatus {
-                    name: self.name().unwrap_or_default(),
-                    pid: std::process::id(),
-                    host_pid: parent,
-                    host: platform::command_line(parent).unwrap_or_default(),
-                    route: self.route().as_str().into(),
-                    why: self.route_why.lock().expect("route lock").clone(),
-                    unread: self.unread_count(),
+                let status = {
+                    let st = self.state();
+                    crate::hook::SessionStatus {
+                        name: st.name().unwrap_or_default().to_string(),
+                        pid: std::process::id(),
+                        host_pid: parent,
+                        host: platform::command_line(parent).unwrap_or_default(),
+                        route: st.route.as_str().into(),
+                        why: st.route_why.clone(),
+                        unread: st.unread.len(),
+                    }
                 };
                 let mut text = serde_json::to_string(&status).expect("serializable");
                 text.push('\n');
@@ -91,7 +93,11 @@ impl Session {
                 // Until mail arrives, the hook goes away (its host ended it), or a newer
                 // wait replaces this one: the host starts one after every turn and does
                 // not end the older ones.
-                let me = self.hook_waits.fetch_add(1, Ordering::AcqRel) + 1;
+                let me = {
+                    let mut st = self.state();
+                    st.hook_waits += 1;
+                    st.hook_waits
+                };
                 self.mail_arrived.notify_waiters();
                 let mut probe = String::new();
                 loop {
@@ -99,17 +105,17 @@ impl Session {
                     tokio::pin!(arrived);
                     // Registered before looking, so what happens in between still wakes us.
                     arrived.as_mut().enable();
-                    if self.hook_waits.load(Ordering::Acquire) != me {
+                    let (newest, may_wake) = {
+                        let st = self.state();
+                        (st.hook_waits == me, st.may_wake)
+                    };
+                    if !newest {
                         return;
                     }
                     // A session whose inbox was withheld (it bypasses permissions, or its
                     // settings hold other sessions' mail) is not woken by mail either: it
                     // sees its mail when its user next prompts.
-                    let lent = if self.may_wake.load(Ordering::Acquire) {
-                        self.lend()
-                    } else {
-                        Vec::new()
-                    };
+                    let lent = if may_wake { self.lend() } else { Vec::new() };
                     if !lent.is_empty() {
                         break lent;
                     }
@@ -158,8 +164,7 @@ impl Session {
                 }
             }
         });
-        *self.relay_tx.lock().expect("relay lock") = Some(tx);
-        self.relay_ready.notify_waiters();
+        self.relay.send_replace(Some(tx));
         tracing::info!("the inbox relay is connected");
         let mut lines = tokio::io::BufReader::new(read).lines();
         while let Ok(Some(line)) = lines.next_line().await {
@@ -187,20 +192,16 @@ impl Session {
             }
         }
         tracing::warn!("the inbox relay went away");
-        *self.relay_tx.lock().expect("relay lock") = None;
-        let pending: Vec<_> = self
-            .relay_pending
-            .lock()
-            .expect("relay lock")
-            .drain()
-            .collect();
+        self.relay.send_replace(None);
+        let pending: Vec<_> = self.state().relay_pending.drain().collect();
         for (_, done) in pending {
             let _ = done.send(Err("the inbox relay went away".into()));
         }
     }
 
     pub(super) fn relay_done(&self, id: &str, result: Result<bool, String>) {
-        if let Some(done) = self.relay_pending.lock().expect("relay lock").remove(id) {
+        let done = self.state().relay_pending.remove(id);
+        if let Some(done) = done {
             let _ = done.send(result);
         }
     }
@@ -208,25 +209,13 @@ impl Session {
     /// Has the relay write `d` into the inbox; whether the session holds it.
     pub(super) async fn relay_write(&self, inbox: &Inbox, d: &Delivery) -> Result<bool, String> {
         let (socket, session_id) = inbox.target().await.map_err(|e| e.to_string())?;
-        let wait = async {
-            loop {
-                let ready = self.relay_ready.notified();
-                tokio::pin!(ready);
-                ready.as_mut().enable();
-                if let Some(tx) = self.relay_tx.lock().expect("relay lock").clone() {
-                    return tx;
-                }
-                ready.await;
-            }
+        let mut relay = self.relay.subscribe();
+        let tx = match tokio::time::timeout(BROKER_WAIT, relay.wait_for(Option::is_some)).await {
+            Ok(Ok(tx)) => tx.clone().expect("waited for Some"),
+            _ => return Err("the inbox relay did not start".to_string()),
         };
-        let tx = tokio::time::timeout(BROKER_WAIT, wait)
-            .await
-            .map_err(|_| "the inbox relay did not start".to_string())?;
         let (done, result) = tokio::sync::oneshot::channel();
-        self.relay_pending
-            .lock()
-            .expect("relay lock")
-            .insert(d.id.clone(), done);
+        self.state().relay_pending.insert(d.id.clone(), done);
         let job = relay::Job {
             delivery: d.clone(),
             socket,
@@ -243,9 +232,9 @@ impl Session {
 
     /// Every unread message, for a hook to show.
     pub(super) fn lend(&self) -> Vec<Delivery> {
-        let lent: Vec<Delivery> = self.unread.lock().expect("unread lock").drain(..).collect();
-        let mut out = self.lent.lock().expect("lent lock");
-        out.extend(lent.iter().map(|d| d.id.clone()));
+        let mut st = self.state();
+        let lent: Vec<Delivery> = st.unread.drain(..).collect();
+        st.lent.extend(lent.iter().map(|d| d.id.clone()));
         lent
     }
 
@@ -253,11 +242,10 @@ impl Session {
     pub(super) fn shown_by_hook(&self, lent: Vec<Delivery>) {
         let ids: Vec<String> = lent.into_iter().map(|d| d.id).collect();
         {
-            let mut seen = self.seen.lock().expect("seen lock");
-            let mut out = self.lent.lock().expect("lent lock");
+            let mut st = self.state();
             for id in &ids {
-                seen.insert(id);
-                out.remove(id);
+                st.seen.insert(id);
+                st.lent.remove(id);
             }
         }
         self.ack(ids);
@@ -269,11 +257,10 @@ impl Session {
             return;
         }
         {
-            let mut unread = self.unread.lock().expect("unread lock");
-            let mut out = self.lent.lock().expect("lent lock");
+            let mut st = self.state();
             for d in lent.into_iter().rev() {
-                out.remove(&d.id);
-                unread.push_front(d);
+                st.lent.remove(&d.id);
+                st.unread.push_front(d);
             }
         }
         self.mail_arrived.notify_waiters();

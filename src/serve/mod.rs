@@ -17,17 +17,15 @@ mod native;
 mod paced;
 mod relay;
 mod route;
+mod state;
 mod tools;
 
-use std::collections::{HashMap, HashSet, VecDeque};
-use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use anyhow::Result;
 use rmcp::model::{CustomNotification, ServerNotification};
-use rmcp::service::{Peer, RoleServer};
+
 use rmcp::{ServiceExt, transport::stdio_pipes};
 use tokio::sync::{Notify, watch};
 
@@ -40,11 +38,11 @@ use crate::protocol::{Ack, AckState, Delivery, PeerContext, Register};
 pub use direct::native_sessions;
 pub use inbox::config_dir as claude_config_dir;
 pub use inbox::user_file as claude_user_file;
-use inbox::{Inbound, Inbox, Replies};
+use inbox::{Inbound, Replies};
 pub use native::Native;
-use paced::InFlight;
 pub use relay::run as run_relay;
 pub use route::{PushMode, Route, bypasses_permissions, channel_requested, inbound_restricted};
+use state::State;
 
 /// How long after `notifications/initialized` a session registers if no tool is called
 /// first. `claude mcp list` ends its servers about 10 ms after `tools/list`.
@@ -56,113 +54,31 @@ const BROKER_WAIT: Duration = Duration::from_secs(5);
 /// Why tools fail while the broker is stopped.
 const STOPPED: &str = "the broker was stopped with `claude-peers stop`; this session reconnects as soon as a new session or a claude-peers command (such as `claude-peers peers`) starts one";
 
-/// One session's state, shared by the tools and the connection task.
+/// One session, shared by the tools, the hook socket and the connection task: what it
+/// knows is [`State`], behind one lock that is never held across an `await`; what others
+/// wait for is a `watch` (or, for mail arriving, a `Notify`).
 pub struct Session {
     paths: Paths,
-    /// What we register with; `name` becomes the assigned name after the first success.
-    identity: Mutex<Register>,
+    state: Mutex<State>,
     /// The live broker connection, `None` while (re)connecting.
     conn: watch::Sender<Option<Arc<Client>>>,
-    /// Our assigned name, once registered.
-    name: Mutex<Option<String>>,
-    /// How deliveries reach the model (decided at initialize), and why.
-    route: Mutex<Route>,
-    route_why: Mutex<String>,
+    /// Set by the first tool call or a while after `initialized`: only then does the
+    /// session register, so a client that connects and leaves at once (a health check
+    /// such as `claude mcp list`) leaves no peer behind.
+    wanted: watch::Sender<bool>,
+    /// Set when `notifications/initialized` arrives; pushes wait for it.
+    initialized: watch::Sender<bool>,
+    /// The relay's connection, once it registered: lines to write to it.
+    relay: watch::Sender<Option<tokio::sync::mpsc::UnboundedSender<String>>>,
+    /// Woken when mail is added to `unread`, for a waiting hook (and when a newer wait
+    /// replaces it).
+    mail_arrived: Notify,
     /// Our reply sockets in Claude Code's socket directories.
     replies: Replies,
     /// Receipts and replies from the reply sockets.
     inbound: tokio::sync::mpsc::UnboundedSender<Inbound>,
-    inbound_rx: Mutex<Option<tokio::sync::mpsc::UnboundedReceiver<Inbound>>>,
-    /// Messages written to the inbox and not yet settled by a receipt, for a receipt that
-    /// gives one back (`expired`): id → the delivery.
-    in_inbox: Mutex<HashMap<String, InFlight>>,
-    /// Per sender, the queue its mail is written to the inbox from, in order and paced.
-    #[allow(clippy::type_complexity)]
-    outboxes:
-        Mutex<HashMap<String, tokio::sync::mpsc::UnboundedSender<(Arc<Inbox>, Delivery, u32)>>>,
-    /// Ids a `held` receipt arrived for.
-    held: Mutex<HashSet<String>>,
-    /// The newest message id from each sender, to thread a reply made through the inbox.
-    last_from: Mutex<HashMap<String, String>>,
-    /// Our hook socket, once bound (removed at exit).
-    hook_socket: Mutex<Option<PathBuf>>,
-    /// Set by the first tool call or a while after `initialized`: only then does the
-    /// session register, so a client that connects and leaves at once (a health check
-    /// such as `claude mcp list`) leaves no peer behind.
-    wanted: Notify,
-    wanted_flag: AtomicBool,
-    /// Set when `notifications/initialized` arrives; pushes wait for it.
-    initialized: AtomicBool,
-    initialized_signal: Notify,
-    /// Mail waiting for `check_messages` or a hook, oldest first.
-    unread: Mutex<VecDeque<Delivery>>,
-    /// Inbox messages acked delivered in the last [`RECENT`]: a late receipt (Claude Code
-    /// tells of a drop seconds after) may still hold them or send them back.
-    recent: Mutex<VecDeque<(tokio::time::Instant, Delivery, u32)>>,
-    /// The inbox sockets of the Claude Code sessions without claude-peers we wrote to:
-    /// address (`cc:<name>`) → socket.
-    native_sockets: Mutex<HashMap<String, PathBuf>>,
-    /// Ids lent to a hook and not yet shown or given back: a redelivery meanwhile is not
-    /// kept a second time.
-    lent: Mutex<HashSet<String>>,
-    /// Woken when mail is added to `unread`, for a waiting hook (and when a newer wait
-    /// replaces it).
-    mail_arrived: Notify,
-    /// Mail may start a turn by itself (through `hook wait`): not where the inbox was
-    /// withheld for the user's hold.
-    may_wake: AtomicBool,
-    /// Inbox writes go through the relay ([`relay`]), so that Claude Code holds them.
-    use_relay: AtomicBool,
-    /// The relay's connection, once it registered: lines to write to it.
-    relay_tx: Mutex<Option<tokio::sync::mpsc::UnboundedSender<String>>>,
-    relay_ready: Notify,
-    /// Messages given to the relay, waiting for its word: id → whether it was held.
-    relay_pending: Mutex<HashMap<String, tokio::sync::oneshot::Sender<Result<bool, String>>>>,
-    /// How many `hook wait`s have come; only the newest waits.
-    hook_waits: std::sync::atomic::AtomicU64,
-    /// Ids already shown to the model in this process's life: a redelivery after a broker
-    /// restart is acked again but never shown twice.
-    seen: Mutex<SeenIds>,
-    /// The MCP peer, for notifications.
-    peer: Mutex<Option<Peer<RoleServer>>>,
     /// The broker executable to start when none runs (this binary).
     broker_exe: Option<std::path::PathBuf>,
-    /// Why the last attempt to reach the broker failed, while it is not reachable; tool
-    /// errors show it, since the cause (a refused directory, a bad database) is what the
-    /// user must fix.
-    last_error: Mutex<Option<String>>,
-}
-
-/// Message ids shown in this process's life. The broker's ids are UUIDs, kept as 16
-/// bytes each rather than as a 36-character string on the heap, since the set only
-/// grows; anything else is kept as text.
-#[derive(Default)]
-struct SeenIds {
-    uuids: HashSet<u128>,
-    other: HashSet<String>,
-}
-
-impl SeenIds {
-    fn insert(&mut self, id: &str) {
-        match uuid::Uuid::try_parse(id) {
-            Ok(u) => self.uuids.insert(u.as_u128()),
-            Err(_) => self.other.insert(id.to_string()),
-        };
-    }
-
-    fn remove(&mut self, id: &str) {
-        match uuid::Uuid::try_parse(id) {
-            Ok(u) => self.uuids.remove(&u.as_u128()),
-            Err(_) => self.other.remove(id),
-        };
-    }
-
-    fn contains(&self, id: &str) -> bool {
-        match uuid::Uuid::try_parse(id) {
-            Ok(u) => self.uuids.contains(&u.as_u128()),
-            Err(_) => self.other.contains(id),
-        }
-    }
 }
 
 /// The name this session asks for, and whether the user chose it.
@@ -212,39 +128,26 @@ impl Session {
         let (inbound, inbound_rx) = tokio::sync::mpsc::unbounded_channel();
         Ok(Arc::new(Self {
             paths,
-            identity: Mutex::new(identity),
+            state: Mutex::new(State::new(identity, inbound_rx)),
             conn: watch::channel(None).0,
-            name: Mutex::new(None),
-            route: Mutex::new(Route::Poll),
-            route_why: Mutex::new("the client has not initialized yet".into()),
+            wanted: watch::channel(false).0,
+            initialized: watch::channel(false).0,
+            relay: watch::channel(None).0,
+            mail_arrived: Notify::new(),
             replies: Replies::default(),
             inbound,
-            inbound_rx: Mutex::new(Some(inbound_rx)),
-            in_inbox: Mutex::new(HashMap::new()),
-            held: Mutex::new(HashSet::new()),
-            outboxes: Mutex::new(HashMap::new()),
-            last_from: Mutex::new(HashMap::new()),
-            hook_socket: Mutex::new(None),
-            wanted: Notify::new(),
-            wanted_flag: AtomicBool::new(false),
-            initialized: AtomicBool::new(false),
-            initialized_signal: Notify::new(),
-            unread: Mutex::new(VecDeque::new()),
-            recent: Mutex::new(VecDeque::new()),
-            native_sockets: Mutex::new(HashMap::new()),
-            lent: Mutex::new(HashSet::new()),
-            mail_arrived: Notify::new(),
-            may_wake: AtomicBool::new(true),
-            use_relay: AtomicBool::new(false),
-            relay_tx: Mutex::new(None),
-            relay_ready: Notify::new(),
-            relay_pending: Mutex::new(HashMap::new()),
-            hook_waits: std::sync::atomic::AtomicU64::new(0),
-            seen: Mutex::new(SeenIds::default()),
-            peer: Mutex::new(None),
             broker_exe: std::env::current_exe().ok(),
-            last_error: Mutex::new(None),
         }))
+    }
+
+    /// The session's state. Callers take what they need and let go before any `await`
+    /// (and before calling another method that takes it).
+    fn state(&self) -> MutexGuard<'_, State> {
+        // A panic elsewhere while it was held leaves nothing half-done that matters more
+        // than carrying on: every change under the lock is a single collection update.
+        self.state
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
     /// The broker connection, waiting up to [`BROKER_WAIT`] for one.
@@ -254,7 +157,7 @@ impl Session {
         let ready = tokio::time::timeout(BROKER_WAIT, rx.wait_for(Option::is_some)).await;
         match ready {
             Ok(Ok(c)) => Ok(c.clone().expect("waited for Some")),
-            _ => match self.last_error.lock().expect("last_error lock").as_deref() {
+            _ => match self.last_error() {
                 Some(e) => Err(format!(
                     "the claude-peers broker is not reachable (waited {}s): {e}",
                     BROKER_WAIT.as_secs()
@@ -285,13 +188,17 @@ impl Session {
     /// Settles how mail reaches this session, once its host has said who it is
     /// (`initialize`): the route, why, and whether the user holds other sessions' mail.
     pub(crate) fn set_route(&self, route: Route, why: String, held_back: bool, host: u32) {
-        *self.route_why.lock().expect("route lock") = why;
-        // Where the user's hold applies, mail is written by the relay (Claude Code holds
-        // it), or waits for the next prompt; it never starts a turn by itself otherwise.
-        self.may_wake.store(!held_back, Ordering::Release);
         let relay = held_back && matches!(route, Route::Inbox(_));
-        *self.route.lock().expect("route lock") = route;
-        self.use_relay.store(relay, Ordering::Release);
+        {
+            let mut st = self.state();
+            st.route_why = why;
+            st.route = route;
+            // Where the user's hold applies, mail is written by the relay (Claude Code
+            // holds it), or waits for the next prompt; it never starts a turn by itself
+            // otherwise.
+            st.may_wake = !held_back;
+            st.use_relay = relay;
+        }
         if relay {
             let socket = crate::hook::socket_path(&self.paths, host);
             if let Err(e) = relay::spawn(&socket) {
@@ -302,51 +209,63 @@ impl Session {
 
     /// What the host said of itself, for the peer record.
     pub(crate) fn set_client(&self, push: bool, name: &str, version: &str) {
-        let mut id = self.identity.lock().expect("identity lock");
-        id.context.push = push;
-        id.context.client_name = Some(name.to_string());
-        id.context.client_version = Some(version.to_string());
+        let context = &mut self.state().identity.context;
+        context.push = push;
+        context.client_name = Some(name.to_string());
+        context.client_version = Some(version.to_string());
     }
 
     /// The MCP handshake is complete.
     pub(crate) fn mark_initialized(&self) {
-        self.initialized.store(true, Ordering::Release);
-        self.initialized_signal.notify_one();
+        self.initialized.send_replace(true);
     }
 
     /// Lets the connection task register (once).
     fn want_registration(&self) {
-        if !self.wanted_flag.swap(true, Ordering::AcqRel) {
-            self.wanted.notify_one();
-        }
+        self.wanted
+            .send_if_modified(|wanted| !std::mem::replace(wanted, true));
     }
 
     pub fn route(&self) -> Route {
-        self.route.lock().expect("route lock").clone()
+        self.state().route.clone()
     }
 
     /// Remembers a summary set by the model, so a re-registration keeps it.
     pub fn remember_summary(&self, summary: &str) {
-        self.identity.lock().expect("identity lock").summary = Some(summary.to_string());
+        self.state().identity.summary = Some(summary.to_string());
     }
 
+    /// Our assigned name, once registered.
     pub fn name(&self) -> Option<String> {
-        self.name.lock().expect("name lock").clone()
+        self.state().name().map(str::to_string)
+    }
+
+    /// The name we are or will ask to be.
+    fn name_or_wanted(&self) -> String {
+        self.state().identity.name.clone()
+    }
+
+    /// Why the broker could not be reached, while it cannot.
+    fn last_error(&self) -> Option<String> {
+        self.state().last_error.clone()
     }
 
     pub fn unread_count(&self) -> usize {
-        self.unread.lock().expect("unread lock").len()
+        self.state().unread.len()
     }
 
     /// Takes every unread message, marking them seen, and acks them.
     pub fn take_unread(&self) -> Vec<Delivery> {
         self.want_registration();
-        let taken: Vec<Delivery> = self.unread.lock().expect("unread lock").drain(..).collect();
-        if !taken.is_empty() {
-            let mut seen = self.seen.lock().expect("seen lock");
+        let taken: Vec<Delivery> = {
+            let mut st = self.state();
+            let taken: Vec<Delivery> = st.unread.drain(..).collect();
             for d in &taken {
-                seen.insert(&d.id);
+                st.seen.insert(&d.id);
             }
+            taken
+        };
+        if !taken.is_empty() {
             self.ack(taken.iter().map(|d| d.id.clone()).collect());
         }
         taken
@@ -356,7 +275,8 @@ impl Session {
     /// handle deliveries; on loss, back off and do it again under the same name.
     async fn connection_loop(self: Arc<Self>) {
         let (cwd, git) = {
-            let id = self.identity.lock().expect("identity lock");
+            let st = self.state();
+            let id = &st.identity;
             let git = GitInfo {
                 root: id.context.git_root.clone(),
                 common_dir: id.context.git_common_dir.clone(),
@@ -369,14 +289,12 @@ impl Session {
             .ok()
             .flatten();
         {
-            let mut id = self.identity.lock().expect("identity lock");
+            let id = &mut self.state().identity;
             if id.summary.is_none() {
                 id.summary = summary;
             }
         }
-        if !self.wanted_flag.load(Ordering::Acquire) {
-            self.wanted.notified().await;
-        }
+        let _ = self.wanted.subscribe().wait_for(|wanted| *wanted).await;
         let mut backoff = Backoff::new(Duration::from_millis(20), Duration::from_secs(2));
         let mut connected_before = false;
         loop {
@@ -385,7 +303,7 @@ impl Session {
             // (A session starting up needs one, and starts it.)
             let stopped = connected_before && self.paths.stopped.exists();
             if stopped {
-                *self.last_error.lock().expect("last_error lock") = Some(STOPPED.to_string());
+                self.state().last_error = Some(STOPPED.to_string());
                 tracing::info!("the broker was stopped; waiting for one to start");
                 if let Err(e) = crate::platform::wait_until_exists(&self.paths.socket).await {
                     tracing::warn!("cannot watch for the broker's socket: {e}");
@@ -396,7 +314,7 @@ impl Session {
                 Ok(mut events) => {
                     connected_before = true;
                     backoff.reset();
-                    *self.last_error.lock().expect("last_error lock") = None;
+                    self.state().last_error = None;
                     while let Some(ev) = events.recv().await {
                         if let Event::Deliver(d) = ev {
                             self.deliver(d).await;
@@ -407,7 +325,7 @@ impl Session {
                 }
                 Err(e) => {
                     tracing::warn!("cannot reach the broker: {e}");
-                    *self.last_error.lock().expect("last_error lock") = Some(e.to_string());
+                    self.state().last_error = Some(e.to_string());
                 }
             }
             backoff.wait().await;
@@ -423,16 +341,10 @@ impl Session {
         opts.autostart = autostart;
         let mut client = Client::connect(&self.paths, &opts).await?;
         let events = client.take_events();
-        let request = self.identity.lock().expect("identity lock").clone();
+        let request = self.state().identity.clone();
         let reg = client.call(request).await?;
-        {
-            // Keep our name across reconnects: ask for exactly it from now on.
-            let mut id = self.identity.lock().expect("identity lock");
-            id.name = reg.name.clone();
-            id.explicit = true;
-        }
         tracing::info!(name = %reg.name, queued = reg.queued, "registered");
-        *self.name.lock().expect("name lock") = Some(reg.name);
+        self.state().registered(reg.name);
         self.conn.send_replace(Some(Arc::new(client)));
         Ok(events)
     }
@@ -440,41 +352,34 @@ impl Session {
     /// Shows one delivery to the model by the session's route, or keeps it for
     /// `check_messages`.
     async fn deliver(self: &Arc<Self>, d: Delivery) {
-        if self
-            .in_inbox
-            .lock()
-            .expect("in_inbox lock")
-            .contains_key(&d.id)
-            || self.lent.lock().expect("lent lock").contains(&d.id)
-        {
-            // In flight to the inbox, or lent to a hook: acked when that settles.
-            return;
-        }
-        let already = self.seen.lock().expect("seen lock").contains(&d.id);
-        if already {
-            // Acked again as what it was (its first ack may have been lost with the
-            // connection): a held message is still held, a channel event still unconfirmed.
-            let state = if self.held.lock().expect("held lock").contains(&d.id) {
-                AckState::Held
-            } else if matches!(self.route(), Route::Channel) {
-                AckState::Pushed
-            } else {
-                AckState::Delivered
-            };
-            self.ack_as(vec![d.id], state);
-            return;
-        }
-        let waiting = self
-            .unread
-            .lock()
-            .expect("unread lock")
-            .iter()
-            .any(|u| u.id == d.id);
-        if waiting {
-            // Kept for check_messages after the inbox did not take it: shown there only.
-            return;
-        }
-        match self.route() {
+        let route = {
+            let st = self.state();
+            if st.in_inbox.contains_key(&d.id) || st.lent.contains(&d.id) {
+                // In flight to the inbox, or lent to a hook: acked when that settles.
+                return;
+            }
+            if st.unread.iter().any(|u| u.id == d.id) {
+                // Kept for check_messages after the inbox did not take it: shown there only.
+                return;
+            }
+            if st.seen.contains(&d.id) {
+                // Acked again as what it was (its first ack may have been lost with the
+                // connection): a held message is still held, a channel event still
+                // unconfirmed.
+                let state = if st.held.contains(&d.id) {
+                    AckState::Held
+                } else if matches!(st.route, Route::Channel) {
+                    AckState::Pushed
+                } else {
+                    AckState::Delivered
+                };
+                drop(st);
+                self.ack_as(vec![d.id], state);
+                return;
+            }
+            st.route.clone()
+        };
+        match route {
             Route::Poll => self.keep_unread(d),
             Route::Channel => self.push_channel(d).await,
             Route::Inbox(inbox) => self.to_inbox(inbox, d, 1),
@@ -483,7 +388,7 @@ impl Session {
 
     fn keep_unread(&self, d: Delivery) {
         {
-            let mut unread = self.unread.lock().expect("unread lock");
+            let unread = &mut self.state().unread;
             if unread.iter().any(|u| u.id == d.id) {
                 return;
             }
@@ -509,7 +414,8 @@ impl Session {
     /// sockets), before it exits.
     fn clean_up(&self) {
         self.replies.remove_all();
-        if let Some(p) = self.hook_socket.lock().expect("hook_socket lock").take() {
+        let socket = self.state().hook_socket.take();
+        if let Some(p) = socket {
             let _ = std::fs::remove_file(p);
         }
     }
@@ -526,7 +432,7 @@ pub async fn run(
     let session = Session::new(paths, name)?;
     let server = tools::PeersServer::new(session.clone(), push, bypass_inbox);
     let parent = platform::parent_pid();
-    let inbound = session.inbound_rx.lock().expect("inbound lock").take();
+    let inbound = session.state().inbound_rx.take();
     if let Some(mut inbound) = inbound {
         let session = session.clone();
         tokio::spawn(async move {
@@ -544,7 +450,7 @@ pub async fn run(
     );
     let mcp = async {
         let service = server.serve(stdio_pipes()).await?;
-        *session.peer.lock().expect("peer lock") = Some(service.peer().clone());
+        session.state().peer = Some(service.peer().clone());
         tokio::spawn(session.clone().connection_loop());
         let reason = service.waiting().await;
         tracing::info!("MCP session ended: {reason:?}");
@@ -580,60 +486,5 @@ async fn stop_signal() {
     tokio::select! {
         _ = int.recv() => {}
         _ = term.recv() => {}
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::{SeenIds, channel_requested};
-
-    fn argv(s: &str) -> Vec<String> {
-        s.split(' ').map(str::to_string).collect()
-    }
-
-    #[test]
-    fn bypass_mode_is_read_from_the_command_line() {
-        assert!(super::bypasses_permissions(&argv(
-            "claude --dangerously-skip-permissions"
-        )));
-        assert!(super::bypasses_permissions(&argv(
-            "claude --permission-mode bypassPermissions"
-        )));
-        assert!(super::bypasses_permissions(&argv(
-            "claude --permission-mode=bypassPermissions"
-        )));
-        assert!(!super::bypasses_permissions(&argv(
-            "claude --permission-mode acceptEdits"
-        )));
-    }
-
-    #[test]
-    fn a_channel_is_requested_only_by_name() {
-        assert!(channel_requested(&argv(
-            "claude --dangerously-load-development-channels server:claude-peers"
-        )));
-        assert!(channel_requested(&argv(
-            "claude --channels plugin:x@m plugin:claude-peers@claude-peers --verbose"
-        )));
-        assert!(channel_requested(&argv(
-            "claude --channels=server:claude-peers"
-        )));
-        assert!(!channel_requested(&argv("claude --channels server:other")));
-        assert!(!channel_requested(&argv(
-            "claude --channels server:other -p claude-peers"
-        )));
-        assert!(!channel_requested(&argv("claude -p hello")));
-    }
-
-    #[test]
-    fn seen_ids_hold_uuids_and_other_text() {
-        let mut seen = SeenIds::default();
-        let id = "019b76da-a87b-7c3e-9a41-5d2f0b6e8c17";
-        assert!(!seen.contains(id));
-        seen.insert(id);
-        seen.insert("not-a-uuid");
-        assert!(seen.contains(id) && seen.contains("not-a-uuid"));
-        assert!(!seen.contains("019b76da-a87b-7c3e-9a41-5d2f0b6e8c18"));
-        assert_eq!((seen.uuids.len(), seen.other.len()), (1, 1));
     }
 }

@@ -3,11 +3,11 @@
 //! late receipts and retries, channel events, and what arrives on our reply sockets.
 
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use super::direct::local_delivery;
 use super::inbox::{Inbound, Inbox};
+use super::state::InboxJob;
 use super::*;
 use crate::protocol::{AckState, Delivery};
 
@@ -83,10 +83,8 @@ impl SenderPace {
 impl Session {
     /// A channel event, acked as `pushed`: nothing tells whether the host shows it.
     pub(super) async fn push_channel(&self, d: Delivery) {
-        while !self.initialized.load(Ordering::Acquire) {
-            self.initialized_signal.notified().await;
-        }
-        let Some(peer) = self.peer.lock().expect("peer lock").clone() else {
+        let _ = self.initialized.subscribe().wait_for(|done| *done).await;
+        let Some(peer) = self.state().peer.clone() else {
             return;
         };
         let notification = ServerNotification::CustomNotification(CustomNotification::new(
@@ -96,7 +94,7 @@ impl Session {
         // Returns once the line is written and flushed to stdout.
         match peer.send_notification(notification).await {
             Ok(()) => {
-                self.seen.lock().expect("seen lock").insert(&d.id);
+                self.state().seen.insert(&d.id);
                 self.ack_as(vec![d.id], AckState::Pushed);
             }
             Err(e) => tracing::warn!("could not write a channel event: {e}"),
@@ -109,7 +107,8 @@ impl Session {
     /// says so only seconds later, after we would have counted them delivered.
     pub(super) fn to_inbox(self: &Arc<Self>, inbox: Arc<Inbox>, d: Delivery, attempt: u32) {
         // In flight from here: a redelivery meanwhile is not queued again.
-        self.in_inbox.lock().expect("in_inbox lock").insert(
+        let mut st = self.state();
+        st.in_inbox.insert(
             d.id.clone(),
             InFlight {
                 d: d.clone(),
@@ -117,10 +116,8 @@ impl Session {
                 written: false,
             },
         );
-        let mut outboxes = self.outboxes.lock().expect("outboxes lock");
-        let tx = outboxes.entry(d.from.clone()).or_insert_with(|| {
-            let (tx, mut rx) =
-                tokio::sync::mpsc::unbounded_channel::<(Arc<Inbox>, Delivery, u32)>();
+        let tx = st.outboxes.entry(d.from.clone()).or_insert_with(|| {
+            let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<InboxJob>();
             let me = self.clone();
             tokio::spawn(async move {
                 let mut pace = SenderPace::new();
@@ -145,24 +142,24 @@ impl Session {
         let id = d.id.clone();
         // In flight from here: a redelivery meanwhile is not written again, and a receipt
         // that comes before the write returns finds it.
-        self.seen.lock().expect("seen lock").insert(&id);
-        self.last_from
-            .lock()
-            .expect("last_from lock")
-            .insert(d.from.clone(), id.clone());
-        self.in_inbox.lock().expect("in_inbox lock").insert(
-            id.clone(),
-            InFlight {
-                d: d.clone(),
-                attempt,
-                written: false,
-            },
-        );
-        let relay = self.use_relay.load(Ordering::Acquire);
+        let relay = {
+            let mut st = self.state();
+            st.seen.insert(&id);
+            st.last_from.insert(d.from.clone(), id.clone());
+            st.in_inbox.insert(
+                id.clone(),
+                InFlight {
+                    d: d.clone(),
+                    attempt,
+                    written: false,
+                },
+            );
+            st.use_relay
+        };
         let written = if relay {
             match self.relay_write(inbox, &d).await {
                 Ok(true) => {
-                    self.held.lock().expect("held lock").insert(id.clone());
+                    self.state().held.insert(id.clone());
                     Ok(())
                 }
                 Ok(false) => Ok(()),
@@ -172,12 +169,7 @@ impl Session {
             // An answer from a Claude Code session without claude-peers is signed with
             // that session's own address: the model's SendMessage reply then goes to it,
             // not back to us.
-            let native = self
-                .native_sockets
-                .lock()
-                .expect("native lock")
-                .get(&d.from)
-                .cloned();
+            let native = self.state().native_sockets.get(&d.from).cloned();
             let reply = match native {
                 Some(socket) => Ok(socket),
                 None => self.replies.socket(inbox.dir(), &d.from, &self.inbound),
@@ -189,12 +181,15 @@ impl Session {
         };
         if let Err(e) = written {
             tracing::warn!(%id, "the inbox did not take a message, keeping it for check_messages: {e}");
-            self.in_inbox.lock().expect("in_inbox lock").remove(&id);
-            self.seen.lock().expect("seen lock").remove(&id);
+            {
+                let mut st = self.state();
+                st.in_inbox.remove(&id);
+                st.seen.remove(&id);
+            }
             self.keep_unread(d);
             return;
         }
-        match self.in_inbox.lock().expect("in_inbox lock").get_mut(&id) {
+        match self.state().in_inbox.get_mut(&id) {
             // Still this write's: now it waits for the receipt window.
             Some(f) if f.attempt == attempt => f.written = true,
             // A receipt already settled it (or it is waiting to be written again).
@@ -217,34 +212,38 @@ impl Session {
     /// stays in flight for the user's answer), else `delivered`; nothing if a receipt
     /// settled it meanwhile or it is waiting to be written again.
     pub(super) fn settle(&self, id: &str, attempt: u32) {
-        let current = matches!(
-            self.in_inbox.lock().expect("in_inbox lock").get(id),
-            Some(f) if f.written && f.attempt == attempt
-        );
-        if !current {
-            return;
-        }
-        if self.held.lock().expect("held lock").contains(id) {
-            self.ack_as(vec![id.to_string()], AckState::Held);
-            return;
-        }
-        if let Some(f) = self.in_inbox.lock().expect("in_inbox lock").remove(id) {
-            let now = tokio::time::Instant::now();
-            let mut recent = self.recent.lock().expect("recent lock");
-            while recent
-                .front()
-                .is_some_and(|(at, _, _)| now.duration_since(*at) > RECENT || recent.len() >= 512)
-            {
-                recent.pop_front();
+        let held = {
+            let mut st = self.state();
+            let current = matches!(
+                st.in_inbox.get(id),
+                Some(f) if f.written && f.attempt == attempt
+            );
+            if !current {
+                return;
             }
-            recent.push_back((now, f.d, f.attempt));
+            let held = st.held.contains(id);
+            if !held && let Some(f) = st.in_inbox.remove(id) {
+                let now = tokio::time::Instant::now();
+                let recent = &mut st.recent;
+                while recent.front().is_some_and(|(at, _, _)| {
+                    now.duration_since(*at) > RECENT || recent.len() >= 512
+                }) {
+                    recent.pop_front();
+                }
+                recent.push_back((now, f.d, f.attempt));
+            }
+            held
+        };
+        if held {
+            self.ack_as(vec![id.to_string()], AckState::Held);
+        } else {
+            self.ack(vec![id.to_string()]);
         }
-        self.ack(vec![id.to_string()]);
     }
 
     /// A message acked delivered a moment ago, taken back for a late receipt.
     pub(super) fn take_recent(&self, id: &str) -> Option<(Delivery, u32)> {
-        let mut recent = self.recent.lock().expect("recent lock");
+        let recent = &mut self.state().recent;
         let at = recent.iter().position(|(_, d, _)| d.id == id)?;
         recent.remove(at).map(|(_, d, attempt)| (d, attempt))
     }
@@ -254,9 +253,8 @@ impl Session {
     /// hooks. It is queued again at the broker if it had been acked as held.
     pub(super) fn retry_or_keep(self: &Arc<Self>, id: &str, reason: Option<&str>) {
         let in_flight = self
+            .state()
             .in_inbox
-            .lock()
-            .expect("in_inbox lock")
             .remove(id)
             .map(|f| (f.d, f.attempt, false));
         // Or acked delivered a moment ago, and dropped after all.
@@ -265,7 +263,7 @@ impl Session {
         else {
             return;
         };
-        let was_held = self.held.lock().expect("held lock").remove(id);
+        let was_held = self.state().held.remove(id);
         if was_held || was_delivered {
             self.ack_as(vec![id.to_string()], AckState::Returned);
         }
@@ -274,7 +272,7 @@ impl Session {
         {
             tracing::info!(%id, attempt, "the session dropped a message; writing it again later");
             // Still in flight while it waits: a redelivery is not written meanwhile.
-            self.in_inbox.lock().expect("in_inbox lock").insert(
+            self.state().in_inbox.insert(
                 id.to_string(),
                 InFlight {
                     d: d.clone(),
@@ -286,12 +284,12 @@ impl Session {
             let id = id.to_string();
             tokio::spawn(async move {
                 tokio::time::sleep(INBOX_RETRY * attempt.max(1)).await;
-                me.in_inbox.lock().expect("in_inbox lock").remove(&id);
+                me.state().in_inbox.remove(&id);
                 me.to_inbox(inbox, d, attempt + 1);
             });
             return;
         }
-        self.seen.lock().expect("seen lock").remove(id);
+        self.state().seen.remove(id);
         self.keep_unread(d);
     }
 
@@ -306,14 +304,11 @@ impl Session {
                 tracing::info!(id = %message_id, %status, ?reason, "inbox receipt");
                 match status.as_str() {
                     "held" => {
-                        self.held
-                            .lock()
-                            .expect("held lock")
-                            .insert(message_id.clone());
+                        self.state().held.insert(message_id.clone());
                         // Acked delivered a moment ago: held after all, in flight again
                         // until its user answers.
                         if let Some((d, attempt)) = self.take_recent(&message_id) {
-                            self.in_inbox.lock().expect("in_inbox lock").insert(
+                            self.state().in_inbox.insert(
                                 message_id.clone(),
                                 InFlight {
                                     d,
@@ -325,13 +320,11 @@ impl Session {
                         }
                     }
                     "delivered" | "denied" => {
-                        let known = self
-                            .in_inbox
-                            .lock()
-                            .expect("in_inbox lock")
-                            .remove(&message_id)
-                            .is_some();
-                        self.held.lock().expect("held lock").remove(&message_id);
+                        let known = {
+                            let mut st = self.state();
+                            st.held.remove(&message_id);
+                            st.in_inbox.remove(&message_id).is_some()
+                        };
                         if known {
                             let state = if status == "denied" {
                                 AckState::Denied
@@ -346,12 +339,7 @@ impl Session {
                 }
             }
             Inbound::Reply { peer, text } => {
-                let in_reply_to = self
-                    .last_from
-                    .lock()
-                    .expect("last_from lock")
-                    .get(&peer)
-                    .cloned();
+                let in_reply_to = self.state().last_from.get(&peer).cloned();
                 if peer.starts_with("cc:") {
                     // A Claude Code session without claude-peers answered us: shown to our
                     // model by our own path (not through the broker, which does not know it).

@@ -203,3 +203,46 @@ pub fn channel_requested(argv: &[String]) -> bool {
     }
     false
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn argv(s: &str) -> Vec<String> {
+        s.split(' ').map(str::to_string).collect()
+    }
+
+    #[test]
+    fn bypass_mode_is_read_from_the_command_line() {
+        assert!(super::bypasses_permissions(&argv(
+            "claude --dangerously-skip-permissions"
+        )));
+        assert!(super::bypasses_permissions(&argv(
+            "claude --permission-mode bypassPermissions"
+        )));
+        assert!(super::bypasses_permissions(&argv(
+            "claude --permission-mode=bypassPermissions"
+        )));
+        assert!(!super::bypasses_permissions(&argv(
+            "claude --permission-mode acceptEdits"
+        )));
+    }
+
+    #[test]
+    fn a_channel_is_requested_only_by_name() {
+        assert!(channel_requested(&argv(
+            "claude --dangerously-load-development-channels server:claude-peers"
+        )));
+        assert!(channel_requested(&argv(
+            "claude --channels plugin:x@m plugin:claude-peers@claude-peers --verbose"
+        )));
+        assert!(channel_requested(&argv(
+            "claude --channels=server:claude-peers"
+        )));
+        assert!(!channel_requested(&argv("claude --channels server:other")));
+        assert!(!channel_requested(&argv(
+            "claude --channels server:other -p claude-peers"
+        )));
+        assert!(!channel_requested(&argv("claude -p hello")));
+    }
+}

@@ -456,14 +456,7 @@ impl ServerHandler for PeersServer {
     fn get_info(&self) -> ServerConfig {
         let mut experimental = BTreeMap::new();
         experimental.insert("claude/channel".to_string(), JsonObject::new());
-        let name = self.session.name().unwrap_or_else(|| {
-            self.session
-                .identity
-                .lock()
-                .expect("identity lock")
-                .name
-                .clone()
-        });
+        let name = self.session.name_or_wanted();
         ServerConfig::new(
             ServerCapabilities::builder()
                 .enable_experimental_with(experimental)
