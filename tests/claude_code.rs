@@ -646,21 +646,6 @@ fn hook_wait_wakes_an_idle_session() {
     assert!(text.contains("from=\"alice\""), "{text}");
 }
 
-/// Calls one of our tools on a `serve` driven by rmcp's client; its structured content.
-async fn tool(
-    service: &rmcp::service::RunningService<rmcp::service::RoleClient, common::mcp::TestClient>,
-    name: &str,
-    args: serde_json::Value,
-) -> serde_json::Value {
-    let args = args.as_object().cloned().unwrap_or_default();
-    let r = service
-        .call_tool(rmcp::model::CallToolRequestParams::new(name.to_string()).with_arguments(args))
-        .await
-        .unwrap();
-    assert_eq!(r.is_error, Some(false), "{name}: {r:?}");
-    r.structured_content.expect("structured content")
-}
-
 /// A Claude Code session that does not run claude-peers is a peer too: `list_peers`
 /// shows it (as `cc:<name>`), `send_message` writes its inbox (its model is shown the
 /// message with our name), and its answer through the built-in SendMessage comes back
@@ -669,7 +654,6 @@ async fn tool(
 async fn a_claude_code_session_without_claude_peers_is_a_peer() {
     require_claude!();
     require_tmux!();
-    use rmcp::ServiceExt;
     let peers = Home::new();
     let api = StubApi::start();
     let mut cc = ClaudeHome::new(&peers, &api);
@@ -691,23 +675,13 @@ async fn a_claude_code_session_without_claude_peers_is_a_peer() {
     let _broker = peers.broker(&[]);
 
     // Our session, reading Claude Code's session records from the same HOME.
-    let mut cmd = tokio::process::Command::from(peers.cmd());
-    cmd.arg("serve")
-        .env("HOME", &cc.home)
+    let mut cmd = peers.serve_cmd(Some("alice"), peers.dir.path());
+    cmd.env("HOME", &cc.home)
         .env_remove("CLAUDE_CONFIG_DIR")
-        .env("CLAUDE_PEERS_NAME", "alice")
-        .env("CLAUDE_PEERS_PUSH", "never")
-        .stderr(std::process::Stdio::null());
-    let (tx, _events) = tokio::sync::mpsc::unbounded_channel();
-    let alice = common::mcp::TestClient {
-        channel: false,
-        events: tx,
-    }
-    .serve(rmcp::transport::TokioChildProcess::new(cmd).unwrap())
-    .await
-    .unwrap();
+        .env("CLAUDE_PEERS_PUSH", "never");
+    let alice = common::serve::Serve::start(cmd, false).await;
 
-    let listed = tool(&alice, "list_peers", json!({})).await;
+    let listed = alice.ok("list_peers", json!({})).await;
     let native_peer = listed["peers"]
         .as_array()
         .unwrap()
@@ -719,12 +693,12 @@ async fn a_claude_code_session_without_claude_peers_is_a_peer() {
     assert!(address.starts_with("cc:"), "{native_peer}");
     assert_eq!(native_peer["cwd"], cc.project.to_str().unwrap());
 
-    let sent = tool(
-        &alice,
-        "send_message",
-        json!({"to": address, "message": "hello native session"}),
-    )
-    .await;
+    let sent = alice
+        .ok(
+            "send_message",
+            json!({"to": address, "message": "hello native session"}),
+        )
+        .await;
     assert_eq!(sent["recipients"][0]["state"], "delivered", "{sent}");
     let id = sent["message_id"].as_str().unwrap().to_string();
     let shown = shown_to_model(&api, "hello native session", &native);
@@ -740,7 +714,7 @@ async fn a_claude_code_session_without_claude_peers_is_a_peer() {
 
     let deadline = std::time::Instant::now() + Duration::from_secs(30);
     let got = loop {
-        let got = tool(&alice, "check_messages", json!({})).await;
+        let got = alice.ok("check_messages", json!({})).await;
         if !got["messages"].as_array().unwrap().is_empty() {
             break got;
         }
@@ -780,11 +754,7 @@ fn broker_killed_while_mail_streams_into_the_inbox_loses_and_doubles_nothing() {
     for i in 0..18 {
         if i == 6 || i == 12 {
             let pid = broker_pid().expect("a broker runs");
-            rustix::process::kill_process(
-                rustix::process::Pid::from_raw(pid).unwrap(),
-                rustix::process::Signal::KILL,
-            )
-            .unwrap();
+            common::kill9(pid as u32);
             common::wait_for(
                 || !claude_peers::platform::process_exists(pid as u32),
                 "broker death",
@@ -848,11 +818,7 @@ fn serve_killed_then_a_new_session_of_the_name_gets_the_mail_once() {
     wait_online(&peers, "bob", &first);
     let serve = serves_of(first.pid());
     assert_eq!(serve.len(), 1, "one serve under claude: {serve:?}");
-    rustix::process::kill_process(
-        rustix::process::Pid::from_raw(serve[0] as i32).unwrap(),
-        rustix::process::Signal::KILL,
-    )
-    .unwrap();
+    common::kill9(serve[0]);
     let c = tokio::runtime::Runtime::new().unwrap();
     c.block_on(async {
         let w = peers.client().await;

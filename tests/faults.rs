@@ -13,7 +13,6 @@
 mod common;
 
 use std::collections::{HashMap, HashSet, VecDeque};
-use std::path::Path;
 use std::process::{Command, Output, Stdio};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -22,23 +21,10 @@ use std::time::{Duration, Instant};
 use claude_peers::client::{Client, ClientError, ConnectOptions, Event, decode};
 use claude_peers::paths::Paths;
 use claude_peers::protocol::*;
-use common::mcp::TestClient;
+use common::serve::Serve;
 use common::*;
-use rmcp::ServiceExt;
-use rmcp::model::CallToolRequestParams;
-use rmcp::service::{RoleClient, RunningService};
-use rmcp::transport::TokioChildProcess;
 use serde_json::Value;
 use tokio::sync::{mpsc, oneshot};
-
-/// `kill -9 pid`.
-fn kill9(pid: u32) {
-    rustix::process::kill_process(
-        rustix::process::Pid::from_raw(pid as i32).unwrap(),
-        rustix::process::Signal::KILL,
-    )
-    .unwrap();
-}
 
 /// Polls `cond` every few milliseconds, without blocking the runtime, for up to 10 s.
 async fn wait_until(mut cond: impl FnMut() -> bool, what: &str) {
@@ -398,85 +384,6 @@ async fn a_call_on_a_connection_whose_broker_died_fails_at_once() {
 // 2. The recipient's `serve` killed mid-stream and started again.
 // ---------------------------------------------------------------------------------------
 
-/// A real `claude-peers serve` process, driven over stdio by rmcp's client.
-struct ServeSession {
-    pid: u32,
-    /// `None` once the process was killed.
-    service: Option<RunningService<RoleClient, TestClient>>,
-    events: mpsc::UnboundedReceiver<Value>,
-}
-
-impl ServeSession {
-    /// Starts `serve` in `cwd` with no name given: it takes the directory's name.
-    async fn start(home: &Home, cwd: &Path) -> Self {
-        let mut cmd = tokio::process::Command::from(home.cmd());
-        cmd.arg("serve")
-            .current_dir(cwd)
-            .env("CLAUDE_PEERS_LOG", "error")
-            .stderr(Stdio::null());
-        let transport = TokioChildProcess::new(cmd).unwrap();
-        let pid = transport.id().expect("serve's pid");
-        let (tx, events) = mpsc::unbounded_channel();
-        let service = TestClient {
-            channel: true,
-            events: tx,
-        }
-        .serve(transport)
-        .await
-        .unwrap();
-        Self {
-            pid,
-            service: Some(service),
-            events,
-        }
-    }
-
-    async fn whoami(&self) -> Value {
-        let r = self
-            .service
-            .as_ref()
-            .expect("serve is running")
-            .call_tool(CallToolRequestParams::new("whoami".to_string()))
-            .await
-            .unwrap();
-        assert_eq!(r.is_error, Some(false), "whoami failed: {r:?}");
-        r.structured_content.expect("structured content")
-    }
-
-    /// The next channel event as (message id, text), or `None` if none comes within
-    /// `within`.
-    async fn next_event(&mut self, within: Duration) -> Option<(String, String)> {
-        let ev = tokio::time::timeout(within, self.events.recv())
-            .await
-            .ok()?
-            .expect("event stream open");
-        Some(event_fields(&ev))
-    }
-
-    /// `kill -9`s the process, then returns every event it wrote before dying that has not
-    /// been taken yet (rmcp's client reads its stdout to the end).
-    async fn kill9(&mut self) -> Vec<(String, String)> {
-        kill9(self.pid);
-        let service = self.service.take().expect("serve is running");
-        tokio::time::timeout(Duration::from_secs(10), service.waiting())
-            .await
-            .expect("rmcp's client sees serve's stdout end within 10s")
-            .unwrap();
-        // The client handler (which holds the sending side) goes once the last
-        // notification it was handling is done; then the stream ends.
-        let mut rest = Vec::new();
-        loop {
-            let ev = tokio::time::timeout(Duration::from_secs(10), self.events.recv())
-                .await
-                .expect("the event stream ends within 10s of serve's death");
-            match ev {
-                Some(ev) => rest.push(event_fields(&ev)),
-                None => return rest,
-            }
-        }
-    }
-}
-
 /// A channel event's message id and text; it must come from alice.
 fn event_fields(ev: &Value) -> (String, String) {
     assert_eq!(ev["meta"]["from"], "alice", "{ev}");
@@ -526,8 +433,8 @@ async fn serve_killed_mid_stream_gets_its_unacked_mail_once_under_the_same_name(
     let cwd = home.dir.path().join("recv");
     std::fs::create_dir(&cwd).unwrap();
 
-    let mut first = ServeSession::start(&home, &cwd).await;
-    let me = first.whoami().await;
+    let mut first = Serve::start(home.serve_cmd(None, &cwd), true).await;
+    let me = first.whoami_when_ready().await;
     assert_eq!(me["name"], "recv");
     assert_eq!(me["delivery"], "channel");
 
@@ -548,16 +455,14 @@ async fn serve_killed_mid_stream_gets_its_unacked_mail_once_under_the_same_name(
     // handled on rmcp's tasks, so they may come out of order: compare sets, not order.)
     let mut shown_first: HashMap<String, String> = HashMap::new();
     while shown_first.len() < KILL_AFTER {
-        let (id, text) = first
-            .next_event(Duration::from_secs(10))
-            .await
-            .expect("the first serve pushes messages");
+        let ev = first.event_within(Duration::from_secs(10)).await;
+        let (id, text) = event_fields(&ev.expect("the first serve pushes messages"));
         assert!(
             shown_first.insert(id.clone(), text).is_none(),
             "{id} shown twice"
         );
     }
-    for (id, text) in first.kill9().await {
+    for (id, text) in first.kill9().await.iter().map(event_fields) {
         assert!(
             shown_first.insert(id.clone(), text).is_none(),
             "{id} shown twice"
@@ -596,8 +501,8 @@ async fn serve_killed_mid_stream_gets_its_unacked_mail_once_under_the_same_name(
 
     // The second serve, from the same directory, takes the name back, and the stream
     // goes on.
-    let mut second = ServeSession::start(&home, &cwd).await;
-    assert_eq!(second.whoami().await["name"], "recv");
+    let mut second = Serve::start(home.serve_cmd(None, &cwd), true).await;
+    assert_eq!(second.whoami_when_ready().await["name"], "recv");
     go_on.send(()).unwrap();
     let sent = tokio::time::timeout(Duration::from_secs(30), sender)
         .await
@@ -622,7 +527,11 @@ async fn serve_killed_mid_stream_gets_its_unacked_mail_once_under_the_same_name(
     // nothing it did ack comes again.
     let mut shown_second: HashMap<String, String> = HashMap::new();
     while unacked.keys().any(|id| !shown_second.contains_key(*id)) {
-        let Some((id, text)) = second.next_event(Duration::from_secs(10)).await else {
+        let Some((id, text)) = second
+            .event_within(Duration::from_secs(10))
+            .await
+            .map(|e| event_fields(&e))
+        else {
             let missing: Vec<_> = unacked
                 .iter()
                 .filter(|(id, _)| !shown_second.contains_key(**id))
@@ -643,7 +552,8 @@ async fn serve_killed_mid_stream_gets_its_unacked_mail_once_under_the_same_name(
             "{id} shown twice"
         );
     }
-    if let Some((id, text)) = second.next_event(Duration::from_millis(200)).await {
+    let late = second.event_within(Duration::from_millis(200)).await;
+    if let Some((id, text)) = late.map(|e| event_fields(&e)) {
         panic!("unexpected event after all mail arrived: {id} ({text})");
     }
     // What the first serve showed was sent, with that text.

@@ -8,105 +8,9 @@ use std::path::Path;
 use std::process::Stdio;
 use std::time::Duration;
 
-use common::mcp::TestClient;
 use common::*;
-use rmcp::ServiceExt;
-use rmcp::model::{CallToolRequestParams, CallToolResult};
-use rmcp::service::{RoleClient, RunningService};
-use rmcp::transport::TokioChildProcess;
+use rmcp::model::CallToolResult;
 use serde_json::{Value, json};
-use tokio::sync::mpsc;
-
-struct Session {
-    service: RunningService<RoleClient, TestClient>,
-    events: mpsc::UnboundedReceiver<Value>,
-    pid: u32,
-}
-
-impl Home {
-    fn serve_cmd(
-        &self,
-        name: &str,
-        cwd: &Path,
-        extra_env: &[(&str, &str)],
-    ) -> tokio::process::Command {
-        let std_cmd = self.cmd();
-        let mut cmd = tokio::process::Command::from(std_cmd);
-        cmd.arg("serve")
-            .current_dir(cwd)
-            .env("CLAUDE_PEERS_NAME", name)
-            // rmcp's child transport shows the child's stderr; keep test output quiet.
-            .env("CLAUDE_PEERS_LOG", "error")
-            .stderr(Stdio::null());
-        for (k, v) in extra_env {
-            cmd.env(k, v);
-        }
-        cmd
-    }
-
-    async fn session(&self, name: &str, channel: bool) -> Session {
-        self.session_in(name, channel, self.dir.path(), &[]).await
-    }
-
-    async fn session_in(
-        &self,
-        name: &str,
-        channel: bool,
-        cwd: &Path,
-        env: &[(&str, &str)],
-    ) -> Session {
-        let (tx, events) = mpsc::unbounded_channel();
-        let transport = TokioChildProcess::new(self.serve_cmd(name, cwd, env)).unwrap();
-        let pid = transport.id().unwrap();
-        let service = TestClient {
-            channel,
-            events: tx,
-        }
-        .serve(transport)
-        .await
-        .unwrap();
-        Session {
-            service,
-            events,
-            pid,
-        }
-    }
-}
-
-impl Session {
-    async fn call(&self, tool: &str, args: Value) -> CallToolResult {
-        let args = args.as_object().cloned().unwrap_or_default();
-        self.service
-            .call_tool(CallToolRequestParams::new(tool.to_string()).with_arguments(args))
-            .await
-            .unwrap()
-    }
-
-    /// Calls a tool that must succeed and returns its structured content.
-    async fn ok(&self, tool: &str, args: Value) -> Value {
-        let r = self.call(tool, args).await;
-        assert_eq!(r.is_error, Some(false), "{tool} failed: {r:?}");
-        r.structured_content.expect("structured content")
-    }
-
-    async fn whoami_when_ready(&self) -> Value {
-        // The first tool call waits for the broker connection.
-        self.ok("whoami", json!({})).await
-    }
-
-    async fn next_event(&mut self) -> Value {
-        tokio::time::timeout(Duration::from_secs(5), self.events.recv())
-            .await
-            .expect("a channel event within 5s")
-            .expect("event stream open")
-    }
-
-    async fn no_event(&mut self, quiet: Duration) {
-        if let Ok(Some(v)) = tokio::time::timeout(quiet, self.events.recv()).await {
-            panic!("unexpected channel event: {v}");
-        }
-    }
-}
 
 fn text_of(r: &CallToolResult) -> String {
     r.content
@@ -174,7 +78,7 @@ fn discover_probe_then_initialize_handshake() {
 async fn tools_have_input_and_output_schemas() {
     let home = Home::new();
     let s = home.session("schemas", true).await;
-    let tools = s.service.list_all_tools().await.unwrap();
+    let tools = s.service().list_all_tools().await.unwrap();
     let mut names: Vec<_> = tools.iter().map(|t| t.name.to_string()).collect();
     names.sort();
     assert_eq!(
@@ -427,11 +331,7 @@ async fn broker_killed_mid_session_loses_and_doubles_nothing() {
         .trim()
         .parse()
         .unwrap();
-    rustix::process::kill_process(
-        rustix::process::Pid::from_raw(pid).unwrap(),
-        rustix::process::Signal::KILL,
-    )
-    .unwrap();
+    common::kill9(pid as u32);
     wait_for(
         || !claude_peers::platform::process_exists(pid as u32),
         "broker death",

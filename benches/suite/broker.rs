@@ -6,6 +6,7 @@ use std::time::{Duration, Instant};
 use claude_peers::client::{Event, decode};
 use claude_peers::protocol::*;
 
+use crate::common::Home;
 use crate::util::*;
 
 pub fn send(to: &str, text: String) -> Send {
@@ -21,8 +22,8 @@ pub fn send(to: &str, text: String) -> Send {
 /// A receiver on its own thread and single-threaded runtime (as a separate session
 /// would be) that acks every delivery it reads, batching the acks of one read burst.
 /// Returns once it is registered.
-pub fn spawn_acker(broker: &Broker, name: &str) -> std::thread::JoinHandle<u64> {
-    let paths = broker.paths.clone();
+pub fn spawn_acker(home: &Home, name: &str) -> std::thread::JoinHandle<u64> {
+    let paths = home.paths.clone();
     let name = name.to_string();
     let (ready_tx, ready_rx) = std::sync::mpsc::channel();
     let handle = std::thread::spawn(move || {
@@ -60,9 +61,10 @@ pub fn spawn_acker(broker: &Broker, name: &str) -> std::thread::JoinHandle<u64> 
 }
 
 async fn round_trip(rows: &mut Vec<Row>) {
-    let broker = Broker::start();
-    let a = peer(&broker.paths, "a", true).await;
-    let _acker = spawn_acker(&broker, "b");
+    let home = Home::new();
+    let _broker = broker(&home);
+    let a = peer(&home.paths, "a", true).await;
+    let _acker = spawn_acker(&home, "b");
     let text = "x".repeat(100);
     let mut times = time_calls(500, 5000, || async {
         let sent = a.call(send("b", text.clone())).await.unwrap();
@@ -73,23 +75,22 @@ async fn round_trip(rows: &mut Vec<Row>) {
     rows.push(Row::new(
         "broker",
         "send -> deliver -> ack round trip, p50",
-        "<= 100 us",
-        us(median),
-        Some(median <= Duration::from_micros(100)),
+        Target::AtMost(Duration::from_micros(100)),
+        Measured::Time(median),
     ));
     rows.push(Row::new(
         "broker",
         "send -> deliver -> ack round trip, p99",
-        "-",
-        us(percentile(&times, 0.99)),
-        None,
+        Target::None,
+        Measured::Time(percentile(&times, 0.99)),
     ));
 }
 
 async fn throughput(rows: &mut Vec<Row>) {
-    let broker = Broker::start();
-    let a = peer(&broker.paths, "a", true).await;
-    let _acker = spawn_acker(&broker, "b");
+    let home = Home::new();
+    let _broker = broker(&home);
+    let a = peer(&home.paths, "a", true).await;
+    let _acker = spawn_acker(&home, "b");
     const N: usize = 100_000;
     const WINDOW: usize = 5000;
     let text = "y".repeat(100);
@@ -115,18 +116,18 @@ async fn throughput(rows: &mut Vec<Row>) {
     rows.push(Row::new(
         "broker",
         "sustained 1 -> 1, persisted and acked",
-        ">= 50,000 msg/s",
-        format!("{rate:.0} msg/s"),
-        Some(rate >= 50_000.0),
+        Target::PerSecond(50_000.0),
+        Measured::PerSecond(rate),
     ));
 }
 
 async fn memory(rows: &mut Vec<Row>) {
-    let broker = Broker::start();
+    let home = Home::new();
+    let broker = broker(&home);
     let idle = rss_mb(broker.pid());
     let mut clients = Vec::new();
     for i in 0..100 {
-        clients.push(peer(&broker.paths, &format!("p{i}"), false).await);
+        clients.push(peer(&home.paths, &format!("p{i}"), false).await);
     }
     // Some traffic so buffers and caches are warm.
     for (i, c) in clients.iter().enumerate() {
@@ -139,16 +140,14 @@ async fn memory(rows: &mut Vec<Row>) {
     rows.push(Row::new(
         "broker",
         "broker RSS, idle",
-        "-",
-        format!("{idle:.1} MB"),
-        None,
+        Target::None,
+        Measured::Megabytes(idle),
     ));
     rows.push(Row::new(
         "broker",
         "broker RSS, 100 connected clients",
-        "<= 20 MB",
-        format!("{rss:.1} MB"),
-        Some(rss <= 20.0),
+        Target::Megabytes(20.0),
+        Measured::Megabytes(rss),
     ));
 }
 

@@ -25,83 +25,16 @@
 //! `BENCH_CLAUDE_SAMPLES` sets the samples per row (30). Skipped, with the reason
 //! printed, when `claude` or `tmux` is not installed.
 
-use std::path::Path;
-use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use claude_peers::paths::Paths;
 use claude_peers::protocol::{ListPeers, Send};
 
-use crate::util::{self, Row, ms, percentile};
-
-// The harness of tests/claude_code.rs; it needs `BIN` and `Home` from its parent.
-#[allow(dead_code)]
-#[path = "../../tests/common/claude.rs"]
-mod harness;
-
-use harness::{Block, ClaudeHome, Interactive, Reply, StubApi, is_idle};
-
-/// The release binary, as every bench group runs it: Claude Code's config for our MCP
-/// server (`serve`) points here.
-use crate::util::BIN;
-
-/// A claude-peers home in a temp directory, as `tests/common::Home` (what `harness`
-/// reads of it: `root()`).
-pub struct Home {
-    _dir: tempfile::TempDir,
-    paths: Paths,
-}
-
-impl Home {
-    fn new() -> Self {
-        let (dir, paths) = util::temp_home("cpc-");
-        Self { _dir: dir, paths }
-    }
-
-    pub fn root(&self) -> &Path {
-        &self.paths.runtime_dir
-    }
-
-    /// The binary with this home and none of the caller's own claude-peers settings.
-    fn cmd(&self) -> Command {
-        let mut cmd = Command::new(BIN);
-        for (k, _) in std::env::vars() {
-            if k.starts_with("CLAUDE_PEERS_") || k == "PEER_CHANNEL_SESSION_NAME" {
-                cmd.env_remove(k);
-            }
-        }
-        cmd.env("CLAUDE_PEERS_HOME", self.root())
-            .stdin(Stdio::null());
-        cmd
-    }
-}
-
-/// A foreground broker, killed on drop. The ack wait is long, so a send on a loaded
-/// machine still ends `delivered`.
-struct Broker(std::process::Child);
-
-impl Broker {
-    fn start(home: &Home) -> Self {
-        let child = home
-            .cmd()
-            .args(["broker", "--send-rate", "0", "--ack-wait", "30s"])
-            .env("CLAUDE_PEERS_LOG", "warn")
-            .stdout(Stdio::null())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .unwrap();
-        util::wait_socket(&home.paths.socket);
-        Self(child)
-    }
-}
-
-impl Drop for Broker {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
+use crate::common::Home;
+use crate::common::claude::{
+    self as harness, Block, ClaudeHome, Interactive, Reply, StubApi, is_idle,
+};
+use crate::util::{self, Measured, Row, Target, percentile};
 
 #[derive(Clone, Copy)]
 enum Via {
@@ -137,7 +70,7 @@ pub async fn run(rows: &mut Vec<Row>) {
         .unwrap_or(30);
 
     let peers = Home::new();
-    let _broker = Broker::start(&peers);
+    let _broker = util::broker(&peers);
     let api = Arc::new(StubApi::start());
     let mut cc = ClaudeHome::new(&peers, &api);
     cc.server_env("CLAUDE_PEERS_NAME", "bob");
@@ -176,9 +109,8 @@ pub async fn run(rows: &mut Vec<Row>) {
             rows.push(Row::new(
                 "claude",
                 format!("{what}, {name}"),
-                "—",
-                ms(percentile(times, p)),
-                None,
+                Target::None,
+                Measured::Time(percentile(times, p)),
             ));
         }
     }

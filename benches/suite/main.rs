@@ -6,6 +6,9 @@
 
 mod broker;
 mod claude;
+// The tests' support: homes, brokers, `serve` sessions, the Claude Code harness.
+#[path = "../../tests/common/mod.rs"]
+mod common;
 mod raw;
 mod scale;
 mod serve;

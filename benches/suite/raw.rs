@@ -9,7 +9,7 @@ use serde::de::DeserializeOwned;
 use serde_json::{Value, json};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt};
 
-use crate::serve::Env;
+use crate::common::Home;
 
 pub struct RawSession {
     pub child: tokio::process::Child,
@@ -21,9 +21,8 @@ pub struct RawSession {
 impl RawSession {
     /// Starts `serve` and completes the MCP handshake; with `channel`, the client declares
     /// `experimental["claude/channel"]`, so peer mail is pushed as notifications.
-    pub async fn start(env: &Env, name: &str, channel: bool) -> Self {
-        let mut child = env
-            .command(name)
+    pub async fn start(home: &Home, name: &str, channel: bool) -> Self {
+        let mut child = crate::serve::command(home, name)
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .kill_on_drop(true)

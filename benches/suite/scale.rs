@@ -3,15 +3,15 @@
 
 use std::time::{Duration, Instant};
 
-use claude_peers::paths::Paths;
 use claude_peers::protocol::{Broadcast, ListPeers, Scope, StatusCall};
 use serde::Deserialize;
 use serde_json::json;
 use tokio::sync::mpsc;
 
+use crate::common::Home;
 use crate::raw::RawSession;
-use crate::serve::{Env, wait_ready};
-use crate::util::{self, Row, ms, rss_mb, us};
+use crate::serve::session;
+use crate::util::{self, Measured, Row, Target, rss_mb, us};
 
 const SESSIONS: usize = 200;
 /// Timed `list_peers` calls; `BENCH_LISTINGS` sets another number (many more, to watch
@@ -57,34 +57,34 @@ struct ListedPeer {
 }
 
 pub async fn run(rows: &mut Vec<Row>) {
-    let env = Env::new();
+    let home = Home::new();
     // Every session reports its channel events on one stream.
     let (tx, mut events) = mpsc::unbounded_channel::<Instant>();
     let mut sessions = Vec::with_capacity(SESSIONS);
     let mut pids = Vec::with_capacity(SESSIONS);
     for i in 0..SESSIONS {
-        let (s, pid, mut own) = env.session(&format!("s{i:03}")).await;
+        let mut s = session(&home, &format!("s{i:03}")).await;
+        let mut own = s.take_events();
         let tx = tx.clone();
         tokio::spawn(async move {
-            while let Some(t) = own.recv().await {
+            while let Some((t, _)) = own.recv().await {
                 let _ = tx.send(t);
             }
         });
+        pids.push(s.pid);
         sessions.push(s);
-        pids.push(pid);
     }
     for s in &sessions {
-        wait_ready(s).await;
+        s.whoami_when_ready().await;
     }
-    let paths = Paths::resolve(Some(&env.home()), None).unwrap();
-    let cli = util::client(&paths).await;
+    let cli = util::client(&home.paths).await;
     let status = cli.call(StatusCall).await.unwrap();
     let registered = status.peers_online as usize;
 
     // list_peers from one more session, as the model would call it: the request written
     // to its stdin, the answer's line read from its stdout and parsed as JSON (as Claude
     // Code does; rmcp's own client parses through untagged enums, which would dominate).
-    let mut raw = RawSession::start(&env, "lister", false).await;
+    let mut raw = RawSession::start(&home, "lister", false).await;
     let lister = raw.child.id().expect("the lister runs");
     let harness = std::process::id();
     let listings = std::env::var("BENCH_LISTINGS").map_or(LISTINGS, |v| {
@@ -165,57 +165,50 @@ pub async fn run(rows: &mut Vec<Row>) {
     let serve_rss: f64 = pids.iter().map(|&p| rss_mb(p)).sum::<f64>() / SESSIONS as f64;
 
     for s in sessions {
-        let _ = s.cancel().await;
+        s.close().await;
     }
-    drop(env);
+    drop(home);
 
     rows.push(Row::new(
         "scale",
         "200 serve sessions: registered",
-        "200",
-        registered.to_string(),
-        Some(registered == SESSIONS),
+        Target::Count(SESSIONS),
+        Measured::Count(registered),
     ));
     rows.push(Row::new(
         "scale",
         "200 sessions: list_peers tool call, p50",
-        "<= 2 ms",
-        us(list_p50),
-        Some(list_p50 <= Duration::from_millis(2)),
+        Target::AtMost(Duration::from_millis(2)),
+        Measured::Time(list_p50),
     ));
     rows.push(Row::new(
         "scale",
         "200 sessions: list_peers CPU per call: serve / broker / harness",
-        "-",
-        cpu,
-        None,
+        Target::None,
+        Measured::Text(cpu),
     ));
     rows.push(Row::new(
         "scale",
         "200 sessions: list_peers at the protocol level, p50",
-        "-",
-        us(raw_list_p50),
-        None,
+        Target::None,
+        Measured::Time(raw_list_p50),
     ));
     rows.push(Row::new(
         "scale",
         "200 sessions: broadcast -> channel event in all 200, p50",
-        "<= 100 ms",
-        ms(spread),
-        Some(spread <= Duration::from_millis(100)),
+        Target::AtMost(Duration::from_millis(100)),
+        Measured::Time(spread),
     ));
     rows.push(Row::new(
         "scale",
         "200 sessions: broker RSS",
-        "<= 50 MB",
-        format!("{broker_rss:.1} MB"),
-        Some(broker_rss <= 50.0),
+        Target::Megabytes(50.0),
+        Measured::Megabytes(broker_rss),
     ));
     rows.push(Row::new(
         "scale",
         "200 sessions: serve RSS, mean",
-        "-",
-        format!("{serve_rss:.1} MB"),
-        None,
+        Target::None,
+        Measured::Megabytes(serve_rss),
     ));
 }

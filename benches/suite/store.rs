@@ -9,7 +9,8 @@ use claude_peers::protocol::*;
 use claude_peers::store::{NewMessage, PeerRow, Store};
 
 use crate::broker::{send, spawn_acker};
-use crate::util::{self, Broker, Row, temp_home, us};
+use crate::common::Home;
+use crate::util::{self, Measured, Row, Target, us};
 
 const MESSAGES: usize = 1_000_000;
 const PEERS: usize = 50;
@@ -81,11 +82,11 @@ struct Figures {
 }
 
 async fn measure(messages: usize) -> Figures {
-    let (_dir, paths) = temp_home("cpm-");
-    fill(&paths, messages);
-    let broker = Broker::start_in(paths);
-    let a = util::peer(&broker.paths, "sender", true).await;
-    let _acker = spawn_acker(&broker, "receiver");
+    let home = Home::new();
+    fill(&home.paths, messages);
+    let _broker = util::broker(&home);
+    let a = util::peer(&home.paths, "sender", true).await;
+    let _acker = spawn_acker(&home, "receiver");
     let text = "x".repeat(100);
     let mut send_times = util::time_calls(200, 2000, || async {
         a.call(send("receiver", text.clone())).await.unwrap();
@@ -94,7 +95,7 @@ async fn measure(messages: usize) -> Figures {
     // The checkpoint that follows a burst of 2,000 writes holds writers back for a moment
     // (README, Durability); the reads below measure the store, not that moment.
     tokio::time::sleep(Duration::from_secs(3)).await;
-    let cli: Client = util::client(&broker.paths).await;
+    let cli: Client = util::client(&home.paths).await;
     let mut peer_times = util::time_calls(20, 500, || async {
         let l = cli
             .call(ListPeers {
@@ -158,12 +159,14 @@ pub async fn run(rows: &mut Vec<Row>) {
             full.log_quiet,
         ),
     ] {
-        rows.push(Row::new(
-            "store",
-            figure,
-            "as with empty",
-            format!("{} / {}", us(e), us(f)),
-            Some(same(e, f)),
-        ));
+        rows.push(
+            Row::new(
+                "store",
+                figure,
+                Target::Claim("as with empty"),
+                Measured::Holds(same(e, f)),
+            )
+            .shown_as(format!("{} / {}", us(e), us(f))),
+        );
     }
 }

@@ -1,22 +1,90 @@
-//! What the benchmark modules share: the binary, real brokers in temp homes, clients,
-//! percentiles, memory readings, and the table they fill.
+//! What the benchmark modules share beyond the tests' support (`common`, which starts
+//! homes, brokers and `serve` sessions for both): the table's rows and their targets,
+//! percentiles, memory and CPU readings, and clients tuned for measuring.
 
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use claude_peers::client::{Client, ConnectOptions};
 use claude_peers::paths::Paths;
-use claude_peers::protocol::Register;
 
-pub const BIN: &str = env!("CARGO_BIN_EXE_claude-peers");
+pub use crate::common::BIN;
+use crate::common::{Broker, Home};
+
+/// What a figure must reach. It is both the table's "target" column and the check of the
+/// figure, so the two cannot disagree.
+#[derive(Clone, Copy)]
+pub enum Target {
+    /// Shown for comparison only.
+    None,
+    /// A time of at most this.
+    AtMost(Duration),
+    /// At least this many per second.
+    PerSecond(f64),
+    /// Resident memory of at most this many MB.
+    Megabytes(f64),
+    /// Exactly this count.
+    Count(usize),
+    /// A claim in words, which the figure says holds or not ([`Measured::Holds`]).
+    Claim(&'static str),
+}
+
+/// A measured figure, in the unit its target checks.
+pub enum Measured {
+    Time(Duration),
+    PerSecond(f64),
+    Megabytes(f64),
+    Count(usize),
+    /// Whether a [`Target::Claim`] holds.
+    Holds(bool),
+    /// Words only (a breakdown): never checked.
+    Text(String),
+}
+
+impl Target {
+    fn text(self) -> String {
+        match self {
+            Target::None => "-".into(),
+            Target::AtMost(d) => format!("<= {}", duration(d)),
+            Target::PerSecond(n) => format!(">= {}/s", thousands(n)),
+            Target::Megabytes(mb) => format!("<= {mb:.0} MB"),
+            Target::Count(n) => n.to_string(),
+            Target::Claim(words) => words.into(),
+        }
+    }
+
+    /// Whether `m` meets it; `None` where there is nothing to check.
+    fn met(self, m: &Measured) -> Option<bool> {
+        match (self, m) {
+            (Target::AtMost(t), Measured::Time(d)) => Some(*d <= t),
+            (Target::PerSecond(t), Measured::PerSecond(n)) => Some(*n >= t),
+            (Target::Megabytes(t), Measured::Megabytes(mb)) => Some(*mb <= t),
+            (Target::Count(t), Measured::Count(n)) => Some(*n == t),
+            (Target::Claim(_), Measured::Holds(yes)) => Some(*yes),
+            (Target::None, _) => None,
+            _ => panic!("a figure measured in another unit than its target checks"),
+        }
+    }
+}
+
+impl Measured {
+    fn text(&self) -> String {
+        match self {
+            Measured::Time(d) => duration(*d),
+            Measured::PerSecond(n) => format!("{}/s", thousands(*n)),
+            Measured::Megabytes(mb) => format!("{mb:.1} MB"),
+            Measured::Count(n) => n.to_string(),
+            Measured::Holds(yes) => if *yes { "holds" } else { "does not hold" }.into(),
+            Measured::Text(t) => t.clone(),
+        }
+    }
+}
 
 /// One line of the table.
 pub struct Row {
-    /// Which issue's figure: `broker`, `serve`, `scale`, `store`.
+    /// Which issue's figure: `broker`, `serve`, `scale`, `store`, `claude`.
     pub group: &'static str,
     pub figure: String,
-    pub target: &'static str,
+    pub target: String,
     pub measured: String,
     /// Whether the target is met; `None` when there is no target.
     pub met: Option<bool>,
@@ -26,108 +94,69 @@ impl Row {
     pub fn new(
         group: &'static str,
         figure: impl Into<String>,
-        target: &'static str,
-        measured: impl Into<String>,
-        met: Option<bool>,
+        target: Target,
+        measured: Measured,
     ) -> Self {
         Self {
             group,
             figure: figure.into(),
-            target,
-            measured: measured.into(),
-            met,
-        }
-    }
-}
-
-/// A temp directory under /tmp (short, so socket paths fit) holding one claude-peers home.
-pub fn temp_home(prefix: &str) -> (tempfile::TempDir, Paths) {
-    let dir = tempfile::Builder::new()
-        .prefix(prefix)
-        .tempdir_in("/tmp")
-        .unwrap();
-    let paths = Paths::resolve(Some(&dir.path().join("h")), None).unwrap();
-    (dir, paths)
-}
-
-/// A real `claude-peers broker` process (release build) in a temp home, killed on drop.
-pub struct Broker {
-    child: Child,
-    pub paths: Paths,
-    _dir: Option<tempfile::TempDir>,
-}
-
-impl Broker {
-    /// A broker in a new home, with no send-rate limit and a long ack wait, so the
-    /// figures measure delivery rather than the limits.
-    pub fn start() -> Self {
-        let (dir, paths) = temp_home("cpb-");
-        let mut b = Self::start_in(paths);
-        b._dir = Some(dir);
-        b
-    }
-
-    /// A broker for an existing home (and its database).
-    pub fn start_in(paths: Paths) -> Self {
-        let child = Command::new(BIN)
-            .args(["broker", "--send-rate", "0", "--ack-wait", "5s"])
-            .env("CLAUDE_PEERS_HOME", &paths.runtime_dir)
-            .env("CLAUDE_PEERS_DB", &paths.db)
-            .env("CLAUDE_PEERS_LOG", "warn")
-            .stdout(Stdio::null())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .unwrap();
-        wait_socket(&paths.socket);
-        Self {
-            child,
-            paths,
-            _dir: None,
+            target: target.text(),
+            met: target.met(&measured),
+            measured: measured.text(),
         }
     }
 
-    pub fn pid(&self) -> u32 {
-        self.child.id()
+    /// Shows the figure as `text` (several numbers, of which the checked one is one).
+    pub fn shown_as(mut self, text: impl Into<String>) -> Self {
+        self.measured = text.into();
+        self
     }
 }
 
-impl Drop for Broker {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+/// A time as the table shows it: microseconds below 10 ms, else milliseconds.
+pub fn duration(d: Duration) -> String {
+    if d < Duration::from_millis(10) {
+        us(d)
+    } else {
+        ms(d)
     }
 }
 
-pub fn wait_socket(socket: &Path) {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while std::os::unix::net::UnixStream::connect(socket).is_err() {
-        assert!(Instant::now() < deadline, "broker did not start");
-        std::thread::sleep(Duration::from_millis(5));
+fn thousands(n: f64) -> String {
+    let digits = format!("{n:.0}");
+    let mut out = String::new();
+    for (i, c) in digits.chars().enumerate() {
+        if i > 0 && (digits.len() - i) % 3 == 0 {
+            out.push(',');
+        }
+        out.push(c);
     }
+    out
+}
+
+/// A broker for figures: no send-rate limit and a long ack wait, so they measure
+/// delivery rather than the limits; it logs only warnings.
+pub fn broker(home: &Home) -> Broker {
+    home.broker_with_env(
+        &["--send-rate", "0", "--ack-wait", "30s"],
+        &[("CLAUDE_PEERS_LOG", "warn")],
+    )
 }
 
 /// A client connection to the broker of `paths`, never starting one.
 pub async fn client(paths: &Paths) -> Client {
     let mut opts = ConnectOptions::new("bench");
     opts.autostart = false;
-    opts.broker_exe = Some(PathBuf::from(BIN));
+    opts.broker_exe = Some(BIN.into());
     Client::connect(paths, &opts).await.unwrap()
 }
 
 /// A client registered as `name`; `push` as a session that shows messages at once.
 pub async fn peer(paths: &Paths, name: &str, push: bool) -> Client {
     let c = client(paths).await;
-    c.call(Register {
-        name: name.into(),
-        context: claude_peers::protocol::PeerContext {
-            cwd: format!("/bench/{name}"),
-            push,
-            ..Default::default()
-        },
-        ..Default::default()
-    })
-    .await
-    .unwrap();
+    let mut register = crate::common::register(name, &format!("/bench/{name}"));
+    register.context.push = push;
+    c.call(register).await.unwrap();
     c
 }
 

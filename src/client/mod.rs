@@ -147,14 +147,17 @@ pub type Answer = Result<Encoded, ErrorBody>;
 /// tasks. Once either task finds the connection gone, it is closed: every waiting call
 /// and every later one fails with [`ClientError::Disconnected`], none waits forever.
 #[derive(Clone)]
-struct Pending(Arc<Mutex<Option<HashMap<u64, oneshot::Sender<Answer>>>>>);
+struct Pending(Arc<Mutex<Option<Calls>>>);
+
+/// Answers awaited, by request id.
+type Calls = HashMap<u64, oneshot::Sender<Answer>>;
 
 impl Pending {
     fn new() -> Self {
         Self(Arc::new(Mutex::new(Some(HashMap::new()))))
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, Option<HashMap<u64, oneshot::Sender<Answer>>>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Option<Calls>> {
         self.0
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner())

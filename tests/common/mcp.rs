@@ -1,6 +1,7 @@
 //! An MCP client as Claude Code is one, for driving real `serve` processes with rmcp.
 
 use std::collections::BTreeMap;
+use std::time::Instant;
 
 use rmcp::ClientHandler;
 use rmcp::model::{
@@ -11,10 +12,11 @@ use rmcp::service::{NotificationContext, RoleClient};
 use serde_json::Value;
 use tokio::sync::mpsc;
 
-/// A test MCP client: declares the channel capability (or not) and collects channel events.
+/// A test MCP client: declares the channel capability (or not) and collects channel
+/// events, each with the moment it arrived.
 pub struct TestClient {
     pub channel: bool,
-    pub events: mpsc::UnboundedSender<Value>,
+    pub events: mpsc::UnboundedSender<(Instant, Value)>,
 }
 
 impl ClientHandler for TestClient {
@@ -37,7 +39,9 @@ impl ClientHandler for TestClient {
         _c: NotificationContext<RoleClient>,
     ) {
         if n.method == "notifications/claude/channel" {
-            let _ = self.events.send(n.params.unwrap_or(Value::Null));
+            let _ = self
+                .events
+                .send((Instant::now(), n.params.unwrap_or(Value::Null)));
         }
     }
 }

@@ -5,6 +5,7 @@
 
 pub mod claude;
 pub mod mcp;
+pub mod serve;
 
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::net::UnixStream;
@@ -208,6 +209,15 @@ impl Drop for Broker {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// `kill -9 pid`.
+pub fn kill9(pid: u32) {
+    rustix::process::kill_process(
+        rustix::process::Pid::from_raw(pid as i32).unwrap(),
+        rustix::process::Signal::KILL,
+    )
+    .unwrap();
 }
 
 /// Polls `cond` for up to 10 s.
