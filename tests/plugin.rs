@@ -9,8 +9,8 @@ mod common;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 
-use common::claude::{ClaudeHome, Reply, StubApi};
-use common::{BIN, Home};
+use common::BIN;
+use common::claude::{ClaudeHome, Reply, homes};
 use serde_json::{Value, json};
 
 /// The repository: the marketplace's root.
@@ -247,9 +247,7 @@ fn claude(cc: &ClaudeHome, args: &[&str]) -> String {
 #[test]
 fn installed_plugin_serves_the_model() {
     require_claude!();
-    let peers = Home::new();
-    let api = StubApi::start();
-    let mut cc = ClaudeHome::new(&peers, &api);
+    let (peers, api, mut cc) = homes();
     cc.config(|c| {
         c.as_object_mut().unwrap().remove("mcpServers");
     });

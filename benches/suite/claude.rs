@@ -1,7 +1,7 @@
 //! Mail that wakes an idle Claude Code session, end to end: from the moment a sender
 //! starts `claude-peers send bob <text> --from alice` to the moment the stub Messages API
 //! receives the request of the turn that the message started. Bob is a real interactive
-//! `claude` under tmux (tests/common/claude.rs: stub API, throwaway `HOME`) running our
+//! `claude` under tmux (tests/common/claude/: stub API, throwaway `HOME`) running our
 //! release-built `serve`, which writes the message into Claude Code's native inbox; the
 //! session is idle, so Claude Code starts a turn by itself.
 //!

@@ -211,6 +211,26 @@ impl Drop for Broker {
     }
 }
 
+/// Whether a root-only test can run; if not, says it is skipped and why (`to ...`).
+pub fn root_or_skip(to: &str) -> bool {
+    let root = claude_peers::platform::current_uid() == 0;
+    if !root {
+        eprintln!("skipped: needs root {to}");
+    }
+    root
+}
+
+/// The history of `peer` (at most `limit` messages, newest first).
+pub async fn history(c: &Client, peer: &str, limit: u32) -> claude_peers::protocol::LogReply {
+    c.call(claude_peers::protocol::LogQuery {
+        before: None,
+        limit: Some(limit),
+        peer: Some(peer.into()),
+    })
+    .await
+    .unwrap()
+}
+
 /// `kill -9 pid`.
 pub fn kill9(pid: u32) {
     rustix::process::kill_process(
@@ -218,6 +238,31 @@ pub fn kill9(pid: u32) {
         rustix::process::Signal::KILL,
     )
     .unwrap();
+}
+
+/// Runs `cmd` with its output captured, and kills it (SIGKILL) if it has not exited
+/// within `within`: `Ok` with the output of a process that exited, `Err` with what a
+/// killed one had written, for the caller's failure message.
+pub fn run_within(mut cmd: Command, within: Duration) -> Result<Output, Output> {
+    let child = cmd
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let pid = child.id();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || tx.send(child.wait_with_output()));
+    match rx.recv_timeout(within) {
+        Ok(out) => Ok(out.unwrap()),
+        Err(_) => {
+            // It may have exited just now: then there is nothing to kill.
+            let _ = rustix::process::kill_process(
+                rustix::process::Pid::from_raw(pid as i32).unwrap(),
+                rustix::process::Signal::KILL,
+            );
+            Err(rx.recv().unwrap().unwrap())
+        }
+    }
 }
 
 /// Polls `cond` for up to 10 s.

@@ -40,6 +40,20 @@ impl Home {
         cmd
     }
 
+    /// `claude-peers serve` named `name` as a plain child process, its stdin and stdout
+    /// piped (for tests that speak JSON-RPC by hand or watch the process), its stderr
+    /// dropped.
+    pub fn serve_child(&self, name: &str) -> std::process::Child {
+        self.cmd()
+            .arg("serve")
+            .env("CLAUDE_PEERS_NAME", name)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap()
+    }
+
     /// A session named `name` in the home's directory; with `channel`, its client
     /// declares the channel capability, so mail comes as channel events.
     pub async fn session(&self, name: &str, channel: bool) -> Serve {
