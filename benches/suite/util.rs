@@ -44,6 +44,10 @@ impl Target {
     fn text(self) -> String {
         match self {
             Target::None => "-".into(),
+            // A round figure, as it was set: "2 ms", not "2000 us".
+            Target::AtMost(d) if d.subsec_micros() % 1000 == 0 && d >= Duration::from_millis(1) => {
+                format!("<= {} ms", d.as_millis())
+            }
             Target::AtMost(d) => format!("<= {}", duration(d)),
             Target::PerSecond(n) => format!(">= {}/s", thousands(n)),
             Target::Megabytes(mb) => format!("<= {mb:.0} MB"),
