@@ -573,16 +573,17 @@ async fn read_loop(
             }
             continue;
         }
-        let frame = match serde_json::from_slice::<ServerFrame<Box<RawValue>>>(bytes) {
-            Ok(frame) => frame,
+        let message = serde_json::from_slice::<ServerFrame<Box<RawValue>>>(bytes)
+            .map_err(|e| e.to_string())
+            .and_then(ServerFrame::into_message);
+        match message {
             Err(e) => {
-                tracing::warn!("unreadable frame from the broker: {e}");
-                continue;
-            }
-        };
-        let id = frame.id;
-        match frame.into_message() {
-            Err(e) => {
+                // Its id, if that much can be read.
+                #[derive(serde::Deserialize)]
+                struct Id {
+                    id: Option<u64>,
+                }
+                let id = serde_json::from_slice::<Id>(bytes).ok().and_then(|f| f.id);
                 tracing::warn!("unreadable frame from the broker: {e}");
                 // An answer, if unreadable, still ends the call that waits for it.
                 if let Some(tx) = id.and_then(|id| pending.take(id)) {

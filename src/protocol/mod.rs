@@ -10,11 +10,13 @@ use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 
+mod frame;
 mod replies;
 mod requests;
 #[cfg(test)]
 mod tests;
 
+pub use frame::*;
 pub use replies::*;
 pub use requests::*;
 
@@ -162,145 +164,6 @@ unit_calls! {
 
 /// Alias so the log request reads well at call sites.
 pub type Log = LogQuery;
-
-/// Every frame the broker writes. Exactly one of `result`, `error`, `deliver` and `event`
-/// is set; `id` is present on `result` and `error` when the request had one that could
-/// be read, and absent otherwise. The broker writes `ServerFrame<Reply>`; clients read
-/// `ServerFrame<Box<RawValue>>` and decode the result by the type they asked for.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct ServerFrame<R> {
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub id: Option<u64>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub result: Option<R>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub error: Option<ErrorBody>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub deliver: Option<Delivery>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub event: Option<LogEvent>,
-    /// Events this subscriber missed because it read too slowly (see [`Lagged`]).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub lagged: Option<Lagged>,
-}
-
-impl<R> ServerFrame<R> {
-    pub fn result(id: Option<u64>, result: R) -> Self {
-        Self {
-            id,
-            result: Some(result),
-            error: None,
-            deliver: None,
-            event: None,
-            lagged: None,
-        }
-    }
-    pub fn error(id: Option<u64>, error: ErrorBody) -> Self {
-        Self {
-            id,
-            result: None,
-            error: Some(error),
-            deliver: None,
-            event: None,
-            lagged: None,
-        }
-    }
-    pub fn deliver(message: Delivery) -> Self {
-        Self {
-            id: None,
-            result: None,
-            error: None,
-            deliver: Some(message),
-            event: None,
-            lagged: None,
-        }
-    }
-    pub fn event(event: LogEvent) -> Self {
-        Self {
-            id: None,
-            result: None,
-            error: None,
-            deliver: None,
-            event: Some(event),
-            lagged: None,
-        }
-    }
-    pub fn lagged(missed: u64) -> Self {
-        Self {
-            id: None,
-            result: None,
-            error: None,
-            deliver: None,
-            event: None,
-            lagged: Some(Lagged { missed }),
-        }
-    }
-}
-
-/// A server frame as what it is. [`ServerFrame`] is the wire's shape (a key each, all
-/// optional); [`ServerFrame::into_message`] checks once that exactly one is there.
-#[derive(Debug)]
-pub enum ServerMessage<R> {
-    /// The answer to request `id`.
-    Answer {
-        id: u64,
-        result: Result<R, ErrorBody>,
-    },
-    /// An error about the connection itself, with no id: refused, frame too large, busy.
-    Refused(ErrorBody),
-    Deliver(Delivery),
-    Event(LogEvent),
-    Lagged(Lagged),
-}
-
-impl<R> ServerFrame<R> {
-    /// The frame as one [`ServerMessage`], or why it is none.
-    pub fn into_message(self) -> Result<ServerMessage<R>, String> {
-        let keys = [
-            self.result.is_some(),
-            self.error.is_some(),
-            self.deliver.is_some(),
-            self.event.is_some(),
-            self.lagged.is_some(),
-        ];
-        let n = keys.iter().filter(|k| **k).count();
-        if n != 1 {
-            return Err(format!(
-                "a frame must hold one of result, error, deliver, event and lagged; this one holds {n}"
-            ));
-        }
-        Ok(match self {
-            ServerFrame {
-                deliver: Some(d), ..
-            } => ServerMessage::Deliver(d),
-            ServerFrame { event: Some(e), .. } => ServerMessage::Event(e),
-            ServerFrame {
-                lagged: Some(l), ..
-            } => ServerMessage::Lagged(l),
-            ServerFrame {
-                id: Some(id),
-                result,
-                error,
-                ..
-            } => ServerMessage::Answer {
-                id,
-                result: match (result, error) {
-                    (Some(r), _) => Ok(r),
-                    (None, Some(e)) => Err(e),
-                    (None, None) => unreachable!("one key is set"),
-                },
-            },
-            ServerFrame {
-                id: None,
-                error: Some(e),
-                ..
-            } => ServerMessage::Refused(e),
-            ServerFrame { id: None, .. } => {
-                return Err("a result without an id answers nothing".into());
-            }
-        })
-    }
-}
 
 /// Every answer the broker gives, serialized bare inside `result`.
 #[derive(Debug, Clone, Serialize)]

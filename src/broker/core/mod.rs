@@ -369,18 +369,18 @@ impl Core {
         let mut bytes = Vec::new();
         wire::encode(&frame, &mut bytes);
         c.outq.reserve(bytes.len());
-        let effect = if frame.result.is_some() || frame.error.is_some() {
-            Effect::Answer {
+        let effect = match frame.body {
+            Body::Result(_) | Body::Error(_) => Effect::Answer {
                 id: frame.id,
-                ok: frame.error.is_none(),
+                ok: matches!(frame.body, Body::Result(_)),
                 settled,
                 bytes,
-            }
-        } else {
-            Effect::Push {
+            },
+            Body::Lagged(l) => Effect::Push {
                 bytes,
-                lagged: frame.lagged.map_or(0, |l| l.missed),
-            }
+                lagged: l.missed,
+            },
+            Body::Deliver(_) | Body::Event(_) => Effect::Push { bytes, lagged: 0 },
         };
         self.effects.push((conn, effect));
         true
