@@ -1,11 +1,17 @@
 //! Where claude-peers keeps its socket, lock, database and log, and the checks that keep
 //! those places private.
 //!
-//! Resolution order: `CLAUDE_PEERS_HOME` holds everything; otherwise the socket and lock go
-//! to `$XDG_RUNTIME_DIR/claude-peers` and the database and log to
-//! `$XDG_STATE_HOME/claude-peers` (default `~/.local/state/claude-peers`); without an XDG
-//! runtime directory everything goes to `~/.claude-peers`. `CLAUDE_PEERS_DB` moves the
-//! database alone.
+//! Resolution order: `CLAUDE_PEERS_HOME` holds everything; otherwise, where the system
+//! gives this user a private runtime directory (`/run/user/<uid>`, ours and 0700), the
+//! socket and lock go to `/run/user/<uid>/claude-peers` and the database and log to
+//! `~/.local/state/claude-peers`; elsewhere everything goes to `~/.claude-peers`.
+//! `CLAUDE_PEERS_DB` moves the database alone.
+//!
+//! The default depends on nothing but the uid and `HOME`, on purpose: agents start their
+//! MCP servers with a scrubbed environment (Codex passes only `HOME`, `LANG`, `PATH`,
+//! `SHELL` and `TERM`), and a session that found another runtime directory would start
+//! another broker on another database, without a word. So `XDG_RUNTIME_DIR` and
+//! `XDG_STATE_HOME` are not consulted.
 
 use std::fs;
 use std::io;
@@ -57,9 +63,26 @@ pub enum PathError {
     Create { path: PathBuf, source: io::Error },
 }
 
+/// The runtime and state directories without `CLAUDE_PEERS_HOME`: under `run_user` (the
+/// system's runtime directory for this user) when it is a real directory of ours that
+/// no one else may enter, else both in `~/.claude-peers`.
+fn default_dirs(user_home: &Path, run_user: &Path) -> (PathBuf, PathBuf) {
+    let private = fs::symlink_metadata(run_user)
+        .is_ok_and(|m| m.is_dir() && m.uid() == platform::current_uid() && m.mode() & 0o077 == 0);
+    if private {
+        (
+            run_user.join("claude-peers"),
+            user_home.join(".local/state/claude-peers"),
+        )
+    } else {
+        let dir = user_home.join(".claude-peers");
+        (dir.clone(), dir)
+    }
+}
+
 impl Paths {
     /// Resolves the paths from the environment (`CLAUDE_PEERS_HOME`, `CLAUDE_PEERS_DB`,
-    /// XDG variables, `HOME`), with explicit overrides taking precedence.
+    /// `HOME`), with explicit overrides taking precedence.
     pub fn resolve(home: Option<&Path>, db: Option<&Path>) -> Result<Self, PathError> {
         let env_path = |k: &str| {
             std::env::var_os(k)
@@ -73,23 +96,19 @@ impl Paths {
             (home.clone(), home)
         } else {
             let user_home = env_path("HOME").ok_or(PathError::NoHome)?;
-            match env_path("XDG_RUNTIME_DIR") {
-                Some(runtime) => {
-                    let state = env_path("XDG_STATE_HOME")
-                        .unwrap_or_else(|| user_home.join(".local/state"));
-                    (runtime.join("claude-peers"), state.join("claude-peers"))
-                }
-                None => {
-                    let dir = user_home.join(".claude-peers");
-                    (dir.clone(), dir)
-                }
-            }
+            let run_user = Path::new("/run/user").join(platform::current_uid().to_string());
+            default_dirs(&user_home, &run_user)
         };
         let db = db
             .map(Path::to_path_buf)
-            .or_else(|| env_path("CLAUDE_PEERS_DB"))
-            .unwrap_or_else(|| state_dir.join("peers.db"));
-        Ok(Self {
+            .or_else(|| env_path("CLAUDE_PEERS_DB"));
+        Ok(Self::in_dirs(runtime_dir, state_dir, db))
+    }
+
+    /// The files in these directories; the database in `state_dir` unless given.
+    fn in_dirs(runtime_dir: PathBuf, state_dir: PathBuf, db: Option<PathBuf>) -> Self {
+        let db = db.unwrap_or_else(|| state_dir.join("peers.db"));
+        Self {
             socket: runtime_dir.join("broker.sock"),
             lock: runtime_dir.join("broker.lock"),
             stopped: runtime_dir.join("stopped"),
@@ -97,7 +116,7 @@ impl Paths {
             db,
             runtime_dir,
             state_dir,
-        })
+        }
     }
 
     /// Creates the private directories if needed and checks that they are safe to use:
@@ -208,6 +227,41 @@ pub fn private_file(path: &Path) -> std::io::Result<std::fs::File> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_default_depends_on_the_uid_and_home_alone() {
+        let tmp = tempfile::tempdir().unwrap();
+        let home = tmp.path().join("home");
+        let run = tmp.path().join("run-user");
+        // No runtime directory of the system's: all in ~/.claude-peers.
+        let (runtime, state) = default_dirs(&home, &run);
+        assert_eq!(
+            (runtime.as_path(), state.as_path()),
+            (
+                home.join(".claude-peers").as_path(),
+                home.join(".claude-peers").as_path()
+            )
+        );
+        // One others may enter is not used either.
+        fs::DirBuilder::new().mode(0o755).create(&run).unwrap();
+        fs::set_permissions(&run, fs::Permissions::from_mode(0o755)).unwrap();
+        assert_eq!(default_dirs(&home, &run).0, home.join(".claude-peers"));
+        // A private one of ours is.
+        fs::set_permissions(&run, fs::Permissions::from_mode(0o700)).unwrap();
+        let (runtime, state) = default_dirs(&home, &run);
+        assert_eq!(runtime, run.join("claude-peers"));
+        assert_eq!(state, home.join(".local/state/claude-peers"));
+
+        // The state directory, apart from the runtime one, gets the same checks: one that
+        // is a symbolic link is refused, and nothing is made behind it.
+        let real = tmp.path().join("real");
+        fs::create_dir_all(&real).unwrap();
+        fs::create_dir_all(state.parent().unwrap()).unwrap();
+        std::os::unix::fs::symlink(&real, &state).unwrap();
+        let paths = Paths::in_dirs(runtime, state.clone(), None);
+        assert!(matches!(paths.prepare(), Err(PathError::Symlink(p)) if p == state));
+        assert_eq!(fs::read_dir(&real).unwrap().count(), 0);
+    }
 
     #[test]
     fn home_holds_everything() {

@@ -15,8 +15,10 @@ pub enum PushMode {
     Auto,
     /// The native inbox, else polling.
     Inbox,
-    /// Channel events (`always` is the older spelling). They cannot be confirmed, so the
-    /// sender is told `pushed`, never `delivered`.
+    /// Channel events (`always` is the older spelling), where the client declared
+    /// `claude/channel` or the host's command line enables this server's channel; else
+    /// polling (another agent never shows them). They cannot be confirmed, so the sender
+    /// is told `pushed`, never `delivered`.
     #[value(alias = "always")]
     Channel,
     /// Mail waits for `check_messages`.
@@ -98,7 +100,16 @@ impl Route {
                 "no inbox; the host's command line enables this server's channel".into(),
                 false,
             ),
-            (PushMode::Channel, _) => (Route::Channel, "--push channel".into(), false),
+            (PushMode::Channel, _) if declared_channel || channel_requested(host_argv) => {
+                (Route::Channel, "--push channel".into(), false)
+            }
+            // Events the client cannot show would be lost: the agent's model never sees
+            // them, and nothing says so.
+            (PushMode::Channel, _) => (
+                Route::Poll,
+                "--push channel, but the client did not declare claude/channel and its command line enables no channel, so events would be lost; mail waits for check_messages".into(),
+                false,
+            ),
             (PushMode::Never, _) => (Route::Poll, "--push never".into(), false),
             _ => (
                 Route::Poll,

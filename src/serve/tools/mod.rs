@@ -1,6 +1,7 @@
 //! The MCP face of a session: server info, instructions, and the tools.
 
 mod listing;
+mod schema;
 #[cfg(test)]
 mod tests;
 
@@ -107,6 +108,10 @@ pub struct WhoamiOut {
     /// <cross-session-message> turns), "channel" (channel events), or "poll"
     /// (check_messages reads them).
     pub delivery: String,
+    /// The broker this session reaches (its socket) and the database it keeps: every
+    /// session that should see each other must show the same.
+    pub broker: String,
+    pub database: String,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub notice: Option<String>,
 }
@@ -293,19 +298,34 @@ impl PeersServer {
 
 #[tool_router]
 impl PeersServer {
+    /// The tools, their input schemas made flat for every client ([`schema::flat`]).
+    fn flat_tools() -> ToolRouter<Self> {
+        let mut router = Self::tool_router();
+        for route in router.map.values_mut() {
+            route.attr.input_schema = Arc::new(schema::flat(&route.attr.input_schema));
+        }
+        router
+    }
+
     pub fn new(session: Arc<Session>, push: PushMode, bypass_inbox: bool) -> Self {
         Self {
             session,
             push,
             bypass_inbox,
-            tool_router: Self::tool_router(),
+            tool_router: Self::flat_tools(),
         }
     }
 
-    #[tool(description = "Your own peer name, directory, repository, branch and summary.")]
+    #[tool(
+        description = "Your own peer name, directory, repository, branch and summary.",
+        annotations(read_only_hint = true, open_world_hint = false)
+    )]
     async fn whoami(&self) -> Result<Json<WhoamiOut>, String> {
         let me = self.broker(protocol::WhoamiCall).await?;
+        let status = self.broker(protocol::StatusCall).await?;
         Ok(Json(WhoamiOut {
+            broker: status.socket,
+            database: status.database,
             name: me.name,
             cwd: me.context.cwd,
             repo: me.context.git_root,
@@ -318,7 +338,8 @@ impl PeersServer {
 
     #[tool(
         description = "List the other Claude Code sessions (peers) you can message: name, state, directory, repository, branch, summary, last seen. scope: machine (default), directory, or repo (same git repository, worktrees included).",
-        output_schema = rmcp::handler::server::tool::schema_for_output::<PeersOut>()
+        output_schema = rmcp::handler::server::tool::schema_for_output::<PeersOut>(),
+        annotations(read_only_hint = true, open_world_hint = false)
     )]
     async fn list_peers(
         &self,
@@ -365,7 +386,8 @@ impl PeersServer {
 
     #[tool(
         description = "List the other online sessions on this machine (same as list_peers with scope machine).",
-        output_schema = rmcp::handler::server::tool::schema_for_output::<PeersOut>()
+        output_schema = rmcp::handler::server::tool::schema_for_output::<PeersOut>(),
+        annotations(read_only_hint = true, open_world_hint = false)
     )]
     async fn list_sessions(&self) -> Result<PeerListing, String> {
         self.list_peers(Parameters(ListPeersArgs {
@@ -376,7 +398,12 @@ impl PeersServer {
     }
 
     #[tool(
-        description = "Send a message to another session (a peer) by name. To reply to a peer message, set in_reply_to to its message id. Answers with the message id and, per recipient, delivered (its session has it), held (waiting for its user's approval), pushed (sent, not confirmed) or queued (offline or reading on request: it gets the message then)."
+        description = "Send a message to another session (a peer) by name. To reply to a peer message, set in_reply_to to its message id. Answers with the message id and, per recipient, delivered (its session has it), held (waiting for its user's approval), pushed (sent, not confirmed) or queued (offline or reading on request: it gets the message then).",
+        annotations(
+            read_only_hint = false,
+            destructive_hint = false,
+            open_world_hint = false
+        )
     )]
     async fn send_message(
         &self,
@@ -397,7 +424,12 @@ impl PeersServer {
     }
 
     #[tool(
-        description = "Send one message to every online peer in a scope (machine, directory or repo), for news like 'I changed the API, rebase'. Answers with the message id and a state per recipient."
+        description = "Send one message to every online peer in a scope (machine, directory or repo), for news like 'I changed the API, rebase'. Answers with the message id and a state per recipient.",
+        annotations(
+            read_only_hint = false,
+            destructive_hint = false,
+            open_world_hint = false
+        )
     )]
     async fn broadcast(
         &self,
@@ -417,7 +449,15 @@ impl PeersServer {
         Ok(Json(self.sent_out(sent)))
     }
 
-    #[tool(description = "Tell other sessions what you are working on (one or two lines).")]
+    #[tool(
+        description = "Tell other sessions what you are working on (one or two lines).",
+        annotations(
+            read_only_hint = false,
+            destructive_hint = false,
+            idempotent_hint = true,
+            open_world_hint = false
+        )
+    )]
     async fn set_summary(
         &self,
         Parameters(args): Parameters<SummaryArgs>,
@@ -433,7 +473,14 @@ impl PeersServer {
         }))
     }
 
-    #[tool(description = "Read peer messages that have not been shown yet. Each is returned once.")]
+    #[tool(
+        description = "Read peer messages that have not been shown yet. Each is returned once.",
+        annotations(
+            read_only_hint = false,
+            destructive_hint = false,
+            open_world_hint = false
+        )
+    )]
     async fn check_messages(&self) -> Result<Json<MessagesOut>, String> {
         let messages = self
             .session

@@ -1,0 +1,178 @@
+//! Coding agents other than Claude Code as peers. Each starts `serve` its own way; what
+//! they share must not depend on what they pass on.
+
+mod common;
+
+use std::path::Path;
+
+use common::serve::Serve;
+use common::*;
+use serde_json::{Value, json};
+
+/// `claude-peers` with nothing of the test's environment but `HOME` and `PATH`, as an
+/// agent that scrubs its servers' environment runs it (Codex passes only `HOME`, `LANG`,
+/// `PATH`, `SHELL` and `TERM`).
+fn scrubbed(user_home: &Path) -> std::process::Command {
+    let mut cmd = std::process::Command::new(BIN);
+    cmd.env_clear()
+        .env("HOME", user_home)
+        .env("PATH", std::env::var_os("PATH").unwrap_or_default())
+        .env("LANG", "C.UTF-8")
+        .env("SHELL", "/bin/sh")
+        .env("TERM", "dumb")
+        .stdin(std::process::Stdio::null());
+    cmd
+}
+
+/// Stops the broker of `user_home`'s default place when dropped.
+struct StopAtEnd<'a>(&'a Path);
+
+impl Drop for StopAtEnd<'_> {
+    fn drop(&mut self) {
+        let _ = scrubbed(self.0).arg("stop").output();
+    }
+}
+
+/// A `serve` started with the user's whole environment (XDG variables included, as a
+/// Claude Code session has them) and one started with a scrubbed environment find the
+/// same broker and database, and see each other. (They used to find two: the scrubbed one
+/// fell back to `~/.claude-peers` and started a broker of its own, without a word.)
+#[tokio::test(flavor = "multi_thread")]
+async fn a_serve_with_a_scrubbed_environment_reaches_the_same_broker() {
+    let run_user = Path::new("/run/user").join(claude_peers::platform::current_uid().to_string());
+    if run_user.exists() {
+        eprintln!(
+            "skipped: {} exists, so the default place is this user's own broker",
+            run_user.display()
+        );
+        return;
+    }
+    let home = Home::new();
+    let user_home = home.dir.path().join("user");
+    let (claude_side, codex_side) = (user_home.join("claude-side"), user_home.join("codex-side"));
+    for d in [
+        &claude_side,
+        &codex_side,
+        &user_home.join("xdg-run"),
+        &user_home.join("xdg-state"),
+    ] {
+        std::fs::create_dir_all(d).unwrap();
+    }
+    let _stop = StopAtEnd(&user_home);
+
+    let mut full = home.serve_cmd(None, &claude_side);
+    full.env_remove("CLAUDE_PEERS_HOME")
+        .env("HOME", &user_home)
+        .env("XDG_RUNTIME_DIR", user_home.join("xdg-run"))
+        .env("XDG_STATE_HOME", user_home.join("xdg-state"));
+    let full = Serve::start(full, false).await;
+    let mut codex = tokio::process::Command::from(scrubbed(&user_home));
+    codex
+        .arg("serve")
+        .current_dir(&codex_side)
+        .stderr(std::process::Stdio::null());
+    let codex = Serve::start(codex, false).await;
+
+    let a = full.whoami_when_ready().await;
+    let b = codex.whoami_when_ready().await;
+    assert_eq!(a["broker"], b["broker"], "{a}\n{b}");
+    assert_eq!(a["database"], b["database"], "{a}\n{b}");
+    let listed = full.ok("list_peers", json!({})).await;
+    let names: Vec<&Value> = listed["peers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| &p["name"])
+        .collect();
+    assert!(names.contains(&&b["name"]), "{listed}");
+    // And a person's CLI, with the whole environment or none of it, the same.
+    let peers = scrubbed(&user_home)
+        .args(["peers", "--json"])
+        .output()
+        .unwrap();
+    assert!(peers.status.success(), "{peers:?}");
+    let text = String::from_utf8_lossy(&peers.stdout);
+    assert!(
+        text.contains("claude-side") && text.contains("codex-side"),
+        "{text}"
+    );
+    full.close().await;
+    codex.close().await;
+}
+
+/// Every tool says what it does to the world, so an agent that runs only annotated tools
+/// without asking (Codex refuses unannotated ones in `codex exec`) runs ours: read tools
+/// are `readOnlyHint`, the others neither destructive nor open-world. Input schemas are
+/// flat, as every agent's function declarations take them: no `$ref`, no `oneOf`, no
+/// `null` in a type.
+#[tokio::test(flavor = "multi_thread")]
+async fn tools_are_annotated_and_their_inputs_flat() {
+    let home = Home::new();
+    let s = home.session("annotated", false).await;
+    let tools = s.service().list_all_tools().await.unwrap();
+    assert_eq!(tools.len(), 7);
+    for t in &tools {
+        let a = t
+            .annotations
+            .as_ref()
+            .unwrap_or_else(|| panic!("{} has no annotations", t.name));
+        let runs_unasked = a.read_only_hint == Some(true)
+            || (a.destructive_hint == Some(false) && a.open_world_hint == Some(false));
+        assert!(runs_unasked, "{}: {a:?}", t.name);
+        let read_only = ["whoami", "list_peers", "list_sessions"].contains(&t.name.as_ref());
+        assert_eq!(a.read_only_hint == Some(true), read_only, "{}", t.name);
+        let text = serde_json::to_string(&t.input_schema).unwrap();
+        for bad in ["$ref", "$defs", "oneOf", "anyOf", "\"null\""] {
+            assert!(
+                !text.contains(bad),
+                "{}'s input schema has {bad}: {text}",
+                t.name
+            );
+        }
+    }
+    let list = tools.iter().find(|t| t.name == "list_peers").unwrap();
+    assert_eq!(
+        list.input_schema["properties"]["scope"]["enum"],
+        json!(["machine", "directory", "repo"])
+    );
+    let send = tools.iter().find(|t| t.name == "send_message").unwrap();
+    assert_eq!(send.input_schema["properties"]["to"]["type"], "string");
+    s.close().await;
+}
+
+/// `--push channel` for a client that cannot show channel events (Codex, Gemini CLI:
+/// they declare no `claude/channel`) is not obeyed: the events would be lost, acked as
+/// pushed and never seen. The mail waits for `check_messages` instead. A client that
+/// declared the channel gets events.
+#[tokio::test(flavor = "multi_thread")]
+async fn push_channel_to_a_client_without_the_channel_waits_for_check_messages() {
+    let home = Home::new();
+    let push = [("CLAUDE_PEERS_PUSH", "channel")];
+    let mut agent = home
+        .session_in("agent", false, home.dir.path(), &push)
+        .await;
+    let mut claude = home
+        .session_in("cc-session", true, home.dir.path(), &push)
+        .await;
+    let me = agent.whoami_when_ready().await;
+    assert_eq!(me["delivery"], "poll", "{me}");
+    assert_eq!(claude.whoami_when_ready().await["delivery"], "channel");
+
+    let sent = claude
+        .ok(
+            "send_message",
+            json!({"to": "agent", "message": "are you there?"}),
+        )
+        .await;
+    assert_eq!(sent["recipients"][0]["state"], "queued", "{sent}");
+    agent.no_event(std::time::Duration::from_millis(200)).await;
+    let got = agent.ok("check_messages", json!({})).await;
+    assert_eq!(got["messages"][0]["text"], "are you there?", "{got}");
+
+    agent
+        .ok("send_message", json!({"to": "cc-session", "message": "yes"}))
+        .await;
+    assert_eq!(claude.next_event().await["content"], "yes");
+    agent.close().await;
+    claude.close().await;
+}
