@@ -1,12 +1,15 @@
 //! Agent hooks: how mail reaches the model in a host without Claude Code's inbox (an
 //! older Claude Code, a session whose inbox `serve` may not use, other agents).
 //!
-//! Two commands, run by the host at its hook points:
-//! - `claude-peers hook prompt` (UserPromptSubmit, SessionStart): unread mail becomes
-//!   `additionalContext` of the prompt being sent.
-//! - `claude-peers hook wait` (Stop and SessionStart, `async` + `asyncRewake`): sleeps
-//!   until mail arrives, then prints it to stderr and exits 2, which wakes an idle
-//!   session with it. Asleep until then: one blocked read, no polling.
+//! Three commands, run by the host at its hook points; what they print takes the shape
+//! of the host's event (Claude Code, Codex, Gemini CLI, Cursor), told by its name:
+//! - `claude-peers hook prompt` (UserPromptSubmit, SessionStart; Gemini's BeforeAgent):
+//!   unread mail becomes `additionalContext` of the prompt being sent.
+//! - `claude-peers hook wait` (Claude Code's Stop and SessionStart, `async` +
+//!   `asyncRewake`): sleeps until mail arrives, then prints it to stderr and exits 2,
+//!   which wakes an idle session with it. Asleep until then: one blocked read, no polling.
+//! - `claude-peers hook stop` (Codex's Stop, Gemini's AfterAgent, Cursor's stop): unread
+//!   mail, now, as the reason the turn goes on; none, and the turn ends.
 //!
 //! The mail is the session's own `serve`'s: it keeps what it could not show by another
 //! path, and lends it to a hook over a socket of its own, `hooks/<host pid>.sock` in the
@@ -89,6 +92,42 @@ pub enum HookKind {
     Prompt,
     /// Wait for mail, then wake the session with it (Stop/SessionStart, async + asyncRewake).
     Wait,
+    /// Unread mail, now, as the reason the turn goes on (Codex's `Stop`, Gemini CLI's
+    /// `AfterAgent`, Cursor's `stop`). Once per batch: what it shows is settled, so the
+    /// next stop finds none and lets the turn end.
+    Stop,
+}
+
+/// What a hook prints for `text`, in the shape the host's event takes, and its exit code.
+/// The event name (from the JSON on the hook's stdin) tells the host: `BeforeAgent` and
+/// `AfterAgent` are Gemini CLI's, `stop` (lower case) Cursor's; Claude Code and Codex share
+/// `UserPromptSubmit`, `SessionStart` and `Stop`.
+fn output(
+    kind: HookKind,
+    event: Option<&str>,
+    text: &str,
+) -> (Option<String>, Option<String>, i32) {
+    match kind {
+        HookKind::Prompt => {
+            let out = serde_json::json!({
+                "hookSpecificOutput": {
+                    "hookEventName": event.unwrap_or("UserPromptSubmit"),
+                    "additionalContext": text,
+                }
+            });
+            (Some(out.to_string()), None, 0)
+        }
+        // On stderr with status 2: the asyncRewake protocol.
+        HookKind::Wait => (None, Some(text.to_string()), 2),
+        HookKind::Stop => {
+            let out = match event {
+                Some("AfterAgent") => serde_json::json!({"decision": "deny", "reason": text}),
+                Some("stop") => serde_json::json!({"followup_message": text}),
+                _ => serde_json::json!({"decision": "block", "reason": text}),
+            };
+            (Some(out.to_string()), None, 0)
+        }
+    }
 }
 
 /// The mail as the model reads it.
@@ -145,29 +184,24 @@ pub async fn run(paths: &Paths, kind: HookKind) -> i32 {
     match exchange(stream, kind).await {
         Ok(Some((reply, mut stream))) => {
             let text = format_mail(&reply.name, &reply.messages);
-            let shown = match kind {
-                HookKind::Prompt => {
-                    let out = serde_json::json!({
-                        "hookSpecificOutput": {
-                            "hookEventName": event.as_deref().unwrap_or("UserPromptSubmit"),
-                            "additionalContext": text,
-                        }
-                    });
-                    let mut stdout = std::io::stdout().lock();
-                    writeln!(stdout, "{out}").and_then(|()| stdout.flush())
+            let (stdout, stderr, code) = output(kind, event.as_deref(), &text);
+            let shown = (|| -> std::io::Result<()> {
+                if let Some(line) = stdout {
+                    let mut out = std::io::stdout().lock();
+                    writeln!(out, "{line}")?;
+                    out.flush()?;
                 }
-                HookKind::Wait => {
-                    let mut stderr = std::io::stderr().lock();
-                    writeln!(stderr, "{text}").and_then(|()| stderr.flush())
+                if let Some(line) = stderr {
+                    let mut err = std::io::stderr().lock();
+                    writeln!(err, "{line}")?;
+                    err.flush()?;
                 }
-            };
+                Ok(())
+            })();
             if shown.is_ok() {
                 let _ = confirm(&mut stream).await;
             }
-            match kind {
-                HookKind::Prompt => 0,
-                HookKind::Wait => 2,
-            }
+            code
         }
         Ok(None) => 0,
         Err(e) => {
@@ -246,7 +280,7 @@ async fn exchange(
 ) -> std::io::Result<Option<(HookReply, BufReader<UnixStream>)>> {
     let mut stream = BufReader::new(stream);
     let request = match kind {
-        HookKind::Prompt => HookRequest::Take,
+        HookKind::Prompt | HookKind::Stop => HookRequest::Take,
         HookKind::Wait => HookRequest::Wait,
     };
     let mut line = serde_json::to_string(&request).expect("serializable");
@@ -295,6 +329,25 @@ mod tests {
         assert!(text.contains("in-reply-to=\"m0\""));
         assert_eq!(text.matches("</peer-message>").count(), 1, "{text}");
         assert!(text.contains("send_message"));
+    }
+
+    #[test]
+    fn each_host_gets_its_own_shape() {
+        let (out, err, code) = output(HookKind::Stop, Some("AfterAgent"), "mail");
+        assert_eq!(out.unwrap(), r#"{"decision":"deny","reason":"mail"}"#);
+        assert_eq!((err, code), (None, 0));
+        let (out, _, _) = output(HookKind::Stop, Some("Stop"), "mail");
+        assert_eq!(out.unwrap(), r#"{"decision":"block","reason":"mail"}"#);
+        let (out, _, _) = output(HookKind::Stop, Some("stop"), "mail");
+        assert_eq!(out.unwrap(), r#"{"followup_message":"mail"}"#);
+        let (out, _, _) = output(HookKind::Prompt, Some("BeforeAgent"), "mail");
+        let v: serde_json::Value = serde_json::from_str(&out.unwrap()).unwrap();
+        assert_eq!(v["hookSpecificOutput"]["hookEventName"], "BeforeAgent");
+        assert_eq!(v["hookSpecificOutput"]["additionalContext"], "mail");
+        assert_eq!(
+            output(HookKind::Wait, None, "mail"),
+            (None, Some("mail".into()), 2)
+        );
     }
 
     #[test]

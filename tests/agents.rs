@@ -137,6 +137,18 @@ async fn tools_are_annotated_and_their_inputs_flat() {
     );
     let send = tools.iter().find(|t| t.name == "send_message").unwrap();
     assert_eq!(send.input_schema["properties"]["to"]["type"], "string");
+
+    // Told what this client has: tool results and check_messages, not Claude Code's
+    // channels or built-in SendMessage.
+    let info = s.service().peer_info().expect("initialized");
+    let said = info.instructions.as_deref().unwrap_or_default();
+    assert!(
+        said.contains("check_messages") && said.contains("annotated"),
+        "{said}"
+    );
+    for foreign in ["SendMessage", "channel", "cross-session-message"] {
+        assert!(!said.contains(foreign), "{foreign} in: {said}");
+    }
     s.close().await;
 }
 
@@ -170,9 +182,69 @@ async fn push_channel_to_a_client_without_the_channel_waits_for_check_messages()
     assert_eq!(got["messages"][0]["text"], "are you there?", "{got}");
 
     agent
-        .ok("send_message", json!({"to": "cc-session", "message": "yes"}))
+        .ok(
+            "send_message",
+            json!({"to": "cc-session", "message": "yes"}),
+        )
         .await;
     assert_eq!(claude.next_event().await["content"], "yes");
     agent.close().await;
     claude.close().await;
+}
+
+/// `claude-peers hook stop` as another agent's stop hook (here Gemini CLI's AfterAgent):
+/// unread mail comes back at once in that host's shape, as the reason its turn goes on;
+/// it is then settled, so the next stop finds none and the turn can end (no loop), and
+/// `check_messages` does not show it again.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_stop_hook_returns_mail_once_in_the_host_s_shape() {
+    let home = Home::new();
+    let bob = home.session("bob", false).await;
+    bob.whoami_when_ready().await;
+    home.run_ok(&["send", "bob", "please rebase", "--from", "alice"]);
+    wait_for(
+        || {
+            let out = home.run_ok(&["doctor", "--json"]);
+            let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+            v["sessions"][0]["unread"] == 1
+        },
+        "bob's serve to hold the mail",
+    );
+    let stop = || {
+        let mut child = home
+            .cmd()
+            .args(["hook", "stop"])
+            // Not the pid of a Claude Code that may run these tests.
+            .env_remove("CLAUDE_PID")
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        use std::io::Write;
+        let event = r#"{"hook_event_name":"AfterAgent","session_id":"s1"}"#;
+        child
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(event.as_bytes())
+            .unwrap();
+        child.wait_with_output().unwrap()
+    };
+    let first = stop();
+    assert!(first.status.success(), "{first:?}");
+    let v: Value = serde_json::from_slice(&first.stdout).unwrap();
+    assert_eq!(v["decision"], "deny", "{v}");
+    let reason = v["reason"].as_str().unwrap();
+    assert!(
+        reason.contains("please rebase") && reason.contains("from=\"alice\""),
+        "{reason}"
+    );
+    let again = stop();
+    assert!(
+        again.status.success() && again.stdout.is_empty(),
+        "{again:?}"
+    );
+    let left = bob.ok("check_messages", json!({})).await;
+    assert_eq!(left["messages"], json!([]), "{left}");
+    bob.close().await;
 }

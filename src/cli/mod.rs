@@ -73,7 +73,9 @@ pub enum Command {
     InboxRelay { session_socket: PathBuf },
     /// Run as an agent hook: `prompt` adds unread mail to the prompt (UserPromptSubmit,
     /// SessionStart); `wait` sleeps until mail arrives, then wakes the session with it
-    /// (Stop/SessionStart with async and asyncRewake; exits 2 with the mail on stderr).
+    /// (Stop/SessionStart with async and asyncRewake; exits 2 with the mail on stderr);
+    /// `stop` returns the mail now as the reason the turn goes on (Codex's Stop, Gemini
+    /// CLI's AfterAgent, Cursor's stop), once per batch.
     Hook {
         #[arg(value_enum)]
         kind: crate::hook::HookKind,
