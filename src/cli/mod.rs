@@ -66,6 +66,9 @@ pub enum Command {
         /// Remove what setup added.
         #[arg(long)]
         uninstall: bool,
+        /// Show the files as they would be, and write nothing.
+        #[arg(long)]
+        print: bool,
     },
     /// Internal: write a session's mail into its Claude Code inbox from outside the
     /// session's process tree (started by `serve`; see src/serve/relay.rs).
@@ -132,10 +135,28 @@ pub enum Command {
 }
 
 /// The agents `setup` knows.
-#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum SetupAgent {
     /// Claude Code: ~/.claude.json and ~/.claude/settings.json.
     Claude,
+    /// Codex: ~/.codex/config.toml and ~/.codex/hooks.json ($CODEX_HOME if set).
+    Codex,
+    /// Gemini CLI: ~/.gemini/settings.json.
+    Gemini,
+    /// Cursor: ~/.cursor/mcp.json and ~/.cursor/hooks.json.
+    Cursor,
+}
+
+impl SetupAgent {
+    /// The agent's name, as people say it.
+    pub fn name(self) -> &'static str {
+        match self {
+            SetupAgent::Claude => "Claude Code",
+            SetupAgent::Codex => "Codex",
+            SetupAgent::Gemini => "Gemini CLI",
+            SetupAgent::Cursor => "Cursor",
+        }
+    }
 }
 
 #[derive(Debug, Args)]
@@ -211,29 +232,11 @@ pub async fn run(command: Command, paths: Paths) -> Result<std::process::ExitCod
         } => log(&paths, follow, limit, peer, json).await,
         Command::Stop => stop(&paths).await,
         Command::Doctor { json } => doctor::run(&paths, json).await,
-        Command::Setup { agent, uninstall } => {
-            let SetupAgent::Claude = agent;
-            let done = setup::claude(uninstall)?;
-            if done.is_empty() {
-                outln!(
-                    "nothing to change: claude-peers is {} Claude Code",
-                    if uninstall {
-                        "not set up in"
-                    } else {
-                        "already set up in"
-                    }
-                );
-            }
-            for line in &done {
-                outln!("{line}");
-            }
-            if !uninstall && !done.is_empty() {
-                outln!(
-                    "new Claude Code sessions run claude-peers; allow its tools once, or add the permission rule mcp__claude-peers"
-                );
-            }
-            Ok(())
-        }
+        Command::Setup {
+            agent,
+            uninstall,
+            print,
+        } => run_setup(agent, uninstall, print),
         Command::Serve(_)
         | Command::Broker(_)
         | Command::Hook { .. }
@@ -242,6 +245,47 @@ pub async fn run(command: Command, paths: Paths) -> Result<std::process::ExitCod
         }
     };
     done.map(|()| std::process::ExitCode::SUCCESS)
+}
+
+/// `setup <agent>`: edits (or with `print`, shows) the agent's files, and says what the
+/// user must still do.
+fn run_setup(agent: SetupAgent, uninstall: bool, print: bool) -> Result<()> {
+    let exe = std::env::current_exe().context("cannot tell where this claude-peers is")?;
+    let name = agent.name();
+    let (edits, notes) = setup::plan(agent, &exe)?;
+    let changes = setup::apply(&edits, uninstall, print)?;
+    if changes.is_empty() {
+        let state = if uninstall {
+            "not set up in"
+        } else {
+            "already set up in"
+        };
+        outln!("nothing to change: claude-peers is {state} {name}");
+        return Ok(());
+    }
+    for c in &changes {
+        if print {
+            outln!(
+                "{} would become ({}):\n{}",
+                c.path.display(),
+                c.what,
+                c.text.trim_end()
+            );
+        } else {
+            let verb = match (uninstall, c.what.contains("server")) {
+                (true, _) => "removed",
+                (false, true) => "registered",
+                (false, false) => "wrote",
+            };
+            outln!("{verb} {} in {}", c.what, c.path.display());
+        }
+    }
+    if !uninstall && !print {
+        for note in notes {
+            outln!("{note}");
+        }
+    }
+    Ok(())
 }
 
 async fn status(paths: &Paths, json: bool) -> Result<std::process::ExitCode> {

@@ -4,6 +4,8 @@
 #![allow(dead_code)]
 
 pub mod claude;
+pub mod codex;
+pub mod gemini;
 pub mod mcp;
 pub mod serve;
 
