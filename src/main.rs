@@ -31,7 +31,7 @@ fn main() -> ExitCode {
 }
 
 fn run(cli: Cli) -> anyhow::Result<ExitCode> {
-    let paths = Paths::resolve(cli.home.as_deref(), cli.db.as_deref())?;
+    let paths = Paths::resolve(cli.home(), cli.db())?;
     match cli.command {
         Command::Broker(args) => {
             let mut opts = BrokerOptions::new(paths, args.limits);

@@ -248,3 +248,30 @@ async fn the_stop_hook_returns_mail_once_in_the_host_s_shape() {
     assert_eq!(left["messages"], json!([]), "{left}");
     bob.close().await;
 }
+
+/// A claude-peers variable that is set but empty (as an agent's config template may leave
+/// it) means the default place, as its absence does; it is not an error.
+#[test]
+fn an_empty_home_variable_means_the_default_place() {
+    let run_user = Path::new("/run/user").join(claude_peers::platform::current_uid().to_string());
+    if run_user.exists() {
+        eprintln!(
+            "skipped: {} exists, so the default place is this user's own",
+            run_user.display()
+        );
+        return;
+    }
+    let home = Home::new();
+    let user = home.dir.path().join("user");
+    std::fs::create_dir_all(&user).unwrap();
+    let out = scrubbed(&user)
+        .env("CLAUDE_PEERS_HOME", "")
+        .env("CLAUDE_PEERS_DB", "")
+        .arg("status")
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    let socket = user.join(".claude-peers/broker.sock");
+    assert!(text.contains(&socket.display().to_string()), "{out:?}");
+    assert_eq!(out.status.code(), Some(1), "no broker runs: {out:?}");
+}

@@ -37,11 +37,11 @@ use crate::protocol::*;
     long_about = None,
 )]
 pub struct Cli {
-    /// Directory for the socket, lock, database and log [default: XDG dirs or ~/.claude-peers].
-    #[arg(long, global = true, env = "CLAUDE_PEERS_HOME", value_name = "DIR")]
+    /// Directory for the socket, lock, database and log [default: /run/user/<uid> and ~/.local/state, or ~/.claude-peers]. Empty is the default.
+    #[arg(long, global = true, env = "CLAUDE_PEERS_HOME", value_name = "DIR", value_parser = path_or_default)]
     pub home: Option<PathBuf>,
-    /// Database file [default: peers.db in the state directory].
-    #[arg(long, global = true, env = "CLAUDE_PEERS_DB", value_name = "FILE")]
+    /// Database file [default: peers.db in the state directory]. Empty is the default.
+    #[arg(long, global = true, env = "CLAUDE_PEERS_DB", value_name = "FILE", value_parser = path_or_default)]
     pub db: Option<PathBuf>,
     #[command(subcommand)]
     pub command: Command,
@@ -132,6 +132,24 @@ pub enum Command {
     /// Ask the broker to shut down cleanly.
     #[command(alias = "kill-broker")]
     Stop,
+}
+
+/// A path argument; empty (as `CLAUDE_PEERS_HOME=` leaves it) means the default, as the
+/// variable's absence does.
+fn path_or_default(s: &str) -> Result<PathBuf, std::convert::Infallible> {
+    Ok(PathBuf::from(s))
+}
+
+impl Cli {
+    /// `--home`, unless empty.
+    pub fn home(&self) -> Option<&std::path::Path> {
+        self.home.as_deref().filter(|p| !p.as_os_str().is_empty())
+    }
+
+    /// `--db`, unless empty.
+    pub fn db(&self) -> Option<&std::path::Path> {
+        self.db.as_deref().filter(|p| !p.as_os_str().is_empty())
+    }
 }
 
 /// The agents `setup` knows.
