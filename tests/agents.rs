@@ -78,13 +78,8 @@ async fn a_serve_with_a_scrubbed_environment_reaches_the_same_broker() {
     assert_eq!(a["broker"], b["broker"], "{a}\n{b}");
     assert_eq!(a["database"], b["database"], "{a}\n{b}");
     let listed = full.ok("list_peers", json!({})).await;
-    let names: Vec<&Value> = listed["peers"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|p| &p["name"])
-        .collect();
-    assert!(names.contains(&&b["name"]), "{listed}");
+    let names = peer_names(&listed);
+    assert!(names.contains(&b["name"].as_str().unwrap()), "{listed}");
     // And a person's CLI, with the whole environment or none of it, the same.
     let peers = scrubbed(&user_home)
         .args(["peers", "--json"])

@@ -5,43 +5,21 @@
 mod common;
 
 use std::collections::BTreeSet;
-use std::fs::Permissions;
-use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 
-use common::codex::{NAMESPACE, REFUSED, Reply, homes};
+use common::agent::{hello_bob, mail_shown_once, write_script};
+use common::codex::{NAMESPACE, REFUSED, Reply, Request, homes};
 use serde_json::{Value, json};
 
 /// One `codex exec` turn: the model lists the peers, sends bob a message, and ends; bob
 /// gets the text, and each next request shows the model the tool's answer.
 #[tokio::test(flavor = "multi_thread")]
 async fn exec_lists_peers_and_sends_to_bob() {
-    require_codex!();
-    let (peers, api, cx) = homes("alice");
-    let _broker = peers.broker(&[]);
-    let (mut bob, _) = peers.peer("bob", "/work/bob").await;
-    api.push_all([
-        Reply::tool("list_peers", json!({})),
-        Reply::tool(
-            "send_message",
-            json!({ "to": "bob", "message": "hello bob, from codex" }),
-        ),
-        Reply::text("sent it"),
-    ]);
-
-    let out = tokio::task::block_in_place(|| cx.exec("Say hello to bob."));
+    require!("codex");
+    let (peers, _broker, api, cx) = homes("alice");
+    let (turns, out) =
+        hello_bob((&peers, &api, &cx), "hello bob, from codex", |p| cx.exec(p)).await;
     let why = || cx.diagnostics(&out);
-
-    let d = common::next_delivery(&mut bob).await;
-    assert_eq!(
-        (d.from.as_str(), d.text.as_str()),
-        ("alice", "hello bob, from codex"),
-        "{}",
-        why()
-    );
-    let turns = api.turns();
-    assert_eq!(turns.len(), 3, "{}", why());
-    assert_eq!(api.pending(), 0, "{}", why());
     for tool in ["list_peers", "send_message"] {
         assert!(turns[0].offers(tool), "{tool} not offered\n{}", why());
     }
@@ -51,13 +29,7 @@ async fn exec_lists_peers_and_sends_to_bob() {
     let listed = listed
         .json()
         .unwrap_or_else(|| panic!("not JSON: {listed:?}"));
-    let names: Vec<&Value> = listed["peers"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|p| &p["name"])
-        .collect();
-    assert!(names.contains(&&json!("bob")), "{listed}");
+    assert!(common::peer_names(&listed).contains(&"bob"), "{listed}");
 
     let sent = turns[2]
         .result_of("send_message")
@@ -81,9 +53,8 @@ async fn exec_lists_peers_and_sends_to_bob() {
 /// and not open-world. The list of tools is checked too, so a new one is called here.
 #[tokio::test(flavor = "multi_thread")]
 async fn no_tool_is_refused_for_approval() {
-    require_codex!();
-    let (peers, api, cx) = homes("alice");
-    let _broker = peers.broker(&[]);
+    require!("codex");
+    let (peers, _broker, api, cx) = homes("alice");
     let (_bob, _) = peers.peer("bob", "/work/bob").await;
     let calls = [
         ("whoami", json!({})),
@@ -136,11 +107,9 @@ async fn no_tool_is_refused_for_approval() {
 ///   with the reason as a user message `<hook_prompt …>reason</hook_prompt>`.
 #[tokio::test(flavor = "multi_thread")]
 async fn hooks_and_serve_share_the_codex_process() {
-    require_codex!();
-    let (peers, api, mut cx) = homes("alice");
-    let _broker = peers.broker(&[]);
-    let rec = cx.dir.path().join("rec");
-    std::fs::create_dir(&rec).unwrap();
+    require!("codex");
+    let (_peers, _broker, api, mut cx) = homes("alice");
+    let rec = cx.mkdir("rec");
     let r = rec.display();
     // A serve wrapper that records its environment and parent, then becomes serve.
     cx.server_command(
@@ -153,15 +122,13 @@ async fn hooks_and_serve_share_the_codex_process() {
     );
     let hook = |event: &str, answer: &str| {
         let script = rec.join(format!("{event}.sh"));
-        std::fs::write(
+        write_script(
             &script,
-            format!(
+            &format!(
                 "#!/bin/sh\ncat > {r}/{event}.json\necho $PPID > {r}/{event}.ppid\n\
                  [ -e {r}/{event}.done ] && exit 0\ntouch {r}/{event}.done\nprintf '%s' '{answer}'\n"
             ),
-        )
-        .unwrap();
-        std::fs::set_permissions(&script, Permissions::from_mode(0o755)).unwrap();
+        );
         json!([{ "hooks": [{ "type": "command", "command": script }] }])
     };
     let context = json!({ "hookSpecificOutput": {
@@ -246,63 +213,22 @@ async fn hooks_and_serve_share_the_codex_process() {
 /// turn goes on; the next stop, finding none, lets the turn end.
 #[tokio::test(flavor = "multi_thread")]
 async fn mail_reaches_the_codex_model_through_the_setup_hooks_once() {
-    require_codex!();
-    let (peers, api, mut cx) = homes("alice");
-    let _broker = peers.broker(&[]);
-    let (bob, _) = peers.peer("bob", "/work/bob").await;
+    require!("codex");
+    let (peers, _broker, api, mut cx) = homes("alice");
     // The user's own setup, on top of the harness's config: our server entry is replaced
     // by setup's, which names the session after its directory.
-    let setup = peers
-        .cmd()
-        .env("HOME", &cx.home)
-        .args(["setup", "codex"])
-        .output()
-        .unwrap();
-    assert!(setup.status.success(), "{setup:?}");
+    cx.setup(&peers, "codex");
     let hooks: Value =
         serde_json::from_slice(&std::fs::read(cx.home.join(".codex/hooks.json")).unwrap()).unwrap();
     cx.hooks(hooks);
-    // Hooks run with Codex's environment; our test home is not the default one.
-    cx.env("CLAUDE_PEERS_HOME", &peers.root().display().to_string());
 
-    // A first turn makes the session known by name; then bob writes to it.
-    api.push_all([Reply::tool("whoami", json!({})), Reply::text("hello")]);
-    let out = tokio::task::block_in_place(|| cx.exec("Who are you?"));
-    let me = api.turns()[1]
-        .result_of("whoami")
-        .and_then(|r| r.json())
-        .unwrap_or_else(|| panic!("no whoami\n{}", cx.diagnostics(&out)));
-    let name = me["name"].as_str().unwrap().to_string();
-    assert_eq!(name, "project", "{me}");
-    bob.call(common::send(&name, "ping from bob"))
-        .await
-        .unwrap();
-
-    // The next turn: the session registers at its first tool call and gets the mail;
-    // the turn's end hands it to the model.
-    let seen = api.requests().len();
-    api.push_all([
-        Reply::tool("whoami", json!({})),
-        Reply::text("done"),
-        Reply::text("read it"),
-    ]);
-    let out = tokio::task::block_in_place(|| cx.exec("Anything new?"));
-    let why = || cx.diagnostics(&out);
-    // Shown once, by whichever hook came first after the mail reached the session: the
-    // prompt's (as context, when the session registered before Codex sent the prompt) or
-    // the stop's (as the reason the turn goes on); the last request holds the whole
-    // conversation.
-    let turn: Vec<_> = api.turns().into_iter().skip(2).collect();
+    let whoami = |r: &Request| r.result_of("whoami").map(|r| r.answer().to_string());
+    let (turn, out) = mail_shown_once((&peers, &api, &cx), |p| cx.exec(p), whoami).await;
+    // Shown by whichever hook came first after the mail reached the session: the prompt's
+    // (as context, when the session registered before Codex sent the prompt) or the
+    // stop's (as the reason the turn goes on).
     let last = serde_json::to_string(turn.last().unwrap().input()).unwrap();
-    assert_eq!(last.matches("ping from bob").count(), 1, "{}", why());
     let by_stop = last.contains("hook_prompt");
-    assert_eq!(turn.len(), if by_stop { 3 } else { 2 }, "{}", why());
-    assert!(api.requests().len() > seen);
-    let log = common::history(&bob, &name, 10).await;
-    let ping = log
-        .messages
-        .iter()
-        .find(|m| m.text == "ping from bob")
-        .unwrap();
-    assert_eq!(ping.state, claude_peers::protocol::DeliveryState::Delivered);
+    let n = if by_stop { 3 } else { 2 };
+    assert_eq!(turn.len(), n, "{}", cx.diagnostics(&out));
 }

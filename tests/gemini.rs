@@ -6,7 +6,8 @@ mod common;
 
 use std::time::Duration;
 
-use common::gemini::{Reply, homes};
+use common::agent::{hello_bob, mail_shown_once, write_script};
+use common::gemini::{Reply, Request, homes};
 use serde_json::{Value, json};
 
 /// One `gemini -p` turn: the model lists the peers, sends bob a message, and ends; bob
@@ -14,32 +15,13 @@ use serde_json::{Value, json};
 /// content, marked untrusted).
 #[tokio::test(flavor = "multi_thread")]
 async fn print_lists_peers_and_sends_to_bob() {
-    require_gemini!();
-    let (peers, api, gm) = homes("alice");
-    let _broker = peers.broker(&[]);
-    let (mut bob, _) = peers.peer("bob", "/work/bob").await;
-    api.push_all([
-        Reply::tool("list_peers", json!({})),
-        Reply::tool(
-            "send_message",
-            json!({ "to": "bob", "message": "hello bob, from gemini" }),
-        ),
-        Reply::text("sent it"),
-    ]);
-
-    let out = tokio::task::block_in_place(|| gm.print("Say hello to bob."));
+    require!("gemini");
+    let (peers, _broker, api, gm) = homes("alice");
+    let (turns, out) = hello_bob((&peers, &api, &gm), "hello bob, from gemini", |p| {
+        gm.print(p)
+    })
+    .await;
     let why = || gm.diagnostics(&out);
-
-    let d = common::next_delivery(&mut bob).await;
-    assert_eq!(
-        (d.from.as_str(), d.text.as_str()),
-        ("alice", "hello bob, from gemini"),
-        "{}",
-        why()
-    );
-    let turns = api.turns();
-    assert_eq!(turns.len(), 3, "{}", why());
-    assert_eq!(api.pending(), 0, "{}", why());
     // Our input schema, as the model is given it.
     let decl = turns[0]
         .declaration("send_message")
@@ -86,9 +68,8 @@ fn output(response: &Value) -> &str {
 /// shows it connected; no peer stays registered behind it.
 #[tokio::test(flavor = "multi_thread")]
 async fn mcp_list_leaves_no_peer_behind() {
-    require_gemini!();
-    let (peers, _api, gm) = homes("alice");
-    let _broker = peers.broker(&[]);
+    require!("gemini");
+    let (peers, _broker, _api, gm) = homes("alice");
 
     let out = gm.run(&["mcp", "list"], Duration::from_secs(60));
     let listing =
@@ -115,15 +96,13 @@ async fn mcp_list_leaves_no_peer_behind() {
 /// whose prompt is the reason.
 #[tokio::test(flavor = "multi_thread")]
 async fn hooks_see_the_session_and_steer_the_turn() {
-    require_gemini!();
-    let (peers, api, mut gm) = homes("alice");
-    let _broker = peers.broker(&[]);
-    let rec = gm.dir.path().join("rec");
-    std::fs::create_dir(&rec).unwrap();
+    require!("gemini");
+    let (_peers, _broker, api, mut gm) = homes("alice");
+    let rec = gm.mkdir("rec");
     let script = gm.dir.path().join("hook.sh");
-    std::fs::write(
+    write_script(
         &script,
-        format!(
+        &format!(
             r#"#!/bin/sh
 # $1: the event. Records what Gemini gives a hook, then answers for the event.
 d={rec}
@@ -137,9 +116,7 @@ esac
 "#,
             rec = rec.display()
         ),
-    )
-    .unwrap();
-    make_executable(&script);
+    );
     for event in ["SessionStart", "BeforeAgent", "AfterAgent"] {
         gm.hook(event, &format!("{} {event}", script.display()));
     }
@@ -243,66 +220,18 @@ esac
     );
 }
 
-fn make_executable(p: &std::path::Path) {
-    use std::os::unix::fs::PermissionsExt;
-    std::fs::set_permissions(p, std::fs::Permissions::from_mode(0o755)).unwrap();
-}
-
 /// Mail to a Gemini CLI session reaches its model through what `claude-peers setup
 /// gemini` writes, exactly once (Gemini shows the model no MCP notifications): as context
 /// before the next turn (BeforeAgent), or, when it arrives during one, from the AfterAgent
 /// hook as the reason another turn follows; the next AfterAgent, finding none, lets it end.
 #[tokio::test(flavor = "multi_thread")]
 async fn mail_reaches_the_gemini_model_through_the_setup_hooks_once() {
-    require_gemini!();
-    let (peers, api, mut gm) = homes("alice");
-    let _broker = peers.broker(&[]);
-    let (bob, _) = peers.peer("bob", "/work/bob").await;
+    require!("gemini");
+    let (peers, _broker, api, mut gm) = homes("alice");
     // The user's own setup over the harness's settings: our server entry is replaced by
     // setup's (trusted, named after its directory), and the hooks are added.
-    let setup = peers
-        .cmd()
-        .env("HOME", &gm.home)
-        .args(["setup", "gemini"])
-        .output()
-        .unwrap();
-    assert!(setup.status.success(), "{setup:?}");
-    // Hooks run with Gemini's environment; our test home is not the default one.
-    gm.env("CLAUDE_PEERS_HOME", &peers.root().display().to_string());
+    gm.setup(&peers, "gemini");
 
-    api.push_all([Reply::tool("whoami", json!({})), Reply::text("hello")]);
-    let out = tokio::task::block_in_place(|| gm.print("Who are you?"));
-    let who = api.turns()[1]
-        .response_of("whoami")
-        .map(|r| output(r).to_string())
-        .unwrap_or_else(|| panic!("no whoami\n{}", gm.diagnostics(&out)));
-    assert!(who.contains("project"), "{who}");
-    bob.call(common::send("project", "ping from bob"))
-        .await
-        .unwrap();
-
-    let seen = api.turns().len();
-    api.push_all([
-        Reply::tool("whoami", json!({})),
-        Reply::text("done"),
-        Reply::text("read it"),
-    ]);
-    let out = tokio::task::block_in_place(|| gm.print("Anything new?"));
-    let why = || gm.diagnostics(&out);
-    let turns = api.turns();
-    let last = serde_json::to_string(&turns.last().unwrap().body).unwrap();
-    assert_eq!(last.matches("ping from bob").count(), 1, "{}", why());
-    assert!(turns.len() > seen, "{}", why());
-    let log = common::history(&bob, "project", 10).await;
-    let ping = log
-        .messages
-        .iter()
-        .find(|m| m.text == "ping from bob")
-        .unwrap();
-    assert_eq!(
-        ping.state,
-        claude_peers::protocol::DeliveryState::Delivered,
-        "{}",
-        why()
-    );
+    let whoami = |r: &Request| r.response_of("whoami").map(|r| output(r).to_string());
+    mail_shown_once((&peers, &api, &gm), |p| gm.print(p), whoami).await;
 }

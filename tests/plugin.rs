@@ -246,7 +246,7 @@ fn claude(cc: &ClaudeHome, args: &[&str]) -> String {
 /// plugin's hooks run on their events; what they do is not this test's business.
 #[test]
 fn installed_plugin_serves_the_model() {
-    require_claude!();
+    require!("claude");
     let (peers, api, mut cc) = homes();
     cc.config(|c| {
         c.as_object_mut().unwrap().remove("mcpServers");
@@ -285,7 +285,7 @@ fn installed_plugin_serves_the_model() {
 
     // Each hook ran, through the runner, on its event (Claude Code logs each one it starts,
     // whatever it then does).
-    let log = std::fs::read_to_string(&cc.debug_file).unwrap_or_default();
+    let log = std::fs::read_to_string(cc.debug_file()).unwrap_or_default();
     for (event, args) in [
         ("SessionStart:startup", "hook prompt"),
         ("SessionStart:startup", "hook wait"),

@@ -3,23 +3,70 @@
 
 mod common;
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use common::*;
 use serde_json::{Value, json};
 
-/// `claude-peers setup <args>` for a user whose home is `user_home`.
-fn setup(home: &Home, user_home: &Path, args: &[&str]) -> String {
-    let out = home
-        .cmd()
-        .env("HOME", user_home)
-        .env_remove("CODEX_HOME")
-        .arg("setup")
-        .args(args)
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "setup {args:?}: {out:?}");
-    String::from_utf8(out.stdout).unwrap()
+/// A user of the agents, with claude-peers installed: its claude-peers home and `HOME`.
+struct User {
+    peers: Home,
+    home: PathBuf,
+}
+
+impl User {
+    fn new() -> Self {
+        let peers = Home::new();
+        let home = peers.dir.path().join("user");
+        std::fs::create_dir_all(&home).unwrap();
+        Self { peers, home }
+    }
+
+    /// `~/<name>`, made.
+    fn config_dir(&self, name: &str) -> PathBuf {
+        let dir = self.home.join(name);
+        std::fs::create_dir_all(&dir).unwrap();
+        dir
+    }
+
+    /// `claude-peers setup <args>`, which must succeed; what it said.
+    fn setup(&self, args: &[&str]) -> String {
+        let out = self
+            .peers
+            .cmd()
+            .env("HOME", &self.home)
+            .env_remove("CODEX_HOME")
+            .arg("setup")
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "setup {args:?}: {out:?}");
+        String::from_utf8(out.stdout).unwrap()
+    }
+
+    /// The whole cycle for `agent`, whose files are `files`: `--print` writes nothing,
+    /// setup writes (`check` sees what it said and the files), a second run changes
+    /// nothing, `--uninstall` gives back the files as they were (a file that was not there
+    /// is not there).
+    fn cycle(&self, agent: &str, files: &[PathBuf], check: impl FnOnce(&str)) {
+        let before = Before::take(files);
+        let printed = self.setup(&[agent, "--print"]);
+        assert!(printed.contains("would become"), "{printed}");
+        before.assert_restored();
+        let said = self.setup(&[agent]);
+        assert!(
+            said.contains("registered the MCP server claude-peers"),
+            "{said}"
+        );
+        assert!(said.contains("wrote the mail hooks"), "{said}");
+        assert!(
+            self.setup(&[agent]).contains("nothing to change"),
+            "a second run changes nothing"
+        );
+        check(&said);
+        self.setup(&[agent, "--uninstall"]);
+        before.assert_restored();
+    }
 }
 
 fn read(p: &Path) -> String {
@@ -30,11 +77,16 @@ fn json_of(p: &Path) -> Value {
     serde_json::from_str(&read(p)).unwrap()
 }
 
+/// Writes `v` as an agent's JSON file, as a user would have it.
+fn write_json(p: &Path, v: &Value) {
+    std::fs::write(p, serde_json::to_string_pretty(v).unwrap() + "\n").unwrap();
+}
+
 /// The files of one agent as a user had them before setup; `None` where there was none.
-struct Before(Vec<(std::path::PathBuf, Option<String>)>);
+struct Before(Vec<(PathBuf, Option<String>)>);
 
 impl Before {
-    fn take(paths: &[std::path::PathBuf]) -> Self {
+    fn take(paths: &[PathBuf]) -> Self {
         Self(
             paths
                 .iter()
@@ -56,32 +108,10 @@ impl Before {
     }
 }
 
-/// Runs the whole cycle for `agent`: `--print` writes nothing, setup writes, a second run
-/// changes nothing, `--uninstall` gives back the files as they were.
-fn cycle(agent: &str, home: &Home, user_home: &Path, files: &[std::path::PathBuf]) -> String {
-    let before = Before::take(files);
-    let printed = setup(home, user_home, &[agent, "--print"]);
-    assert!(printed.contains("would become"), "{printed}");
-    before.assert_restored();
-    let said = setup(home, user_home, &[agent]);
-    assert!(
-        said.contains("registered the MCP server claude-peers"),
-        "{said}"
-    );
-    assert!(said.contains("wrote the mail hooks"), "{said}");
-    assert!(
-        setup(home, user_home, &[agent]).contains("nothing to change"),
-        "a second run changes nothing"
-    );
-    said
-}
-
 #[test]
 fn setup_codex_keeps_the_users_config_and_gives_it_back() {
-    let home = Home::new();
-    let user = home.dir.path().join("user");
-    let codex = user.join(".codex");
-    std::fs::create_dir_all(&codex).unwrap();
+    let user = User::new();
+    let codex = user.config_dir(".codex");
     let config = codex.join("config.toml");
     let hooks = codex.join("hooks.json");
     std::fs::write(
@@ -89,111 +119,90 @@ fn setup_codex_keeps_the_users_config_and_gives_it_back() {
         "# my settings\nmodel = \"o3\"\n\n[mcp_servers.other]\ncommand = \"other-server\" # keep me\n",
     )
     .unwrap();
-    let files = [config.clone(), hooks.clone()];
-    let before = Before::take(&files);
-    let said = cycle("codex", &home, &user, &files);
-    assert!(said.contains("Hooks need review"), "{said}");
-
-    let text = read(&config);
-    assert!(text.starts_with("# my settings\nmodel = \"o3\""), "{text}");
-    assert!(
-        text.contains("command = \"other-server\" # keep me"),
-        "{text}"
-    );
-    let doc: toml_value::Doc = text.parse().unwrap();
-    let ours = &doc.0["mcp_servers"]["claude-peers"];
-    assert_eq!(ours["command"].as_str(), Some(BIN));
-    assert_eq!(ours["args"][0].as_str(), Some("serve"));
-    let h = json_of(&hooks);
-    for (event, kind) in [
-        ("UserPromptSubmit", "prompt"),
-        ("SessionStart", "prompt"),
-        ("Stop", "stop"),
-    ] {
-        let cmd = h["hooks"][event][0]["hooks"][0]["command"]
-            .as_str()
-            .unwrap();
-        assert!(cmd.ends_with(&format!("hook {kind}")), "{event}: {cmd}");
-    }
-    assert!(codex.join("config.toml.claude-peers.bak").exists());
-
-    setup(&home, &user, &["codex", "--uninstall"]);
-    before.assert_restored();
+    user.cycle("codex", &[config.clone(), hooks.clone()], |said| {
+        assert!(said.contains("Hooks need review"), "{said}");
+        let text = read(&config);
+        assert!(text.starts_with("# my settings\nmodel = \"o3\""), "{text}");
+        assert!(
+            text.contains("command = \"other-server\" # keep me"),
+            "{text}"
+        );
+        let doc: toml_value::Doc = text.parse().unwrap();
+        let ours = &doc.0["mcp_servers"]["claude-peers"];
+        assert_eq!(ours["command"].as_str(), Some(BIN));
+        assert_eq!(ours["args"][0].as_str(), Some("serve"));
+        let h = json_of(&hooks);
+        for (event, kind) in [
+            ("UserPromptSubmit", "prompt"),
+            ("SessionStart", "prompt"),
+            ("Stop", "stop"),
+        ] {
+            let cmd = h["hooks"][event][0]["hooks"][0]["command"]
+                .as_str()
+                .unwrap();
+            assert!(cmd.ends_with(&format!("hook {kind}")), "{event}: {cmd}");
+        }
+        assert!(codex.join("config.toml.claude-peers.bak").exists());
+    });
 }
 
 #[test]
 fn setup_gemini_trusts_the_server_and_hooks_both_turn_ends() {
-    let home = Home::new();
-    let user = home.dir.path().join("user");
-    let gemini = user.join(".gemini");
-    std::fs::create_dir_all(&gemini).unwrap();
-    let settings = gemini.join("settings.json");
-    let theirs = json!({
-        "theme": "Dark",
-        "mcpServers": {"other": {"command": "other-server"}},
-        "hooks": {"AfterAgent": [{"hooks": [{"type": "command", "command": "notify-send done"}]}]}
-    });
-    std::fs::write(
+    let user = User::new();
+    let settings = user.config_dir(".gemini").join("settings.json");
+    write_json(
         &settings,
-        serde_json::to_string_pretty(&theirs).unwrap() + "\n",
-    )
-    .unwrap();
-    let files = [settings.clone()];
-    let before = Before::take(&files);
-    let said = cycle("gemini", &home, &user, &files);
-    assert!(said.contains("trusted folders"), "{said}");
-
-    let s = json_of(&settings);
-    assert_eq!(s["theme"], "Dark");
-    assert_eq!(s["mcpServers"]["other"]["command"], "other-server");
-    assert_eq!(s["mcpServers"]["claude-peers"]["trust"], true);
-    assert_eq!(s["mcpServers"]["claude-peers"]["command"], BIN);
-    let before_agent = s["hooks"]["BeforeAgent"][0]["hooks"][0]["command"]
-        .as_str()
-        .unwrap();
-    assert!(before_agent.ends_with("hook prompt"), "{before_agent}");
-    let after = s["hooks"]["AfterAgent"].as_array().unwrap();
-    assert_eq!(after.len(), 2, "theirs and ours: {s}");
-    assert!(
-        after[1]["hooks"][0]["command"]
-            .as_str()
-            .unwrap()
-            .ends_with("hook stop")
+        &json!({
+            "theme": "Dark",
+            "mcpServers": {"other": {"command": "other-server"}},
+            "hooks": {"AfterAgent": [{"hooks": [{"type": "command", "command": "notify-send done"}]}]}
+        }),
     );
-
-    setup(&home, &user, &["gemini", "--uninstall"]);
-    before.assert_restored();
+    user.cycle("gemini", std::slice::from_ref(&settings), |said| {
+        assert!(said.contains("trusted folders"), "{said}");
+        let s = json_of(&settings);
+        assert_eq!(s["theme"], "Dark");
+        assert_eq!(s["mcpServers"]["other"]["command"], "other-server");
+        assert_eq!(s["mcpServers"]["claude-peers"]["trust"], true);
+        assert_eq!(s["mcpServers"]["claude-peers"]["command"], BIN);
+        let before_agent = s["hooks"]["BeforeAgent"][0]["hooks"][0]["command"]
+            .as_str()
+            .unwrap();
+        assert!(before_agent.ends_with("hook prompt"), "{before_agent}");
+        let after = s["hooks"]["AfterAgent"].as_array().unwrap();
+        assert_eq!(after.len(), 2, "theirs and ours: {s}");
+        assert!(
+            after[1]["hooks"][0]["command"]
+                .as_str()
+                .unwrap()
+                .ends_with("hook stop")
+        );
+    });
 }
 
 #[test]
 fn setup_cursor_adds_a_stop_hook_and_leaves_no_file_it_made() {
-    let home = Home::new();
-    let user = home.dir.path().join("user");
-    let cursor = user.join(".cursor");
-    std::fs::create_dir_all(&cursor).unwrap();
-    let mcp = cursor.join("mcp.json");
-    let hooks = cursor.join("hooks.json");
-    let theirs = json!({"mcpServers": {"other": {"url": "http://localhost:9/mcp"}}});
-    std::fs::write(&mcp, serde_json::to_string_pretty(&theirs).unwrap() + "\n").unwrap();
-    let files = [mcp.clone(), hooks.clone()];
-    let before = Before::take(&files);
-    cycle("cursor", &home, &user, &files);
-
-    assert_eq!(
-        json_of(&mcp)["mcpServers"]["claude-peers"]["args"],
-        json!(["serve"])
+    let user = User::new();
+    let cursor = user.config_dir(".cursor");
+    let (mcp, hooks) = (cursor.join("mcp.json"), cursor.join("hooks.json"));
+    write_json(
+        &mcp,
+        &json!({"mcpServers": {"other": {"url": "http://localhost:9/mcp"}}}),
     );
-    let h = json_of(&hooks);
-    assert_eq!(h["version"], 1);
-    assert!(
-        h["hooks"]["stop"][0]["command"]
-            .as_str()
-            .unwrap()
-            .ends_with("hook stop")
-    );
-
-    setup(&home, &user, &["cursor", "--uninstall"]);
-    before.assert_restored();
+    user.cycle("cursor", &[mcp.clone(), hooks.clone()], |_| {
+        assert_eq!(
+            json_of(&mcp)["mcpServers"]["claude-peers"]["args"],
+            json!(["serve"])
+        );
+        let h = json_of(&hooks);
+        assert_eq!(h["version"], 1);
+        assert!(
+            h["hooks"]["stop"][0]["command"]
+                .as_str()
+                .unwrap()
+                .ends_with("hook stop")
+        );
+    });
     assert!(!hooks.exists(), "the hooks file setup made is gone");
 }
 
@@ -201,12 +210,10 @@ fn setup_cursor_adds_a_stop_hook_and_leaves_no_file_it_made() {
 /// servers' environment is told so in its own configuration.
 #[test]
 fn setup_passes_a_moved_home_to_the_agent() {
-    let home = Home::new();
-    let user = home.dir.path().join("user");
-    std::fs::create_dir_all(&user).unwrap();
-    setup(&home, &user, &["codex"]);
-    let text = read(&user.join(".codex/config.toml"));
-    let root = home.root().display().to_string();
+    let user = User::new();
+    user.setup(&["codex"]);
+    let text = read(&user.home.join(".codex/config.toml"));
+    let root = user.peers.root().display().to_string();
     assert!(
         text.contains(&format!("CLAUDE_PEERS_HOME = \"{root}\"")),
         "{text}"

@@ -9,7 +9,7 @@ use super::*;
 /// keeps the rest of the files, with backups of what was there.
 #[test]
 fn setup_claude_registers_and_uninstalls() {
-    require_claude!();
+    require!("claude");
     let (peers, _api, mut cc) = homes();
     cc.without_our_server();
     let setup = |args: &[&str]| {
@@ -102,8 +102,8 @@ fn hooks_only(peers: &Home, api: &StubApi, events: &[&str]) -> ClaudeHome {
 /// prompt (UserPromptSubmit additional context), once, and the log says delivered.
 #[test]
 fn hooks_show_mail_at_the_next_prompt() {
-    require_claude!();
-    require_tmux!();
+    require!("claude");
+    require!("tmux");
     let peers = Home::new();
     let api = StubApi::start();
     let _broker = peers.broker(&[]);
@@ -142,8 +142,8 @@ fn hooks_show_mail_at_the_next_prompt() {
 /// when mail arrives, with no input typed.
 #[test]
 fn hook_wait_wakes_an_idle_session() {
-    require_claude!();
-    require_tmux!();
+    require!("claude");
+    require!("tmux");
     let peers = Home::new();
     let api = StubApi::start();
     let _broker = peers.broker(&[]);
@@ -166,8 +166,8 @@ fn hook_wait_wakes_an_idle_session() {
 /// to us, threaded.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_claude_code_session_without_claude_peers_is_a_peer() {
-    require_claude!();
-    require_tmux!();
+    require!("claude");
+    require!("tmux");
     let (peers, api, mut cc) = homes();
     cc.without_our_server();
     allow(&cc, &["SendMessage"]);
@@ -244,8 +244,8 @@ async fn a_claude_code_session_without_claude_peers_is_a_peer() {
 /// (not back into our own reply socket).
 #[test]
 fn an_answer_from_a_session_without_claude_peers_is_signed_with_its_address() {
-    require_claude!();
-    require_tmux!();
+    require!("claude");
+    require!("tmux");
     let (peers, api, mut cc) = bob();
     allow(&cc, &["SendMessage"]);
     cc.server_env("CLAUDE_PEERS_LOG", "warn");
@@ -328,8 +328,8 @@ fn an_answer_from_a_session_without_claude_peers_is_signed_with_its_address() {
 /// already wrote is acked again, not written again).
 #[test]
 fn broker_killed_while_mail_streams_into_the_inbox_loses_and_doubles_nothing() {
-    require_claude!();
-    require_tmux!();
+    require!("claude");
+    require!("tmux");
     let (peers, api, cc) = bob();
     let session = Interactive::start(&cc, &[]);
     wait_online(&peers, "bob", &session);
@@ -401,8 +401,8 @@ fn serves_of(host: u32) -> Vec<u32> {
 /// Claude Code session of that name (same directory) gets it in its inbox, once.
 #[test]
 fn serve_killed_then_a_new_session_of_the_name_gets_the_mail_once() {
-    require_claude!();
-    require_tmux!();
+    require!("claude");
+    require!("tmux");
     let (peers, api, cc) = bob();
     let _broker = peers.broker(&[]);
     let first = Interactive::start(&cc, &[]);
@@ -516,8 +516,8 @@ async fn burst_arrives_once(n: usize, tag: &str, server_env: &[(&str, &str)], wi
 /// before the session kept it.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_burst_past_claude_codes_rate_limit_loses_nothing() {
-    require_claude!();
-    require_tmux!();
+    require!("claude");
+    require!("tmux");
     burst_arrives_once(36, "burst", &[], Duration::from_secs(90)).await;
 }
 
@@ -528,8 +528,8 @@ async fn a_burst_past_claude_codes_rate_limit_loses_nothing() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn messages_claude_code_drops_late_are_written_again() {
-    require_claude!();
-    require_tmux!();
+    require!("claude");
+    require!("tmux");
     let above_its_limit = [("CLAUDE_PEERS_INBOX_BURST", "60")];
     burst_arrives_once(36, "late", &above_its_limit, Duration::from_secs(150)).await;
 }

@@ -15,7 +15,7 @@ use serde_json::json;
 /// request shows it our answer, which names this session.
 #[test]
 fn print_mode_shows_the_model_whoami() {
-    require_claude!();
+    require!("claude");
     let (_peers, api, mut cc) = homes();
     cc.server_env("CLAUDE_PEERS_NAME", "stub-alice");
     api.push_all(call_mcp_tool("whoami", json!({})));
@@ -27,8 +27,8 @@ fn print_mode_shows_the_model_whoami() {
 /// busy while the stub holds its answer, then the answer is drawn and the prompt is idle.
 #[test]
 fn interactive_session_draws_the_answer() {
-    require_claude!();
-    require_tmux!();
+    require!("claude");
+    require!("tmux");
     let (_peers, api, cc) = homes();
     let gate = Gate::new();
     api.push(
@@ -164,8 +164,8 @@ fn from_address(text: &str, marker: &str) -> String {
 /// The sender is told `delivered`.
 #[test]
 fn mail_to_an_idle_session_starts_a_turn() {
-    require_claude!();
-    require_tmux!();
+    require!("claude");
+    require!("tmux");
     let (peers, api, cc) = bob();
     // The send waits for the session's ack long enough for a loaded machine.
     let _broker = peers.broker(&["--ack-wait", "10s"]);
@@ -211,8 +211,8 @@ fn mail_to_an_idle_session_starts_a_turn() {
 /// Mail to a session in the middle of a turn joins that turn at its next tool result.
 #[test]
 fn mail_to_a_busy_session_arrives_in_that_turn() {
-    require_claude!();
-    require_tmux!();
+    require!("claude");
+    require!("tmux");
     let (peers, api, cc) = bob();
     let gate = Gate::new();
     // The turn's first answer is a tool call, held until the mail was sent.
@@ -244,8 +244,8 @@ fn mail_to_a_busy_session_arrives_in_that_turn() {
 /// reply reaches the sender once, threaded to the message it answers.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_reply_through_the_builtin_send_message_reaches_the_sender_once() {
-    require_claude!();
-    require_tmux!();
+    require!("claude");
+    require!("tmux");
     let (peers, api, cc) = bob();
     allow(&cc, &["SendMessage"]);
     let gate = Gate::new();
@@ -289,8 +289,8 @@ async fn a_reply_through_the_builtin_send_message_reaches_the_sender_once() {
 /// The model answers with this server's send_message: the reply reaches the sender once.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_reply_through_send_message_reaches_the_sender_once() {
-    require_claude!();
-    require_tmux!();
+    require!("claude");
+    require!("tmux");
     let (peers, api, cc) = bob();
     let gate = Gate::new();
     let [search, _] = call_mcp_tool("send_message", json!({}));
@@ -328,7 +328,7 @@ async fn a_reply_through_send_message_reaches_the_sender_once() {
 /// `claude mcp list` starts our server to check it and stops it at once: no peer is left.
 #[test]
 fn claude_mcp_list_leaves_no_peer() {
-    require_claude!();
+    require!("claude");
     let (peers, _api, mut cc) = homes();
     cc.server_env("CLAUDE_PEERS_NAME", "health-check");
     let out = cc.print_with(&["mcp", "list"], Duration::from_secs(60));
@@ -352,8 +352,8 @@ fn claude_mcp_list_leaves_no_peer() {
 /// dialog (then `delivered`). `CLAUDE_PEERS_BYPASS_INBOX=true` opts out of the hold.
 #[test]
 fn a_bypass_mode_session_gets_mail_only_once_its_user_approves_it() {
-    require_claude!();
-    require_tmux!();
+    require!("claude");
+    require!("tmux");
     for opted_in in [false, true] {
         let (peers, api, mut cc) = bob();
         if opted_in {
@@ -430,8 +430,8 @@ fn a_bypass_mode_session_gets_mail_only_once_its_user_approves_it() {
 /// the settings say, and the sender is told `held`.
 #[test]
 fn a_session_that_holds_cross_session_mail_holds_ours_too() {
-    require_claude!();
-    require_tmux!();
+    require!("claude");
+    require!("tmux");
     let (peers, api, cc) = bob();
     std::fs::write(
         cc.home.join(".claude/settings.json"),

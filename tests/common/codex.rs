@@ -18,47 +18,34 @@
 //! A tool without annotations (or not read-only and not `openWorldHint: false`) is refused
 //! with "MCP tool call requires approval, but approval policy is never".
 //!
-//! Tests start with [`require_codex!`], which skips them when `codex` is not on `PATH`.
+//! Tests start with `require!("codex")`, which skips them when `codex` is not on `PATH`.
 
-use std::collections::{BTreeMap, VecDeque};
-use std::io::{BufRead, BufReader, Read, Write};
-use std::net::{TcpListener, TcpStream};
-use std::path::PathBuf;
-use std::process::{Command, Output, Stdio};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Condvar, Mutex};
-use std::time::{Duration, Instant};
+use std::collections::BTreeMap;
+use std::process::{Command, Output};
+use std::time::Duration;
 
 use serde_json::{Value, json};
 
-use super::claude::find_in_path;
-use super::{BIN, Home};
+pub use super::agent::SERVER;
+use super::agent::{self, AgentHome, find_in_path, write_json};
+use super::loopback::{Api, Exchange, items, sse_event};
+use super::{BIN, Broker, Home};
 
 mod stub;
 
 pub use stub::*;
 
-/// The name of our MCP server in Codex's config.
-pub const SERVER: &str = "claude-peers";
+/// One request the stub received (see [`Request::is_responses`]).
+pub type Request = super::loopback::Request<Responses>;
+/// A scripted answer to one `/v1/responses` request.
+pub type Reply = super::loopback::Reply<Responses>;
+/// The OpenAI Responses API on 127.0.0.1, scripted. Stops when dropped.
+pub type ResponsesApi = super::loopback::Server<Responses>;
+
 /// The namespace Codex gives our server's tools (`-` becomes `_`).
 pub const NAMESPACE: &str = "mcp__claude_peers";
 /// What Codex says when it refuses a tool call for lack of approval.
 pub const REFUSED: &str = "requires approval";
-
-/// Skips the test (returns from it) when `codex` is not on `PATH`.
-#[macro_export]
-macro_rules! require_codex {
-    () => {
-        if $crate::common::codex::codex_bin().is_none() {
-            eprintln!("skipped: codex (the OpenAI Codex CLI) is not on PATH; .ci/run installs it");
-            return;
-        }
-    };
-}
-
-pub fn codex_bin() -> Option<PathBuf> {
-    find_in_path("codex")
-}
 
 // ---------------------------------------------------------------------------------------
 // Codex's home
@@ -67,46 +54,28 @@ pub fn codex_bin() -> Option<PathBuf> {
 /// Codex reads the key from the variable the provider's `env_key` names; any value does.
 pub const API_KEY: &str = "sk-stub-claude-peers";
 
-/// A fresh claude-peers home, a stub of the Responses API, and a Codex home that runs
-/// against both, its server named `name`.
-pub fn homes(name: &str) -> (Home, ResponsesApi, CodexHome) {
-    let peers = Home::new();
-    let api = ResponsesApi::start();
-    let cx = CodexHome::new(&peers, &api, name);
-    (peers, api, cx)
+/// A fresh claude-peers home with its broker running, a stub of the Responses API, and a
+/// Codex home that runs against both, its server named `name`.
+pub fn homes(name: &str) -> (Home, Broker, ResponsesApi, CodexHome) {
+    agent::homes_with_broker(|peers, api| CodexHome::new(peers, api, name))
 }
 
 /// A throwaway `HOME` for Codex: `~/.codex/config.toml` with the stub as the model
 /// provider and our MCP server, and `~/.codex/hooks.json` if a test sets hooks.
-pub struct CodexHome {
-    pub dir: tempfile::TempDir,
-    /// `HOME`.
-    pub home: PathBuf,
-    /// The directory `codex exec` runs in.
-    pub project: PathBuf,
-    pub base_url: String,
-    stub: Arc<State>,
+pub type CodexHome = AgentHome<Responses, Codex>;
+
+/// What is Codex's own in its home.
+pub struct Codex {
     /// Our server's `command` and `args`.
     server: (String, Vec<String>),
     /// Our server's `env` table.
     server_env: BTreeMap<String, String>,
     /// `~/.codex/hooks.json`, if any; then `exec` bypasses hook trust.
     hooks: Option<Value>,
-    /// Extra environment for `codex`.
-    env: BTreeMap<String, String>,
 }
 
 impl CodexHome {
     pub fn new(peers: &Home, api: &ResponsesApi, name: &str) -> Self {
-        let dir = tempfile::Builder::new()
-            .prefix("cx-")
-            .tempdir_in("/tmp")
-            .unwrap();
-        let root = dir.path().canonicalize().unwrap();
-        let home = root.join("home");
-        let project = root.join("project");
-        std::fs::create_dir_all(home.join(".codex")).unwrap();
-        std::fs::create_dir_all(&project).unwrap();
         let server_env = BTreeMap::from([
             (
                 "CLAUDE_PEERS_HOME".into(),
@@ -116,55 +85,42 @@ impl CodexHome {
             // As `Home::cmd`: a broker the test leaves behind goes away by itself.
             ("CLAUDE_PEERS_IDLE_TIMEOUT".into(), "20s".into()),
         ]);
-        let me = Self {
-            dir,
-            home,
-            project,
-            base_url: api.base_url(),
-            stub: api.state.clone(),
+        let me = Self::create("cx-", ".codex", api, |_, _, _| Codex {
             server: (BIN.into(), vec!["serve".into()]),
             server_env,
             hooks: None,
-            env: BTreeMap::new(),
-        };
+        });
         me.write_config();
         me
     }
 
     /// Sets a variable in our MCP server's `env` table.
     pub fn server_env(&mut self, key: &str, value: &str) {
-        self.server_env.insert(key.into(), value.into());
+        self.own.server_env.insert(key.into(), value.into());
         self.write_config();
     }
 
     /// Runs `command args` as our MCP server instead of `claude-peers serve` (a wrapper
     /// that records what Codex gives it, then execs the binary).
     pub fn server_command(&mut self, command: &str, args: &[&str]) {
-        self.server = (command.into(), args.iter().map(|a| a.to_string()).collect());
+        self.own.server = (command.into(), args.iter().map(|a| a.to_string()).collect());
         self.write_config();
     }
 
     /// Writes `~/.codex/hooks.json` (`{"hooks": {"Stop": [{"hooks": [...]}], …}}`).
     pub fn hooks(&mut self, hooks: Value) {
-        std::fs::write(
-            self.home.join(".codex/hooks.json"),
-            serde_json::to_string_pretty(&hooks).unwrap(),
-        )
-        .unwrap();
-        self.hooks = Some(hooks);
-    }
-
-    /// Sets a variable in `codex`'s own environment.
-    pub fn env(&mut self, key: &str, value: &str) {
-        self.env.insert(key.into(), value.into());
+        write_json(&self.home.join(".codex/hooks.json"), &hooks);
+        self.own.hooks = Some(hooks);
     }
 
     /// `~/.codex/config.toml`.
     pub fn config_toml(&self) -> String {
         // A JSON string is a TOML basic string.
         let q = |s: &str| Value::from(s).to_string();
-        let args: Vec<String> = self.server.1.iter().map(|a| q(a)).collect();
+        let (command, args) = &self.own.server;
+        let args: Vec<String> = args.iter().map(|a| q(a)).collect();
         let env: String = self
+            .own
             .server_env
             .iter()
             .map(|(k, v)| format!("{} = {}\n", q(k), q(v)))
@@ -202,7 +158,7 @@ args = [{args}]
 {env}"#,
             base_url = q(&self.base_url),
             server = q(SERVER),
-            command = q(&self.server.0),
+            command = q(command),
             args = args.join(", "),
         )
     }
@@ -211,34 +167,17 @@ args = [{args}]
         std::fs::write(self.home.join(".codex/config.toml"), self.config_toml()).unwrap();
     }
 
-    /// The whole environment `codex` runs with (nothing else is inherited, so a test run
-    /// from inside Codex, or with OPENAI_* or CODEX_HOME set, behaves the same).
+    /// The whole environment `codex` runs with (see [`AgentHome::vars_with`]: a test
+    /// run from inside Codex, or with OPENAI_* or CODEX_HOME set, behaves the same).
     pub fn vars(&self) -> BTreeMap<String, String> {
-        let mut v = BTreeMap::new();
-        v.insert(
-            "PATH".into(),
-            std::env::var("PATH").unwrap_or("/usr/bin:/bin".into()),
-        );
-        for k in ["LANG", "LC_ALL", "TMPDIR"] {
-            if let Ok(x) = std::env::var(k) {
-                v.insert(k.into(), x);
-            }
-        }
-        v.insert("HOME".into(), self.home.display().to_string());
-        v.insert("OPENAI_API_KEY".into(), API_KEY.into());
-        v.extend(self.env.clone());
-        v
+        self.vars_with([("OPENAI_API_KEY", API_KEY)])
     }
 
     /// `codex` with [`Self::vars`], in the project directory, stdin closed (else `exec`
     /// waits for more prompt on it).
     pub fn command(&self) -> Command {
-        let mut cmd = Command::new(codex_bin().expect("codex is installed"));
-        cmd.env_clear()
-            .envs(self.vars())
-            .current_dir(&self.project)
-            .stdin(Stdio::null());
-        cmd
+        let codex = find_in_path("codex").expect("codex is installed");
+        self.command_with(codex, self.vars())
     }
 
     /// `codex exec <prompt>`: one turn, failing after 90 s. Unknown config keys are an
@@ -251,7 +190,7 @@ args = [{args}]
             "--color",
             "never",
         ];
-        if self.hooks.is_some() {
+        if self.own.hooks.is_some() {
             args.push("--dangerously-bypass-hook-trust");
         }
         args.push(prompt);
@@ -260,13 +199,8 @@ args = [{args}]
 
     /// `codex <args>`, which must exit successfully within `timeout`.
     pub fn exec_with(&self, args: &[&str], timeout: Duration) -> Output {
-        let mut cmd = self.command();
-        cmd.args(args);
-        let out = super::run_within(cmd, timeout).unwrap_or_else(|out| {
-            panic!(
-                "codex {args:?} still running after {timeout:?}; killed\n{}",
-                self.diagnostics(&out)
-            )
+        let out = agent::run(self.command(), "codex", args, timeout, |o| {
+            self.diagnostics(o)
         });
         assert!(
             out.status.success(),
@@ -278,12 +212,6 @@ args = [{args}]
 
     /// What to print when a test fails: Codex's output and the stub's requests.
     pub fn diagnostics(&self, out: &Output) -> String {
-        format!(
-            "status: {}\n--- stdout\n{}\n--- stderr\n{}\n--- stub requests\n{}",
-            out.status,
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr),
-            summary(&self.stub)
-        )
+        self.report(out)
     }
 }

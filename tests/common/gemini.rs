@@ -23,45 +23,35 @@
 //! inside `<untrusted_context>`, or `response.error` for a tool error. Without `trust: true`
 //! `gemini -p` does not offer our tools at all; in a folder not trusted it refuses to run.
 //!
-//! Tests start with [`require_gemini!`], which skips them when `gemini` is not on `PATH`.
+//! Tests start with `require!("gemini")`, which skips them when `gemini` is not on `PATH`.
 
 use std::collections::BTreeMap;
-use std::path::PathBuf;
-use std::process::{Command, Output, Stdio};
-use std::sync::Arc;
+use std::process::{Command, Output};
 use std::time::Duration;
 
 use serde_json::{Value, json};
 
+pub use super::agent::SERVER;
+use super::agent::{self, AgentHome, find_in_path, write_json};
 pub use super::claude::Block;
-use super::claude::{find_in_path, text_of};
-use super::{BIN, Home};
+use super::loopback::{Api, Exchange, items, tail, text_of};
+use super::{BIN, Broker, Home};
 
 mod stub;
 
 pub use stub::*;
 
-/// The name of our MCP server in Gemini's settings: tools are `mcp_claude-peers_<tool>`.
-pub const SERVER: &str = "claude-peers";
+/// One request the stub received (see [`Request::is_main`]).
+pub type Request = super::loopback::Request<Generate>;
+/// A scripted answer to one turn: its parts (text, function calls).
+pub type Reply = super::loopback::Reply<Generate>;
+/// The Gemini API on 127.0.0.1, scripted. Stops when dropped.
+pub type GeminiApi = super::loopback::Server<Generate>;
+
 /// The model the settings pin: with "auto" every turn first asks a classifier model.
 pub const MODEL: &str = "gemini-2.5-flash";
 
-/// Skips the test (returns from it) when `gemini` is not on `PATH`.
-#[macro_export]
-macro_rules! require_gemini {
-    () => {
-        if $crate::common::gemini::gemini_bin().is_none() {
-            eprintln!("skipped: gemini (Gemini CLI) is not on PATH; .ci/run installs it");
-            return;
-        }
-    };
-}
-
-pub fn gemini_bin() -> Option<PathBuf> {
-    find_in_path("gemini")
-}
-
-/// The name Gemini gives our server's tool `tool`.
+/// The name Gemini gives our server's tool `tool`: `mcp_claude-peers_<tool>`.
 pub fn mcp_tool(tool: &str) -> String {
     format!("mcp_{SERVER}_{tool}")
 }
@@ -73,49 +63,20 @@ pub fn mcp_tool(tool: &str) -> String {
 /// Any string will do: the stub takes every key.
 pub const API_KEY: &str = "stub-gemini-key";
 
-/// A fresh claude-peers home, a stub of the Gemini API, and a Gemini home that runs
-/// against both, with our server named `name`.
-pub fn homes(name: &str) -> (Home, GeminiApi, GeminiHome) {
-    let peers = Home::new();
-    let api = GeminiApi::start();
-    let gm = GeminiHome::new(&peers, &api, name);
-    (peers, api, gm)
+/// A fresh claude-peers home with its broker running, a stub of the Gemini API, and a
+/// Gemini home that runs against both, with our server named `name`.
+pub fn homes(name: &str) -> (Home, Broker, GeminiApi, GeminiHome) {
+    agent::homes_with_broker(|peers, api| GeminiHome::new(peers, api, name))
 }
 
 /// A throwaway `HOME` for the Gemini CLI: API-key auth, the model pinned, no update check
 /// or usage statistics, our MCP server configured and trusted, the project folder trusted.
-pub struct GeminiHome {
-    pub dir: tempfile::TempDir,
-    /// `HOME`.
-    pub home: PathBuf,
-    /// The directory `gemini` runs in (in `trustedFolders.json`).
-    pub project: PathBuf,
-    pub base_url: String,
-    stub: Arc<State>,
-    /// `~/.gemini/settings.json`.
-    settings: Value,
-    /// Extra environment for `gemini`.
-    env: BTreeMap<String, String>,
-}
+/// What is its own is `~/.gemini/settings.json`; the project directory is in
+/// `~/.gemini/trustedFolders.json`.
+pub type GeminiHome = AgentHome<Generate, Value>;
 
 impl GeminiHome {
     pub fn new(peers: &Home, api: &GeminiApi, name: &str) -> Self {
-        let dir = tempfile::Builder::new()
-            .prefix("gm-")
-            .tempdir_in("/tmp")
-            .unwrap();
-        let root = dir.path().canonicalize().unwrap();
-        let home = root.join("home");
-        let project = root.join("project");
-        std::fs::create_dir_all(home.join(".gemini")).unwrap();
-        std::fs::create_dir_all(&project).unwrap();
-        // Without this `gemini -p` refuses to run ("not running in a trusted directory"),
-        // and would not start a stdio MCP server.
-        std::fs::write(
-            home.join(".gemini/trustedFolders.json"),
-            json!({ project.to_str().unwrap(): "TRUST_FOLDER" }).to_string(),
-        )
-        .unwrap();
         let settings = json!({
             "security": { "auth": { "selectedType": "gemini-api-key" } },
             // "auto" asks a classifier model (a JSON side call) before every turn.
@@ -137,22 +98,21 @@ impl GeminiHome {
                 "trust": true
             } }
         });
-        let me = Self {
-            dir,
-            home,
-            project,
-            base_url: api.base_url(),
-            stub: api.state.clone(),
-            settings,
-            env: BTreeMap::new(),
-        };
+        let me = Self::create("gm-", ".gemini", api, |_, _, _| settings);
+        // Without this `gemini -p` refuses to run ("not running in a trusted directory"),
+        // and would not start a stdio MCP server.
+        std::fs::write(
+            me.home.join(".gemini/trustedFolders.json"),
+            json!({ me.project.to_str().unwrap(): "TRUST_FOLDER" }).to_string(),
+        )
+        .unwrap();
         me.write_settings();
         me
     }
 
     /// Changes `~/.gemini/settings.json`.
     pub fn settings(&mut self, f: impl FnOnce(&mut Value)) {
-        f(&mut self.settings);
+        f(&mut self.own);
         self.write_settings();
     }
 
@@ -180,45 +140,23 @@ impl GeminiHome {
         });
     }
 
-    /// Sets a variable in `gemini`'s own environment.
-    pub fn env(&mut self, key: &str, value: &str) {
-        self.env.insert(key.into(), value.into());
-    }
-
     fn write_settings(&self) {
-        std::fs::write(
-            self.home.join(".gemini/settings.json"),
-            serde_json::to_string_pretty(&self.settings).unwrap(),
-        )
-        .unwrap();
+        write_json(&self.home.join(".gemini/settings.json"), &self.own);
     }
 
-    /// The whole environment `gemini` runs with (nothing else is inherited, so a test run
-    /// with GEMINI_* or GOOGLE_* set behaves the same).
+    /// The whole environment `gemini` runs with (see [`AgentHome::vars_with`]: a test
+    /// run with GEMINI_* or GOOGLE_* set behaves the same).
     pub fn vars(&self) -> BTreeMap<String, String> {
-        let mut v = BTreeMap::new();
-        let path = std::env::var("PATH").unwrap_or("/usr/bin:/bin".into());
-        v.insert("PATH".into(), path);
-        for k in ["LANG", "LC_ALL", "TMPDIR"] {
-            if let Ok(x) = std::env::var(k) {
-                v.insert(k.into(), x);
-            }
-        }
-        v.insert("HOME".into(), self.home.to_str().unwrap().into());
-        v.insert("GOOGLE_GEMINI_BASE_URL".into(), self.base_url.clone());
-        v.insert("GEMINI_API_KEY".into(), API_KEY.into());
-        v.extend(self.env.clone());
-        v
+        self.vars_with([
+            ("GOOGLE_GEMINI_BASE_URL", self.base_url.as_str()),
+            ("GEMINI_API_KEY", API_KEY),
+        ])
     }
 
     /// `gemini` with [`Self::vars`], in the project directory.
     pub fn command(&self) -> Command {
-        let mut cmd = Command::new(gemini_bin().expect("gemini is installed"));
-        cmd.env_clear()
-            .envs(self.vars())
-            .current_dir(&self.project)
-            .stdin(Stdio::null());
-        cmd
+        let gemini = find_in_path("gemini").expect("gemini is installed");
+        self.command_with(gemini, self.vars())
     }
 
     /// `gemini -p <prompt>`: one turn, failing after 90 s.
@@ -228,24 +166,13 @@ impl GeminiHome {
 
     /// `gemini <args>`, killed (and the test failed) after `timeout`.
     pub fn run(&self, args: &[&str], timeout: Duration) -> Output {
-        let mut cmd = self.command();
-        cmd.args(args);
-        super::run_within(cmd, timeout).unwrap_or_else(|out| {
-            panic!(
-                "gemini {args:?} still running after {timeout:?}; killed\n{}",
-                self.diagnostics(&out)
-            )
+        agent::run(self.command(), "gemini", args, timeout, |o| {
+            self.diagnostics(o)
         })
     }
 
     /// What to print when a test fails: `gemini`'s output and the stub's requests.
     pub fn diagnostics(&self, out: &Output) -> String {
-        format!(
-            "{}\n--- gemini stdout\n{}\n--- gemini stderr\n{}\n--- stub requests\n{}",
-            out.status,
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr),
-            summary(&self.stub)
-        )
+        self.report(out)
     }
 }

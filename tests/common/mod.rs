@@ -3,9 +3,11 @@
 
 #![allow(dead_code)]
 
+pub mod agent;
 pub mod claude;
 pub mod codex;
 pub mod gemini;
+pub mod loopback;
 pub mod mcp;
 pub mod serve;
 
@@ -395,6 +397,12 @@ impl Raw {
             Err(_) => Some(Err(())),
         }
     }
+}
+
+/// The names of the peers in a `list_peers` answer.
+pub fn peer_names(listed: &Value) -> Vec<&str> {
+    let peers = listed["peers"].as_array().into_iter().flatten();
+    peers.filter_map(|p| p["name"].as_str()).collect()
 }
 
 /// The `error.code` of a frame, if it is an error.

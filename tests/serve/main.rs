@@ -9,6 +9,7 @@ use std::path::Path;
 use std::process::Stdio;
 use std::time::Duration;
 
+use common::serve::Serve;
 use common::*;
 use rmcp::model::CallToolResult;
 use serde_json::{Value, json};
@@ -310,13 +311,7 @@ async fn broker_killed_mid_session_loses_and_doubles_nothing() {
     let mut b = home.session("bob", true).await;
     a.whoami_when_ready().await;
     b.whoami_when_ready().await;
-    let first = a
-        .ok("send_message", json!({"to": "bob", "message": "before"}))
-        .await;
-    assert_eq!(
-        b.next_event().await["meta"]["message_id"],
-        first["message_id"]
-    );
+    pushed(&a, &mut b, "bob", "before").await;
 
     // kill -9 the auto-started broker.
     let pid: i32 = std::fs::read_to_string(&home.paths.lock)
@@ -332,22 +327,22 @@ async fn broker_killed_mid_session_loses_and_doubles_nothing() {
 
     // Tools wait for the reconnect (a new broker is started), then work as before, under
     // the same names.
-    let after = a
-        .ok("send_message", json!({"to": "bob", "message": "after"}))
-        .await;
-    let ev = b.next_event().await;
-    assert_eq!(ev["content"], "after");
-    assert_eq!(ev["meta"]["message_id"], after["message_id"]);
+    pushed(&a, &mut b, "bob", "after").await;
     assert_eq!(b.ok("whoami", json!({})).await["name"], "bob");
-    let back = b
-        .ok("send_message", json!({"to": "alice", "message": "got it"}))
-        .await;
-    assert_eq!(
-        a.next_event().await["meta"]["message_id"],
-        back["message_id"]
-    );
+    pushed(&b, &mut a, "alice", "got it").await;
     b.no_event(Duration::from_millis(300)).await;
     a.no_event(Duration::from_millis(10)).await;
+}
+
+/// `from` sends `message` to `name`, whose session `to` is pushed it under the id `from`
+/// was told.
+async fn pushed(from: &Serve, to: &mut Serve, name: &str, message: &str) {
+    let sent = from
+        .ok("send_message", json!({"to": name, "message": message}))
+        .await;
+    let ev = to.next_event().await;
+    assert_eq!(ev["content"], message);
+    assert_eq!(ev["meta"]["message_id"], sent["message_id"]);
 }
 
 #[test]

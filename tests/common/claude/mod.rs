@@ -9,20 +9,24 @@
 //!   and the environment that points `claude` at the stub and keeps it offline.
 //! - [`ClaudeHome::print`] runs `claude -p`; [`Interactive`] runs a session under tmux.
 //!
-//! Tests start with [`require_claude!`] (and [`require_tmux!`] for sessions), which skip
+//! Tests start with `require!("claude")` (and `require!("tmux")` for sessions), which skip
 //! with a reason when the programs are not installed; `.ci/run` installs both.
 
-use std::collections::{BTreeMap, VecDeque};
-use std::io::{BufRead, BufReader, Read, Write};
-use std::net::{TcpListener, TcpStream};
+use std::collections::BTreeMap;
+use std::io::Write;
+use std::net::TcpStream;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
 
+use super::agent::{self, AgentHome, is_executable, write_json};
+pub use super::agent::{SERVER, find_in_path};
+pub use super::loopback::text_of;
+use super::loopback::{Api, Exchange, head, items, sse_event, tail};
 use super::{BIN, Home};
 
 mod reply;
@@ -34,44 +38,14 @@ pub use stub::*;
 #[allow(unused_imports)] // for the tests that run sessions
 pub use tmux::*;
 
-/// The name our MCP server has in Claude Code's config: tools are `mcp__claude-peers__<tool>`.
-pub const SERVER: &str = "claude-peers";
-
-/// Skips the test (returns from it) when `claude` is not installed.
-#[macro_export]
-macro_rules! require_claude {
-    () => {
-        if $crate::common::claude::claude_bin().is_none() {
-            eprintln!("skipping: claude (Claude Code) is not installed; .ci/run installs it");
-            return;
-        }
-    };
-}
-
-/// Skips the test (returns from it) when `tmux` is not installed.
-#[macro_export]
-macro_rules! require_tmux {
-    () => {
-        if $crate::common::claude::find_in_path("tmux").is_none() {
-            eprintln!("skipping: tmux is not installed; .ci/run installs it");
-            return;
-        }
-    };
-}
-
-/// `name` found on `PATH`.
-pub fn find_in_path(name: &str) -> Option<PathBuf> {
-    let path = std::env::var_os("PATH")?;
-    std::env::split_paths(&path)
-        .map(|d| d.join(name))
-        .find(|p| is_executable(p))
-}
-
-fn is_executable(p: &Path) -> bool {
-    use std::os::unix::fs::PermissionsExt;
-    p.metadata()
-        .is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
-}
+/// One request the stub received (see [`Request::is_main`]).
+pub type Request = super::loopback::Request<Messages>;
+/// A scripted answer to one main-loop request.
+pub type Reply = super::loopback::Reply<Messages>;
+/// The Anthropic Messages API on 127.0.0.1, scripted. Stops when dropped.
+pub type StubApi = super::loopback::Server<Messages>;
+/// What a session keeps of the stub, for its diagnostics.
+type Recorded = Arc<super::loopback::State<Messages>>;
 
 /// The Claude Code CLI: `claude` on `PATH`, or where its native installer puts it.
 pub fn claude_bin() -> Option<PathBuf> {
@@ -94,95 +68,66 @@ pub const API_KEY: &str = "sk-ant-api03-stub000000000000000000000000000000000000
 /// A fresh claude-peers home, a stub of the Messages API, and a Claude Code home that
 /// runs against both.
 pub fn homes() -> (Home, StubApi, ClaudeHome) {
-    let peers = Home::new();
-    let api = StubApi::start();
-    let cc = ClaudeHome::new(&peers, &api);
-    (peers, api, cc)
+    agent::homes(ClaudeHome::new)
 }
 
 /// A throwaway `HOME` for Claude Code: onboarding done, the key approved, the project
 /// directory trusted, our MCP server configured and allowed.
-pub struct ClaudeHome {
-    /// Shared with the [`Interactive`] sessions started here, so it outlives them.
-    pub dir: Arc<tempfile::TempDir>,
-    /// `HOME`.
-    pub home: PathBuf,
-    /// The directory `claude` runs in (trusted in `.claude.json`).
-    pub project: PathBuf,
-    /// `--debug-file` of every run.
-    pub debug_file: PathBuf,
-    pub base_url: String,
-    stub: Arc<State>,
+pub type ClaudeHome = AgentHome<Messages, Claude>;
+
+/// What is Claude Code's own in its home.
+pub struct Claude {
     /// `~/.claude.json`, written again after [`ClaudeHome::config`].
     config: Value,
-    /// Extra environment for `claude`.
-    env: BTreeMap<String, String>,
+    /// `--debug-file` of every run.
+    debug_file: PathBuf,
 }
 
 impl ClaudeHome {
     /// A home whose `claude` talks to `api` and runs `claude-peers serve` against `peers`.
     pub fn new(peers: &Home, api: &StubApi) -> Self {
-        let dir = tempfile::Builder::new()
-            .prefix("cc-")
-            .tempdir_in("/tmp")
-            .map(Arc::new)
-            .unwrap();
-        // Claude Code keys projects by the canonical path.
-        let root = dir.path().canonicalize().unwrap();
-        let home = root.join("home");
-        let project = root.join("project");
-        std::fs::create_dir_all(home.join(".claude")).unwrap();
-        std::fs::create_dir_all(&project).unwrap();
         let key_tail = &API_KEY[API_KEY.len() - 20..];
-        let config = json!({
-            // Skips the theme picker and the welcome screens.
-            "hasCompletedOnboarding": true,
-            // "Do you want to use this API key?": yes, for this key.
-            "customApiKeyResponses": { "approved": [key_tail], "rejected": [] },
-            // "Do you trust the files in this folder?": yes.
-            "projects": { project.to_str().unwrap(): {
-                "hasTrustDialogAccepted": true,
-                "hasCompletedProjectOnboarding": true
-            } },
-            "mcpServers": { SERVER: {
-                "type": "stdio",
-                "command": BIN,
-                "args": ["serve"],
-                "env": {
-                    "CLAUDE_PEERS_HOME": peers.root().to_str().unwrap(),
-                    // As `Home::cmd`: a broker the test leaves behind goes away by itself.
-                    "CLAUDE_PEERS_IDLE_TIMEOUT": "20s"
-                }
-            } }
+        let config = |project: &Path| {
+            json!({
+                // Skips the theme picker and the welcome screens.
+                "hasCompletedOnboarding": true,
+                // "Do you want to use this API key?": yes, for this key.
+                "customApiKeyResponses": { "approved": [key_tail], "rejected": [] },
+                // "Do you trust the files in this folder?": yes.
+                "projects": { project.to_str().unwrap(): {
+                    "hasTrustDialogAccepted": true,
+                    "hasCompletedProjectOnboarding": true
+                } },
+                "mcpServers": { SERVER: {
+                    "type": "stdio",
+                    "command": BIN,
+                    "args": ["serve"],
+                    "env": {
+                        "CLAUDE_PEERS_HOME": peers.root().to_str().unwrap(),
+                        // As `Home::cmd`: a broker the test leaves behind goes away by itself.
+                        "CLAUDE_PEERS_IDLE_TIMEOUT": "20s"
+                    }
+                } }
+            })
+        };
+        // Claude Code keys projects by the canonical path, which `project` is.
+        let me = Self::create("cc-", ".claude", api, |root, _, project| Claude {
+            config: config(project),
+            debug_file: root.join("claude-debug.log"),
         });
         // The default permission mode ("auto") sends an MCP call with no allow rule to
         // a classifier the stub cannot answer; allow ours, as "don't ask again" would.
-        std::fs::write(
-            home.join(".claude/settings.json"),
-            serde_json::to_string_pretty(&json!({
-                "permissions": { "allow": [format!("mcp__{SERVER}")] }
-            }))
-            .unwrap(),
-        )
-        .unwrap();
-        let debug_file = root.join("claude-debug.log");
-        let me = Self {
-            dir,
-            home,
-            project,
-            debug_file,
-            base_url: api.base_url(),
-            stub: api.state.clone(),
-            config,
-            env: BTreeMap::new(),
-        };
+        write_json(
+            &me.home.join(".claude/settings.json"),
+            &json!({ "permissions": { "allow": [format!("mcp__{SERVER}")] } }),
+        );
         me.write_config();
         me
     }
 
     /// Changes `~/.claude.json` (e.g. `c["mcpServers"]["claude-peers"]["env"]["X"] = ..`).
     pub fn config(&mut self, f: impl FnOnce(&mut Value)) {
-        f(&mut self.config);
+        f(&mut self.own.config);
         self.write_config();
     }
 
@@ -194,79 +139,46 @@ impl ClaudeHome {
         });
     }
 
-    /// `claude-peers` of `peers` as this home's user runs it: their `HOME`, and no
-    /// configuration directory of the harness's.
-    pub fn peers_cmd(&self, peers: &Home) -> Command {
-        let mut cmd = peers.cmd();
-        cmd.env("HOME", &self.home).env_remove("CLAUDE_CONFIG_DIR");
-        cmd
-    }
-
     /// Sets a variable in our MCP server's environment (e.g. `CLAUDE_PEERS_NAME`).
     pub fn server_env(&mut self, key: &str, value: &str) {
         self.config(|c| c["mcpServers"][SERVER]["env"][key] = json!(value));
     }
 
-    /// Sets a variable in `claude`'s own environment.
-    pub fn env(&mut self, key: &str, value: &str) {
-        self.env.insert(key.into(), value.into());
+    fn write_config(&self) {
+        write_json(&self.home.join(".claude.json"), &self.own.config);
     }
 
-    fn write_config(&self) {
-        std::fs::write(
-            self.home.join(".claude.json"),
-            serde_json::to_string_pretty(&self.config).unwrap(),
-        )
-        .unwrap();
+    /// `--debug-file` of every run.
+    pub fn debug_file(&self) -> &Path {
+        &self.own.debug_file
     }
 
     /// The whole environment `claude` runs with (nothing else is inherited, so a test
     /// run from inside Claude Code, or with ANTHROPIC_* set, behaves the same).
     pub fn vars(&self) -> BTreeMap<String, String> {
-        let mut v = BTreeMap::new();
-        let keep = |k: &str| std::env::var(k).ok();
-        v.insert(
-            "PATH".into(),
-            keep("PATH").unwrap_or("/usr/bin:/bin".into()),
-        );
-        for k in ["LANG", "LC_ALL", "TMPDIR"] {
-            if let Some(x) = keep(k) {
-                v.insert(k.into(), x);
-            }
-        }
-        v.insert("HOME".into(), self.home.to_str().unwrap().into());
-        // Where Claude Code sends every model call.
-        v.insert("ANTHROPIC_BASE_URL".into(), self.base_url.clone());
-        v.insert("ANTHROPIC_API_KEY".into(), API_KEY.into());
-        // No update check or self-update at start.
-        v.insert("DISABLE_AUTOUPDATER".into(), "1".into());
-        // Without it Claude Code also calls api.anthropic.com directly (bootstrap, fast
-        // mode status, the MCP registry, event logging): with no network those fail
-        // after a DNS lookup, with a network they would leave the machine.
-        v.insert(
-            "CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC".into(),
-            "1".into(),
-        );
-        // Interactive sessions otherwise install the official plugin marketplace at start:
-        // a download from downloads.claude.ai, then `git clone` from github.com over HTTPS
-        // and SSH. Not covered by the variable above.
-        v.insert(
-            "CLAUDE_CODE_DISABLE_OFFICIAL_MARKETPLACE_AUTOINSTALL".into(),
-            "1".into(),
-        );
-        v.extend(self.env.clone());
-        v
+        let own = [
+            // Where Claude Code sends every model call.
+            ("ANTHROPIC_BASE_URL", self.base_url.as_str()),
+            ("ANTHROPIC_API_KEY", API_KEY),
+            // No update check or self-update at start.
+            ("DISABLE_AUTOUPDATER", "1"),
+            // Without it Claude Code also calls api.anthropic.com directly (bootstrap, fast
+            // mode status, the MCP registry, event logging): with no network those fail
+            // after a DNS lookup, with a network they would leave the machine.
+            ("CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC", "1"),
+            // Interactive sessions otherwise install the official plugin marketplace at
+            // start: a download from downloads.claude.ai, then `git clone` from github.com
+            // over HTTPS and SSH. Not covered by the variable above.
+            ("CLAUDE_CODE_DISABLE_OFFICIAL_MARKETPLACE_AUTOINSTALL", "1"),
+        ];
+        self.vars_with(own)
     }
 
     /// `claude` with [`Self::vars`], in the project directory, logging to the debug file.
     pub fn command(&self) -> Command {
-        let mut cmd = Command::new(claude_bin().expect("claude is installed"));
-        cmd.env_clear()
-            .envs(self.vars())
-            .current_dir(&self.project)
-            .arg("--debug-file")
-            .arg(&self.debug_file)
-            .stdin(Stdio::null());
+        let claude = claude_bin().expect("claude is installed");
+        let mut cmd = self.command_with(claude, self.vars());
+        cmd.arg("--debug-file").arg(self.debug_file());
         cmd
     }
 
@@ -306,28 +218,21 @@ impl ClaudeHome {
 
     /// `claude <args>`, killed (and the test failed) after `timeout`.
     pub fn print_with(&self, args: &[&str], timeout: Duration) -> Output {
-        let mut cmd = self.command();
-        cmd.args(args);
-        super::run_within(cmd, timeout).unwrap_or_else(|out| {
-            panic!(
-                "claude {args:?} still running after {timeout:?}; killed\nstdout: {}\nstderr: {}\n{}",
-                String::from_utf8_lossy(&out.stdout),
-                String::from_utf8_lossy(&out.stderr),
-                self.diagnostics()
-            )
+        agent::run(self.command(), "claude", args, timeout, |out| {
+            agent::output_text(out) + &self.diagnostics()
         })
     }
 
     /// The last `lines` lines of the `--debug-file` log.
     pub fn debug_tail(&self, lines: usize) -> String {
-        debug_tail(&self.debug_file, lines)
+        debug_tail(self.debug_file(), lines)
     }
 
     /// What to print when a test fails: the stub's requests and the debug log's tail.
     pub fn diagnostics(&self) -> String {
         format!(
             "--- stub requests ---\n{}{}",
-            summary(&self.stub),
+            self.requests(),
             self.debug_tail(60)
         )
     }

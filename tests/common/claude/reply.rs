@@ -7,20 +7,10 @@ use super::*;
 // Requests and replies
 // ---------------------------------------------------------------------------------------
 
-/// One request the stub received.
-#[derive(Clone, Debug)]
-pub struct Request {
-    pub method: String,
-    /// The path with its query, e.g. `/v1/messages?beta=true`.
-    pub path: String,
-    /// The parsed JSON body; `Null` when there was none (or it was not JSON).
-    pub body: Value,
-}
-
 impl Request {
     /// A Messages API call (`/v1/messages`, not `count_tokens`).
     pub fn is_messages(&self) -> bool {
-        self.method == "POST" && path_only(&self.path) == "/v1/messages"
+        self.method == "POST" && self.route() == "/v1/messages"
     }
 
     /// A main-loop request: a Messages call that offers tools. Side requests (titles,
@@ -49,18 +39,14 @@ impl Request {
 
     /// The flattened text of the last `user` message (a prompt, or tool results).
     pub fn last_user_text(&self) -> String {
-        self.body["messages"]
-            .as_array()
-            .and_then(|m| m.iter().rev().find(|m| m["role"] == "user"))
-            .map(text_of)
-            .unwrap_or_default()
+        self.last_user("messages").map(text_of).unwrap_or_default()
     }
 
     /// The content of every `tool_result` block in the conversation, flattened, in order.
     pub fn tool_results(&self) -> Vec<String> {
         let mut out = Vec::new();
-        for m in self.body["messages"].as_array().into_iter().flatten() {
-            for b in m["content"].as_array().into_iter().flatten() {
+        for m in items(&self.body["messages"]) {
+            for b in items(&m["content"]) {
                 if b["type"] == "tool_result" {
                     out.push(text_of(&b["content"]));
                 }
@@ -70,28 +56,6 @@ impl Request {
     }
 }
 
-pub(super) fn path_only(p: &str) -> &str {
-    p.split('?').next().unwrap_or(p)
-}
-
-/// Every string under `v` (depth first), one a line: enough to ask "was X shown".
-pub fn text_of(v: &Value) -> String {
-    pub(super) fn walk(v: &Value, out: &mut String) {
-        match v {
-            Value::String(s) => {
-                out.push_str(s);
-                out.push('\n');
-            }
-            Value::Array(a) => a.iter().for_each(|v| walk(v, out)),
-            Value::Object(o) => o.values().for_each(|v| walk(v, out)),
-            _ => {}
-        }
-    }
-    let mut out = String::new();
-    walk(v, &mut out);
-    out
-}
-
 /// One content block of a scripted answer.
 #[derive(Clone, Debug)]
 pub enum Block {
@@ -99,13 +63,9 @@ pub enum Block {
     ToolUse { name: String, input: Value },
 }
 
-type Pred = Arc<dyn Fn(&Request) -> bool + Send + Sync>;
-
-/// A scripted answer to one main-loop request.
-#[derive(Clone)]
-pub struct Reply {
-    /// Answer only a request this accepts; `None` accepts any.
-    pub when: Option<Pred>,
+/// What a scripted answer to one main-loop request holds.
+#[derive(Clone, Debug)]
+pub struct Answer {
     pub blocks: Vec<Block>,
     /// Hold the answer (after `message_start`, with pings) this long...
     pub delay: Duration,
@@ -113,18 +73,20 @@ pub struct Reply {
     pub gate: Option<Gate>,
 }
 
-impl Reply {
-    pub fn new(blocks: Vec<Block>) -> Self {
+impl Answer {
+    /// `blocks`, at once.
+    pub fn of(blocks: Vec<Block>) -> Self {
         Self {
-            when: None,
             blocks,
             delay: Duration::ZERO,
             gate: None,
         }
     }
+}
 
-    pub fn text(text: impl Into<String>) -> Self {
-        Self::new(vec![Block::Text(text.into())])
+impl Reply {
+    pub fn new(blocks: Vec<Block>) -> Self {
+        Self::of(Answer::of(blocks))
     }
 
     /// A call of the tool `name` (stop_reason `tool_use`).
@@ -144,12 +106,6 @@ impl Reply {
         Self::new(blocks).only_if(pred)
     }
 
-    /// Makes this reply conditional on `pred`.
-    pub fn only_if(mut self, pred: impl Fn(&Request) -> bool + Send + Sync + 'static) -> Self {
-        self.when = Some(Arc::new(pred));
-        self
-    }
-
     /// For a request whose last user message (the prompt, a channel message, or tool
     /// results) contains `needle`.
     pub fn when_shown(needle: impl Into<String>, blocks: Vec<Block>) -> Self {
@@ -160,28 +116,14 @@ impl Reply {
     /// Streams nothing but `message_start` and pings for `d` before the content: keeps the
     /// turn busy ("esc to interrupt" shown).
     pub fn delayed(mut self, d: Duration) -> Self {
-        self.delay = d;
+        self.answer.delay = d;
         self
     }
 
     /// Holds the answer until `gate` is opened (or 120 s pass).
     pub fn held(mut self, gate: &Gate) -> Self {
-        self.gate = Some(gate.clone());
+        self.answer.gate = Some(gate.clone());
         self
-    }
-
-    pub(super) fn accepts(&self, r: &Request) -> bool {
-        self.when.as_ref().is_none_or(|p| p(r))
-    }
-}
-
-impl std::fmt::Debug for Reply {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Reply")
-            .field("conditional", &self.when.is_some())
-            .field("blocks", &self.blocks)
-            .field("delay", &self.delay)
-            .finish()
     }
 }
 
@@ -205,7 +147,7 @@ pub fn call_mcp_tool(tool: &str, input: Value) -> [Reply; 2] {
 }
 
 /// A latch a test opens to release replies [`Reply::held`] on it.
-#[derive(Clone, Default)]
+#[derive(Clone, Debug, Default)]
 pub struct Gate(Arc<(Mutex<bool>, Condvar)>);
 
 impl Gate {

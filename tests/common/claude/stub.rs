@@ -1,79 +1,69 @@
-//! The stub of the Messages API: a loopback HTTP/1.1 server that answers Claude Code
-//! from the scripted replies (streaming SSE and JSON) and records every request.
+//! The Messages API as the stub speaks it to Claude Code: which requests the script
+//! answers, and how a reply is written (streaming SSE, or JSON).
 
 use super::*;
 
-// ---------------------------------------------------------------------------------------
-// The stub server
-// ---------------------------------------------------------------------------------------
+/// The Anthropic Messages API, as [`StubApi`] speaks it.
+#[derive(Clone, Debug)]
+pub enum Messages {}
 
-#[derive(Default)]
-pub(super) struct State {
-    pub(super) requests: Mutex<Vec<Request>>,
-    pub(super) arrived: Condvar,
-    pub(super) script: Mutex<VecDeque<Reply>>,
-    pub(super) ids: AtomicU64,
-    pub(super) stop: AtomicBool,
-}
+impl Api for Messages {
+    type Answer = Answer;
 
-/// The Anthropic Messages API on 127.0.0.1, scripted. Stops when dropped.
-pub struct StubApi {
-    pub addr: std::net::SocketAddr,
-    pub(super) state: Arc<State>,
+    // Side requests (titles, summaries, classifiers) come without tools, and get "ok".
+    const IS_TURN: fn(&Request) -> bool = Request::is_main;
+
+    fn answer(mut x: Exchange<Self>) -> std::io::Result<()> {
+        let req = x.req;
+        if req.method == "POST" && req.route() == "/v1/messages/count_tokens" {
+            return x.json(200, &json!({ "input_tokens": 10 }));
+        }
+        if !req.is_messages() {
+            let err = json!({
+                "type": "error",
+                "error": { "type": "not_found_error", "message": format!("stub: no route {} {}", req.method, req.path) }
+            });
+            return x.json(404, &err);
+        }
+        let reply = x.reply.take().unwrap_or_else(|| Self::text("ok".into()));
+        let id = x.id();
+        let model = req.body["model"].as_str().unwrap_or("claude-stub");
+        if req.body["stream"] == true {
+            stream_reply(&mut x.out, id, model, &reply)
+        } else {
+            hold(&reply, || Ok(()))?;
+            x.json(200, &message_json(id, model, &reply))
+        }
+    }
+
+    fn text(text: String) -> Answer {
+        Answer::of(vec![Block::Text(text)])
+    }
+
+    /// Our tool, once the request offers it (see [`call_mcp_tool`]).
+    fn call(tool: &str, input: Value) -> Answer {
+        let name = mcp_tool(tool);
+        Answer::of(vec![Block::ToolUse { name, input }])
+    }
+
+    /// For Messages calls: the tool count and the last user text's tail.
+    fn describe(r: &Request) -> String {
+        if !r.is_messages() {
+            return String::new();
+        }
+        format!(
+            " tools={} stream={} last_user=…{:?}",
+            r.tool_names().len(),
+            r.body["stream"],
+            tail(&r.last_user_text(), 120)
+        )
+    }
 }
 
 impl StubApi {
-    pub fn start() -> Self {
-        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-        let addr = listener.local_addr().unwrap();
-        let state = Arc::new(State::default());
-        let st = state.clone();
-        std::thread::spawn(move || {
-            for conn in listener.incoming() {
-                if st.stop.load(Ordering::Relaxed) {
-                    break;
-                }
-                let Ok(conn) = conn else { continue };
-                let st = st.clone();
-                std::thread::spawn(move || {
-                    // A client that goes away mid-answer is not our failure.
-                    let _ = serve_conn(conn, &st);
-                });
-            }
-        });
-        Self { addr, state }
-    }
-
-    /// `ANTHROPIC_BASE_URL`.
-    pub fn base_url(&self) -> String {
-        format!("http://{}", self.addr)
-    }
-
-    /// Queues `reply` for a main-loop request.
-    pub fn push(&self, reply: Reply) {
-        self.state.script.lock().unwrap().push_back(reply);
-    }
-
-    pub fn push_all(&self, replies: impl IntoIterator<Item = Reply>) {
-        self.state.script.lock().unwrap().extend(replies);
-    }
-
-    /// Scripted replies not yet used.
-    pub fn pending(&self) -> usize {
-        self.state.script.lock().unwrap().len()
-    }
-
-    /// Every request so far.
-    pub fn requests(&self) -> Vec<Request> {
-        self.state.requests.lock().unwrap().clone()
-    }
-
     /// The main-loop requests so far.
     pub fn main_requests(&self) -> Vec<Request> {
-        self.requests()
-            .into_iter()
-            .filter(Request::is_main)
-            .collect()
+        self.turns()
     }
 
     /// Waits for a request `pred` accepts (one already received counts) and returns its
@@ -81,183 +71,10 @@ impl StubApi {
     pub fn wait_for(&self, pred: impl Fn(&Request) -> bool, timeout: Duration) -> Option<Value> {
         self.wait_for_request(pred, timeout).map(|r| r.body)
     }
-
-    pub fn wait_for_request(
-        &self,
-        pred: impl Fn(&Request) -> bool,
-        timeout: Duration,
-    ) -> Option<Request> {
-        let deadline = Instant::now() + timeout;
-        let mut reqs = self.state.requests.lock().unwrap();
-        loop {
-            if let Some(r) = reqs.iter().find(|r| pred(r)) {
-                return Some(r.clone());
-            }
-            let left = deadline.checked_duration_since(Instant::now())?;
-            reqs = self.state.arrived.wait_timeout(reqs, left).unwrap().0;
-        }
-    }
-
-    /// One line per request: method, path, and for Messages calls the tool count and
-    /// the last user text's tail.
-    pub fn summary(&self) -> String {
-        summary(&self.state)
-    }
-}
-
-pub(super) fn summary(state: &State) -> String {
-    let requests = state.requests.lock().unwrap().clone();
-    let mut s = String::new();
-    for r in requests {
-        s.push_str(&format!("{} {}", r.method, r.path));
-        if r.is_messages() {
-            let last = r.last_user_text();
-            let cut = last.len()
-                - last
-                    .chars()
-                    .rev()
-                    .take(120)
-                    .map(char::len_utf8)
-                    .sum::<usize>();
-            s.push_str(&format!(
-                " tools={} stream={} last_user=…{:?}",
-                r.tool_names().len(),
-                r.body["stream"],
-                &last[cut..]
-            ));
-        }
-        s.push('\n');
-    }
-    s
-}
-
-impl Drop for StubApi {
-    fn drop(&mut self) {
-        self.state.stop.store(true, Ordering::Relaxed);
-        // Wake the accept loop so it sees `stop`.
-        let _ = TcpStream::connect(self.addr);
-    }
-}
-
-fn serve_conn(conn: TcpStream, st: &State) -> std::io::Result<()> {
-    conn.set_read_timeout(Some(Duration::from_secs(60)))?;
-    let mut reader = BufReader::new(conn.try_clone()?);
-    let mut out = conn;
-    // One request per connection: we answer with `Connection: close`.
-    let mut line = String::new();
-    if reader.read_line(&mut line)? == 0 {
-        return Ok(());
-    }
-    let mut parts = line.split_whitespace();
-    let method = parts.next().unwrap_or_default().to_string();
-    let path = parts.next().unwrap_or_default().to_string();
-    let mut headers = BTreeMap::new();
-    loop {
-        let mut h = String::new();
-        if reader.read_line(&mut h)? == 0 {
-            break;
-        }
-        let h = h.trim_end();
-        if h.is_empty() {
-            break;
-        }
-        if let Some((k, v)) = h.split_once(':') {
-            headers.insert(k.trim().to_ascii_lowercase(), v.trim().to_string());
-        }
-    }
-    let body = if headers
-        .get("transfer-encoding")
-        .is_some_and(|v| v.to_ascii_lowercase().contains("chunked"))
-    {
-        read_chunked(&mut reader)?
-    } else {
-        let n: usize = headers
-            .get("content-length")
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(0);
-        let mut b = vec![0; n];
-        reader.read_exact(&mut b)?;
-        b
-    };
-    let body: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
-    let req = Request { method, path, body };
-
-    // Take the script's reply before recording, so a test that sees this request
-    // recorded also sees the queue without the reply it took.
-    let reply = if req.is_main() {
-        let mut script = st.script.lock().unwrap();
-        script
-            .iter()
-            .position(|r| r.accepts(&req))
-            .and_then(|i| script.remove(i))
-    } else {
-        None
-    };
-    st.requests.lock().unwrap().push(req.clone());
-    st.arrived.notify_all();
-
-    let route = path_only(&req.path);
-    if req.method == "POST" && route == "/v1/messages/count_tokens" {
-        return respond_json(&mut out, 200, &json!({ "input_tokens": 10 }));
-    }
-    if !(req.method == "POST" && route == "/v1/messages") {
-        let err = json!({
-            "type": "error",
-            "error": { "type": "not_found_error", "message": format!("stub: no route {} {}", req.method, req.path) }
-        });
-        return respond_json(&mut out, 404, &err);
-    }
-    let reply = reply.unwrap_or_else(|| Reply::text("ok"));
-    let id = st.ids.fetch_add(1, Ordering::Relaxed);
-    let model = req.body["model"]
-        .as_str()
-        .unwrap_or("claude-stub")
-        .to_string();
-    if req.body["stream"] == true {
-        stream_reply(&mut out, id, &model, &reply)
-    } else {
-        hold(&reply, || Ok(()))?;
-        respond_json(&mut out, 200, &message_json(id, &model, &reply))
-    }
-}
-
-fn read_chunked(r: &mut impl BufRead) -> std::io::Result<Vec<u8>> {
-    let mut body = Vec::new();
-    loop {
-        let mut size = String::new();
-        r.read_line(&mut size)?;
-        let size = usize::from_str_radix(size.trim().split(';').next().unwrap_or("0"), 16)
-            .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e))?;
-        if size == 0 {
-            // Trailers, up to the empty line.
-            loop {
-                let mut t = String::new();
-                if r.read_line(&mut t)? == 0 || t.trim_end().is_empty() {
-                    return Ok(body);
-                }
-            }
-        }
-        let start = body.len();
-        body.resize(start + size, 0);
-        r.read_exact(&mut body[start..])?;
-        let mut crlf = [0; 2];
-        r.read_exact(&mut crlf)?;
-    }
-}
-
-fn respond_json(out: &mut TcpStream, status: u16, v: &Value) -> std::io::Result<()> {
-    let body = v.to_string();
-    let reason = if status == 200 { "OK" } else { "Not Found" };
-    write!(
-        out,
-        "HTTP/1.1 {status} {reason}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-        body.len()
-    )?;
-    out.flush()
 }
 
 /// Waits out the reply's delay and gate, calling `tick` about once a second.
-fn hold(reply: &Reply, mut tick: impl FnMut() -> std::io::Result<()>) -> std::io::Result<()> {
+fn hold(reply: &Answer, mut tick: impl FnMut() -> std::io::Result<()>) -> std::io::Result<()> {
     let deadline = Instant::now() + reply.delay;
     let gate_deadline = Instant::now() + Duration::from_secs(120);
     loop {
@@ -289,7 +106,7 @@ fn usage() -> Value {
     })
 }
 
-fn stop_reason(reply: &Reply) -> &'static str {
+fn stop_reason(reply: &Answer) -> &'static str {
     if reply
         .blocks
         .iter()
@@ -303,7 +120,7 @@ fn stop_reason(reply: &Reply) -> &'static str {
 
 // Message and tool-use ids must be unique: Claude Code merges consecutive assistant
 // messages that share an id into one, which makes a second call look like a repeat.
-fn content_json(id: u64, reply: &Reply) -> Vec<Value> {
+fn content_json(id: u64, reply: &Answer) -> Vec<Value> {
     reply
         .blocks
         .iter()
@@ -317,7 +134,7 @@ fn content_json(id: u64, reply: &Reply) -> Vec<Value> {
         .collect()
 }
 
-fn message_json(id: u64, model: &str, reply: &Reply) -> Value {
+fn message_json(id: u64, model: &str, reply: &Answer) -> Value {
     json!({
         "id": format!("msg_stub{id:04}"),
         "type": "message",
@@ -330,13 +147,10 @@ fn message_json(id: u64, model: &str, reply: &Reply) -> Value {
     })
 }
 
-fn stream_reply(out: &mut TcpStream, id: u64, model: &str, reply: &Reply) -> std::io::Result<()> {
-    write!(
-        out,
-        "HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nCache-Control: no-cache\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n"
-    )?;
+fn stream_reply(out: &mut TcpStream, id: u64, model: &str, reply: &Answer) -> std::io::Result<()> {
+    out.write_all(head(200, "text/event-stream", None).as_bytes())?;
     let send = |out: &mut TcpStream, event: &str, data: Value| -> std::io::Result<()> {
-        let text = format!("event: {event}\ndata: {data}\n\n");
+        let text = sse_event(event, &data);
         write!(out, "{:x}\r\n{text}\r\n", text.len())?;
         out.flush()
     };

@@ -13,7 +13,7 @@ pub struct Interactive {
     socket: PathBuf,
     pid: u32,
     debug_file: PathBuf,
-    stub: Arc<State>,
+    stub: Recorded,
     // Removed only after `claude` has exited: it writes there (MCP logs, `.claude.json`)
     // while it shuts down.
     _dir: Arc<tempfile::TempDir>,
@@ -59,7 +59,7 @@ impl Interactive {
             .arg("--")
             .arg(claude)
             .arg("--debug-file")
-            .arg(&home.debug_file)
+            .arg(home.debug_file())
             .args(args)
             .stdin(Stdio::null());
         let out = cmd.output().expect("tmux runs");
@@ -72,8 +72,8 @@ impl Interactive {
         let s = Self {
             socket,
             pid,
-            debug_file: home.debug_file.clone(),
-            stub: home.stub.clone(),
+            debug_file: home.debug_file().to_path_buf(),
+            stub: home.stub(),
             _dir: home.dir.clone(),
         };
         s.get_to_prompt(Duration::from_secs(60));
@@ -247,7 +247,7 @@ impl Interactive {
             self.pid,
             self.exited(),
             squeeze_blank_lines(&self.capture()),
-            summary(&self.stub),
+            self.stub.summary(),
             debug_tail(&self.debug_file, 60)
         )
     }
