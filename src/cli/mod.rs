@@ -16,6 +16,7 @@ macro_rules! out {
 
 pub mod doctor;
 pub mod setup;
+pub use setup::SetupAgent;
 pub mod table;
 
 use std::io::{Read, Write};
@@ -152,31 +153,6 @@ impl Cli {
     }
 }
 
-/// The agents `setup` knows.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
-pub enum SetupAgent {
-    /// Claude Code: ~/.claude.json and ~/.claude/settings.json.
-    Claude,
-    /// Codex: ~/.codex/config.toml and ~/.codex/hooks.json ($CODEX_HOME if set).
-    Codex,
-    /// Gemini CLI: ~/.gemini/settings.json.
-    Gemini,
-    /// Cursor: ~/.cursor/mcp.json and ~/.cursor/hooks.json.
-    Cursor,
-}
-
-impl SetupAgent {
-    /// The agent's name, as people say it.
-    pub fn name(self) -> &'static str {
-        match self {
-            SetupAgent::Claude => "Claude Code",
-            SetupAgent::Codex => "Codex",
-            SetupAgent::Gemini => "Gemini CLI",
-            SetupAgent::Cursor => "Cursor",
-        }
-    }
-}
-
 #[derive(Debug, Args)]
 pub struct ServeArgs {
     /// This session's name [default: CLAUDE_PEERS_NAME, PEER_CHANNEL_SESSION_NAME, or the directory name].
@@ -254,7 +230,7 @@ pub async fn run(command: Command, paths: Paths) -> Result<std::process::ExitCod
             agent,
             uninstall,
             print,
-        } => run_setup(agent, uninstall, print),
+        } => setup::run(agent, uninstall, print),
         Command::Serve(_)
         | Command::Broker(_)
         | Command::Hook { .. }
@@ -263,47 +239,6 @@ pub async fn run(command: Command, paths: Paths) -> Result<std::process::ExitCod
         }
     };
     done.map(|()| std::process::ExitCode::SUCCESS)
-}
-
-/// `setup <agent>`: edits (or with `print`, shows) the agent's files, and says what the
-/// user must still do.
-fn run_setup(agent: SetupAgent, uninstall: bool, print: bool) -> Result<()> {
-    let exe = std::env::current_exe().context("cannot tell where this claude-peers is")?;
-    let name = agent.name();
-    let (edits, notes) = setup::plan(agent, &exe)?;
-    let changes = setup::apply(&edits, uninstall, print)?;
-    if changes.is_empty() {
-        let state = if uninstall {
-            "not set up in"
-        } else {
-            "already set up in"
-        };
-        outln!("nothing to change: claude-peers is {state} {name}");
-        return Ok(());
-    }
-    for c in &changes {
-        if print {
-            outln!(
-                "{} would become ({}):\n{}",
-                c.path.display(),
-                c.what,
-                c.text.trim_end()
-            );
-        } else {
-            let verb = match (uninstall, c.what.contains("server")) {
-                (true, _) => "removed",
-                (false, true) => "registered",
-                (false, false) => "wrote",
-            };
-            outln!("{verb} {} in {}", c.what, c.path.display());
-        }
-    }
-    if !uninstall && !print {
-        for note in notes {
-            outln!("{note}");
-        }
-    }
-    Ok(())
 }
 
 async fn status(paths: &Paths, json: bool) -> Result<std::process::ExitCode> {

@@ -1,5 +1,6 @@
 //! Routing answers by their id without reading their result.
 
+use super::conn::split_answer;
 use super::*;
 
 fn frame<R: serde::Serialize>(f: &ServerFrame<R>) -> Vec<u8> {

@@ -34,6 +34,72 @@ fn is_ours(command: &str) -> bool {
     command.contains("claude-peers") && command.contains(" hook ")
 }
 
+/// The agents `setup` knows.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum SetupAgent {
+    /// Claude Code: ~/.claude.json and ~/.claude/settings.json.
+    Claude,
+    /// Codex: ~/.codex/config.toml and ~/.codex/hooks.json ($CODEX_HOME if set).
+    Codex,
+    /// Gemini CLI: ~/.gemini/settings.json.
+    Gemini,
+    /// Cursor: ~/.cursor/mcp.json and ~/.cursor/hooks.json.
+    Cursor,
+}
+
+impl SetupAgent {
+    /// The agent's name, as people say it.
+    pub fn name(self) -> &'static str {
+        match self {
+            SetupAgent::Claude => "Claude Code",
+            SetupAgent::Codex => "Codex",
+            SetupAgent::Gemini => "Gemini CLI",
+            SetupAgent::Cursor => "Cursor",
+        }
+    }
+}
+
+/// `setup <agent>`: edits (or with `print`, shows) the agent's files, and says what the
+/// user must still do.
+pub fn run(agent: SetupAgent, uninstall: bool, print: bool) -> Result<()> {
+    let exe = std::env::current_exe().context("cannot tell where this claude-peers is")?;
+    let name = agent.name();
+    let (edits, notes) = plan(agent, &exe)?;
+    let changes = apply(&edits, uninstall, print)?;
+    if changes.is_empty() {
+        let state = if uninstall {
+            "not set up in"
+        } else {
+            "already set up in"
+        };
+        outln!("nothing to change: claude-peers is {state} {name}");
+        return Ok(());
+    }
+    for c in &changes {
+        if print {
+            outln!(
+                "{} would become ({}):\n{}",
+                c.path.display(),
+                c.what,
+                c.text.trim_end()
+            );
+        } else {
+            let verb = match (uninstall, c.what.contains("server")) {
+                (true, _) => "removed",
+                (false, true) => "registered",
+                (false, false) => "wrote",
+            };
+            outln!("{verb} {} in {}", c.what, c.path.display());
+        }
+    }
+    if !uninstall && !print {
+        for note in notes {
+            outln!("{note}");
+        }
+    }
+    Ok(())
+}
+
 /// One file `setup` edits: where, and how to put our part in or take it out.
 pub struct FileEdit {
     pub path: PathBuf,
