@@ -59,6 +59,27 @@ impl User {
             "{said}"
         );
         assert!(said.contains("wrote the mail hooks"), "{said}");
+        // `--print` showed each file as it is now, and the backup of each is the user's.
+        for (p, text) in &before.0 {
+            let now = read(p);
+            assert!(
+                printed.contains(now.trim_end()),
+                "{} printed otherwise: {printed}",
+                p.display()
+            );
+            if let Some(text) = text {
+                let backup = p.with_file_name(format!(
+                    "{}.claude-peers.bak",
+                    p.file_name().unwrap().to_string_lossy()
+                ));
+                assert_eq!(
+                    &read(&backup),
+                    text,
+                    "{} is not the user's",
+                    backup.display()
+                );
+            }
+        }
         assert!(
             self.setup(&[agent]).contains("nothing to change"),
             "a second run changes nothing"

@@ -62,6 +62,7 @@ fn claude(exe: &Path) -> Result<(Vec<FileEdit>, Vec<&'static str>)> {
             FileEdit {
                 path: config_dir.join("settings.json"),
                 what: "the mail hooks",
+                verb: "wrote",
                 kind: EditKind::Json {
                     add: Box::new(move |v| add_hooks(v, hooks.clone())),
                     remove: Box::new(|v| {
@@ -93,6 +94,7 @@ fn codex(exe: &Path, dir: &Path) -> (Vec<FileEdit>, Vec<&'static str>) {
     let server = FileEdit {
         path: dir.join("config.toml"),
         what: "the MCP server claude-peers",
+        verb: "registered",
         kind: EditKind::Toml {
             add: Box::new(move |doc| {
                 let mut t = toml_edit::Table::new();
@@ -184,6 +186,7 @@ fn cursor(exe: &Path, dir: &Path) -> (Vec<FileEdit>, Vec<&'static str>) {
     let hooks = FileEdit {
         path: dir.join("hooks.json"),
         what: "the mail hooks",
+        verb: "wrote",
         kind: EditKind::Json {
             add: Box::new(move |v| {
                 let file = v.as_object_mut().expect("an object");
@@ -210,6 +213,7 @@ fn server_in_json(path: PathBuf, entry: Value) -> FileEdit {
     FileEdit {
         path,
         what: "the MCP server claude-peers",
+        verb: "registered",
         kind: EditKind::Json {
             add: Box::new(move |v| add_server(v, entry.clone())),
             remove: Box::new(remove_server),
@@ -221,6 +225,7 @@ fn hooks_in_json(path: PathBuf, hooks: Vec<(&'static str, Value)>) -> FileEdit {
     FileEdit {
         path,
         what: "the mail hooks",
+        verb: "wrote",
         kind: EditKind::Json {
             add: Box::new(move |v| add_hooks(v, hooks.clone())),
             remove: Box::new(|v| {

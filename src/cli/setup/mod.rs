@@ -77,19 +77,18 @@ pub fn run(agent: SetupAgent, uninstall: bool, print: bool) -> Result<()> {
     }
     for c in &changes {
         if print {
+            let what: Vec<&str> = c.parts.iter().map(|p| p.what).collect();
             outln!(
                 "{} would become ({}):\n{}",
                 c.path.display(),
-                c.what,
+                what.join(", "),
                 c.text.trim_end()
             );
-        } else {
-            let verb = match (uninstall, c.what.contains("server")) {
-                (true, _) => "removed",
-                (false, true) => "registered",
-                (false, false) => "wrote",
-            };
-            outln!("{verb} {} in {}", c.what, c.path.display());
+            continue;
+        }
+        for part in &c.parts {
+            let verb = if uninstall { "removed" } else { part.verb };
+            outln!("{verb} {} in {}", part.what, c.path.display());
         }
     }
     if !uninstall && !print {
@@ -100,11 +99,15 @@ pub fn run(agent: SetupAgent, uninstall: bool, print: bool) -> Result<()> {
     Ok(())
 }
 
-/// One file `setup` edits: where, and how to put our part in or take it out.
+/// One part of ours in a file: where, and how to put it in or take it out. Parts of one
+/// file (Gemini CLI keeps server and hooks in one) are applied together, and the file is
+/// written once.
 pub struct FileEdit {
     pub path: PathBuf,
-    /// What our part is, for the report ("the MCP server", "the mail hooks").
+    /// What our part is, for the report ("the MCP server claude-peers", "the mail hooks").
     pub what: &'static str,
+    /// What putting it in is called ("registered", "wrote").
+    pub verb: &'static str,
     pub kind: EditKind,
 }
 
@@ -124,70 +127,90 @@ pub enum EditKind {
 }
 
 /// What `setup` did (or, printing, would do) to one file.
-pub struct Change {
+pub struct Change<'a> {
     pub path: PathBuf,
-    pub what: &'static str,
+    /// The parts of ours that changed in it.
+    pub parts: Vec<&'a FileEdit>,
     /// The file's new text.
     pub text: String,
 }
 
-/// Applies `edits`: each file whose text changes is written (after a backup), unless
-/// `print`. Returns the changes.
-pub fn apply(edits: &[FileEdit], uninstall: bool, print: bool) -> Result<Vec<Change>> {
-    let mut changes = Vec::new();
-    for edit in edits {
-        let old = read_text(&edit.path)?;
-        let text = match &edit.kind {
-            EditKind::Json { add, remove } => {
-                let mut v = parse_json(&edit.path, old.as_deref())?;
-                let before = v.clone();
-                remove(&mut v);
-                if !uninstall {
-                    add(&mut v);
-                }
-                if v == before {
-                    continue;
-                }
-                let mut text = serde_json::to_string_pretty(&v).expect("a JSON value");
+/// A file's content while its parts are applied.
+enum Doc {
+    Json(Value),
+    Toml(toml_edit::DocumentMut),
+}
+
+impl Doc {
+    fn text(&self) -> String {
+        match self {
+            Doc::Json(v) => {
+                let mut text = serde_json::to_string_pretty(v).expect("a JSON value");
                 text.push('\n');
                 text
             }
-            EditKind::Toml { add, remove } => {
-                let mut doc: toml_edit::DocumentMut =
-                    old.as_deref().unwrap_or("").parse().with_context(|| {
-                        format!(
-                            "{} is not valid TOML; fix it by hand first",
-                            edit.path.display()
-                        )
-                    })?;
-                let before = doc.to_string();
-                remove(&mut doc);
-                if !uninstall {
-                    add(&mut doc);
-                }
-                let text = doc.to_string();
-                if text == before {
-                    continue;
-                }
-                text
-            }
-        };
-        if old.as_deref() == Some(text.as_str()) {
+            Doc::Toml(doc) => doc.to_string(),
+        }
+    }
+}
+
+/// Applies `edits`: each file whose text changes is written once, with all its parts
+/// (after a backup of the user's file), unless `print`. Returns the changes.
+pub fn apply(edits: &[FileEdit], uninstall: bool, print: bool) -> Result<Vec<Change<'_>>> {
+    let mut changes: Vec<Change> = Vec::new();
+    for (i, first) in edits.iter().enumerate() {
+        if edits[..i].iter().any(|e| e.path == first.path) {
             continue;
         }
+        let path = &first.path;
+        let old = read_text(path)?;
+        let mut doc = match first.kind {
+            EditKind::Json { .. } => Doc::Json(parse_json(path, old.as_deref())?),
+            EditKind::Toml { .. } => {
+                Doc::Toml(old.as_deref().unwrap_or("").parse().with_context(|| {
+                    format!("{} is not valid TOML; fix it by hand first", path.display())
+                })?)
+            }
+        };
+        let mut parts = Vec::new();
+        for edit in edits[i..].iter().filter(|e| e.path == *path) {
+            let before = doc.text();
+            match (&edit.kind, &mut doc) {
+                (EditKind::Json { add, remove }, Doc::Json(v)) => {
+                    remove(v);
+                    if !uninstall {
+                        add(v);
+                    }
+                }
+                (EditKind::Toml { add, remove }, Doc::Toml(d)) => {
+                    remove(d);
+                    if !uninstall {
+                        add(d);
+                    }
+                }
+                _ => unreachable!("the parts of one file are in one format"),
+            }
+            if doc.text() != before {
+                parts.push(edit);
+            }
+        }
+        if parts.is_empty() {
+            continue;
+        }
+        let text = doc.text();
         // A file that held nothing but ours goes, as before setup made it.
         let empty = matches!(text.trim(), "" | "{}");
         if !print {
             if uninstall && empty {
-                std::fs::remove_file(&edit.path)
-                    .with_context(|| format!("cannot remove {}", edit.path.display()))?;
+                std::fs::remove_file(path)
+                    .with_context(|| format!("cannot remove {}", path.display()))?;
             } else {
-                write_text(&edit.path, &text)?;
+                write_text(path, &text)?;
             }
         }
         changes.push(Change {
-            path: edit.path.clone(),
-            what: edit.what,
+            path: path.clone(),
+            parts,
             text,
         });
     }
