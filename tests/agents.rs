@@ -270,3 +270,95 @@ fn an_empty_home_variable_means_the_default_place() {
     assert!(text.contains(&socket.display().to_string()), "{out:?}");
     assert_eq!(out.status.code(), Some(1), "no broker runs: {out:?}");
 }
+
+/// A second `serve` of one agent session (the agent restarted its server, or opened a new
+/// window on it, before the first went away: Codex's app-server does) keeps the session's
+/// name and the mail waiting for it, and gets its hooks; the first steps aside, and used
+/// again registers under another name, with none of that mail. Servers of one agent
+/// process are one session (by default: here the agent is this test); another session in
+/// the same directory still gets `name-N`.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_newer_serve_of_the_same_session_keeps_its_name_and_mail() {
+    let home = Home::new();
+    let same_agent = || {
+        let mut cmd = home.serve_cmd(None, home.dir.path());
+        cmd.env_remove("CLAUDE_PEERS_SESSION");
+        cmd
+    };
+    let old = Serve::start(same_agent(), false).await;
+    let name = old.whoami_when_ready().await["name"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    home.run_ok(&["send", &name, "first", "--from", "carol"]);
+    wait_for(
+        || {
+            let out = home.run_ok(&["doctor", "--json"]);
+            let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+            v["sessions"][0]["unread"] == 1
+        },
+        "the first serve to hold the mail",
+    );
+
+    let new = Serve::start(same_agent(), false).await;
+    let me = new.whoami_when_ready().await;
+    assert_eq!(me["name"], name.as_str(), "{me}");
+    let got = new.ok("check_messages", json!({})).await;
+    assert_eq!(got["messages"][0]["text"], "first", "{got}");
+
+    // The agent's hooks reach the newer serve.
+    home.run_ok(&["send", &name, "second", "--from", "carol"]);
+    wait_for(
+        || {
+            let out = home.run_ok(&["doctor", "--json"]);
+            let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+            let sessions = v["sessions"].as_array().cloned().unwrap_or_default();
+            sessions.iter().any(|s| s["unread"] == 1)
+        },
+        "the newer serve to hold the second message",
+    );
+    let mut hook = home
+        .cmd()
+        .args(["hook", "prompt"])
+        .env("CLAUDE_PID", std::process::id().to_string())
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    {
+        use std::io::Write;
+        let mut stdin = hook.stdin.take().unwrap();
+        stdin
+            .write_all(br#"{"hook_event_name":"UserPromptSubmit","session_id":"s1"}"#)
+            .unwrap();
+    }
+    let out = hook.wait_with_output().unwrap();
+    let shown = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        shown.contains("second") && shown.contains(&format!("message for {name} ")),
+        "{out:?}"
+    );
+
+    // The older one kept nothing of the name's mail, and never takes the name back.
+    let left = old.ok("check_messages", json!({})).await;
+    assert_eq!(left["messages"], json!([]), "{left}");
+    let moved = old.whoami_when_ready().await;
+    assert_eq!(moved["name"], format!("{name}-2"), "{moved}");
+    let peers = home.run_ok(&["peers", "--json"]);
+    let peers: Value = serde_json::from_slice(&peers.stdout).unwrap();
+    let holder = peers
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["name"] == name.as_str())
+        .unwrap_or_else(|| panic!("{peers}"));
+    assert_eq!(holder["context"]["pid"], new.pid, "{holder}");
+
+    // Another session in the same directory is not this one.
+    let other = Serve::start(home.serve_cmd(None, home.dir.path()), false).await;
+    let theirs = other.whoami_when_ready().await;
+    assert_eq!(theirs["name"], format!("{name}-3"), "{theirs}");
+    for s in [old, new, other] {
+        s.close().await;
+    }
+}

@@ -141,6 +141,12 @@ pub fn validate(request: &Request, limits: &Limits) -> Result<(), ErrorBody> {
             ] {
                 at_most(field, value.as_deref(), MAX_FIELD_BYTES)?;
             }
+            if let Some(s) = &r.session {
+                if s.key.is_empty() {
+                    return Err(bad_request("session.key must not be empty"));
+                }
+                at_most("session.key", Some(&s.key), MAX_FIELD_BYTES)?;
+            }
             summary(r.summary.as_deref())
         }
         Request::Send(s) => {

@@ -511,7 +511,7 @@ async fn log(
                     );
                     continue;
                 }
-                Event::Deliver(_) => continue,
+                Event::Deliver(_) | Event::Closed(_) => continue,
             };
             let e = ev.entry;
             if peer.as_ref().is_some_and(|p| *p != e.from && *p != e.to) {

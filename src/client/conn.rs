@@ -157,6 +157,7 @@ pub(super) async fn read_loop(
                 for tx in pending.drain() {
                     let _ = tx.send(Err(e.clone()));
                 }
+                let _ = events.send(Event::Closed(e));
             }
         }
     }

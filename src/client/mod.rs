@@ -82,6 +82,8 @@ pub enum Event {
     Log(LogEvent),
     /// This subscriber read too slowly and missed this many log events.
     Lagged(u64),
+    /// The broker closed the connection, saying why (`replaced`, `shutting_down`, …).
+    Closed(ErrorBody),
 }
 
 /// How many times a `send` with an idempotency key is tried when the connection drops

@@ -22,7 +22,7 @@ pub use requests::*;
 
 /// Bumped when a change would confuse the other side. A client that finds an older broker
 /// asks it to hand over; see [`Request::Shutdown`].
-pub const PROTOCOL_VERSION: u32 = 3;
+pub const PROTOCOL_VERSION: u32 = 4;
 
 /// The largest frame either side accepts, newline excluded. A longer frame is answered
 /// with [`ErrorCode::FrameTooLarge`] and the connection is closed, because the reader
@@ -240,5 +240,8 @@ pub enum ErrorCode {
     TooManyConnections,
     /// Too many large frames are arriving at once; this connection is closed.
     Busy,
+    /// A newer process of the same agent session (same `session` key) registered this
+    /// connection's name; this connection is closed, unregistered.
+    Replaced,
     Internal,
 }

@@ -1,5 +1,6 @@
 //! What clients ask: each request's fields, as they are on the wire.
 
+use super::Millis;
 use serde::{Deserialize, Serialize};
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -54,6 +55,22 @@ pub struct Register {
     /// Replaces the stored summary when set.
     #[serde(default)]
     pub summary: Option<String>,
+    /// Which agent session this connection serves, for telling a newer process of the
+    /// same session (it takes the name over) from another session (it gets `name-2`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub session: Option<SessionKey>,
+}
+
+/// An agent session, as its `serve` knows it: a key equal for every process that serves
+/// the same session (by default the agent's process: its pid and start time), and when
+/// this process started. Of two online connections with one key, the later started is
+/// the session's; the earlier is closed with `replaced`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SessionKey {
+    pub key: String,
+    /// Milliseconds since the Unix epoch.
+    pub started: Millis,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

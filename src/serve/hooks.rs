@@ -20,24 +20,22 @@ impl Session {
             .transpose()
             .map_err(|e| std::io::Error::other(e.to_string()))
             .and_then(|_| {
-                // Another live `serve` of the same host (two servers in one agent) keeps
-                // its socket: its hooks keep working, ours are not served.
-                if std::os::unix::net::UnixStream::connect(&path).is_ok() {
-                    return Err(std::io::Error::new(
-                        std::io::ErrorKind::AddrInUse,
-                        "another serve of this host answers there",
-                    ));
-                }
+                // The newest `serve` of a host is its session's (an older one is being
+                // replaced, or steps aside): it takes the socket of one still running.
                 let _ = std::fs::remove_file(&path);
-                tokio::net::UnixListener::bind(&path)
+                let listener = tokio::net::UnixListener::bind(&path)?;
+                let inode = std::os::unix::fs::MetadataExt::ino(&std::fs::metadata(&path)?);
+                Ok((listener, inode))
             }) {
-            Ok(l) => l,
+            Ok((l, inode)) => {
+                self.state().hook_socket = Some((path, inode));
+                l
+            }
             Err(e) => {
                 tracing::warn!("no socket for hooks at {}: {e}", path.display());
                 return;
             }
         };
-        self.state().hook_socket = Some(path);
         loop {
             let stream = match listener.accept().await {
                 Ok((s, _)) => s,

@@ -34,7 +34,9 @@ use crate::git::GitInfo;
 use crate::names::PeerName;
 use crate::paths::Paths;
 use crate::platform;
-use crate::protocol::{Ack, AckState, Delivery, PeerContext, Register};
+use crate::protocol::{
+    Ack, AckState, Delivery, ErrorCode, PeerContext, Register, SessionKey, now_millis,
+};
 pub use direct::native_sessions;
 pub use inbox::config_dir as claude_config_dir;
 pub use inbox::user_file as claude_user_file;
@@ -102,6 +104,21 @@ pub fn wanted_name(flag: Option<&str>, cwd: &std::path::Path) -> Result<(PeerNam
     Ok((PeerName::sanitize(&base), false))
 }
 
+/// The agent session we serve (see [`SessionKey`]): `CLAUDE_PEERS_SESSION` when set
+/// (empty: none), else the agent process that started us, by pid and start time (so a
+/// pid used again later is another process).
+fn session_key(host: u32) -> Option<SessionKey> {
+    let key = match std::env::var("CLAUDE_PEERS_SESSION") {
+        Ok(k) if k.is_empty() => return None,
+        Ok(k) => k,
+        Err(_) => format!("process:{host}:{}", platform::stat_field(host, 22)?),
+    };
+    Some(SessionKey {
+        key,
+        started: now_millis(),
+    })
+}
+
 impl Session {
     pub fn new(paths: Paths, name_flag: Option<&str>) -> Result<Arc<Self>> {
         let cwd = std::env::current_dir()?;
@@ -124,6 +141,7 @@ impl Session {
                 client_version: None,
                 push: false,
             },
+            session: session_key(platform::parent_pid()),
         };
         let (inbound, inbound_rx) = tokio::sync::mpsc::unbounded_channel();
         Ok(Arc::new(Self {
@@ -315,12 +333,22 @@ impl Session {
                     connected_before = true;
                     backoff.reset();
                     self.state().last_error = None;
+                    let mut replaced = None;
                     while let Some(ev) = events.recv().await {
-                        if let Event::Deliver(d) = ev {
-                            self.deliver(d).await;
+                        match ev {
+                            Event::Deliver(d) => self.deliver(d).await,
+                            Event::Closed(e) if e.code == ErrorCode::Replaced => {
+                                replaced = Some(e.message);
+                            }
+                            _ => {}
                         }
                     }
                     self.conn.send_replace(None);
+                    if let Some(why) = replaced {
+                        self.step_aside(why);
+                        let _ = self.wanted.subscribe().wait_for(|wanted| *wanted).await;
+                        continue;
+                    }
                     tracing::warn!("lost the broker connection; reconnecting");
                 }
                 Err(e) => {
@@ -410,13 +438,33 @@ impl Session {
         }
     }
 
+    /// A newer process of our agent session took our name (and with it the name's mail).
+    /// We let it: no mail of that name stays here, and we register again, under another
+    /// name, only when our tools are used again (an older `serve` being replaced is
+    /// usually about to be ended by its host).
+    fn step_aside(&self, why: String) {
+        tracing::info!("{why}; stepping aside");
+        {
+            let mut st = self.state();
+            st.registered = false;
+            st.unread.clear();
+            st.last_error = Some(why);
+        }
+        self.wanted.send_replace(false);
+    }
+
     /// Removes what this process made outside its own memory (the inbox's reply
     /// sockets), before it exits.
     fn clean_up(&self) {
         self.replies.remove_all();
         let socket = self.state().hook_socket.take();
-        if let Some(p) = socket {
-            let _ = std::fs::remove_file(p);
+        if let Some((path, inode)) = socket {
+            // Not a newer serve's socket in its place.
+            let ours = std::fs::metadata(&path)
+                .is_ok_and(|m| std::os::unix::fs::MetadataExt::ino(&m) == inode);
+            if ours {
+                let _ = std::fs::remove_file(path);
+            }
         }
     }
 }

@@ -43,8 +43,9 @@ pub(super) struct State {
     pub held: HashSet<String>,
     /// The newest message id from each sender, to thread a reply made through the inbox.
     pub last_from: HashMap<String, String>,
-    /// Our hook socket, once bound (removed at exit).
-    pub hook_socket: Option<PathBuf>,
+    /// Our hook socket, once bound, and its inode: removed at exit unless a newer `serve`
+    /// of the host has put its own in its place.
+    pub hook_socket: Option<(PathBuf, u64)>,
     /// Mail waiting for `check_messages` or a hook, oldest first.
     pub unread: VecDeque<Delivery>,
     /// Inbox messages acked delivered in the last 20 s (`paced::RECENT`): a late

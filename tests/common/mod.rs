@@ -59,7 +59,12 @@ impl Home {
                 cmd.env_remove(k);
             }
         }
+        // Each `serve` a test starts stands for an agent session of its own: they all share
+        // one parent (the test), which would make them one session (see `SessionKey`).
+        static SESSIONS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        let session = SESSIONS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         cmd.env("CLAUDE_PEERS_HOME", self.root())
+            .env("CLAUDE_PEERS_SESSION", format!("test-{session}"))
             // A broker a test forgets to stop goes away by itself.
             .env("CLAUDE_PEERS_IDLE_TIMEOUT", "20s")
             .stdin(Stdio::null());

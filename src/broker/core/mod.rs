@@ -108,6 +108,8 @@ struct Conn {
     outq: Rc<Outq>,
     /// Set by `register`; the peer this connection is the mailbox of.
     name: Option<String>,
+    /// The agent session it serves, as `register` said.
+    session: Option<SessionKey>,
     /// The client shows deliveries as they come and acks them.
     push: bool,
     /// Gets the live log.
@@ -413,6 +415,7 @@ impl Core {
                     Conn {
                         outq,
                         name: None,
+                        session: None,
                         push: false,
                         subscribed: false,
                         pushed_upto: None,

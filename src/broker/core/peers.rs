@@ -61,6 +61,9 @@ impl Core {
                 wanted.with_suffix(n)
             };
             let key = candidate.as_str();
+            if self.replace_older(key, r.session.as_ref()) {
+                break (candidate, true);
+            }
             if !self.online.contains_key(key) {
                 match self.peers.get(key) {
                     None => break (candidate, false),
@@ -94,6 +97,7 @@ impl Core {
         self.registered_in_batch.push(conn);
         if let Some(c) = self.conns.get_mut(&conn) {
             c.name = Some(name.clone());
+            c.session = r.session;
             c.push = push;
         }
         let queued = self.unread(&name);
@@ -103,6 +107,40 @@ impl Core {
             reclaimed,
             queued,
         })
+    }
+
+    /// When the online peer `name` is served by an earlier process of the agent session
+    /// `session`, closes that connection (`replaced`) and says the name is free: a
+    /// restarted or second `serve` of one session keeps its name, and the earlier one,
+    /// started first, can never take it back.
+    fn replace_older(&mut self, name: &str, session: Option<&SessionKey>) -> bool {
+        let (Some(session), Some(&holder)) = (session, self.online.get(name)) else {
+            return false;
+        };
+        let older = self
+            .conns
+            .get(&holder)
+            .and_then(|c| c.session.as_ref())
+            .is_some_and(|s| s.key == session.key && s.started < session.started);
+        if !older {
+            return false;
+        }
+        tracing::info!(peer = %name, "a newer process of the same session takes the name");
+        // Told at once, not after the batch: the connection closes now.
+        let frame: ServerFrame<Reply> = ServerFrame::error(
+            None,
+            err(
+                ErrorCode::Replaced,
+                format!("a newer process of this agent session registered as {name}"),
+            ),
+        );
+        let mut bytes = Vec::new();
+        crate::wire::encode(&frame, &mut bytes);
+        if let Some(c) = self.conns.get(&holder) {
+            c.outq.send_now(crate::broker::outq::Outbound::Push(bytes));
+        }
+        self.disconnected(holder);
+        true
     }
 
     /// The sender name of a send from `conn`: its registered name, else the `from` it
