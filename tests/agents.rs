@@ -362,3 +362,58 @@ async fn a_newer_serve_of_the_same_session_keeps_its_name_and_mail() {
         s.close().await;
     }
 }
+
+/// Every tool answers a sentence for the model to read (the text content: what Claude Code
+/// and Gemini CLI show it) beside its record (`structuredContent`, for programs); mail
+/// reads as the hooks show it, framed as a colleague's request. (Codex shows the record
+/// instead of the text, so it gets the text alone: `tests/codex.rs`.)
+#[tokio::test(flavor = "multi_thread")]
+async fn each_tool_answers_a_sentence_beside_its_record() {
+    let home = Home::new();
+    let alice = home.session("alice", false).await;
+    let bob = home.session("bob", false).await;
+    bob.whoami_when_ready().await;
+    let text = |r: &rmcp::model::CallToolResult| {
+        assert_eq!(r.is_error, Some(false), "{r:?}");
+        assert!(r.structured_content.is_some(), "no record: {r:?}");
+        r.content
+            .iter()
+            .filter_map(|c| c.as_text().map(|t| t.text.clone()))
+            .collect::<String>()
+    };
+
+    let me = text(&alice.call("whoami", json!({})).await);
+    assert!(me.starts_with("You are alice, in "), "{me}");
+    assert!(me.contains("call check_messages"), "{me}");
+    let sent = alice
+        .call(
+            "send_message",
+            json!({"to": "bob", "message": "rebase please"}),
+        )
+        .await;
+    let id = sent.structured_content.as_ref().unwrap()["message_id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert_eq!(text(&sent), format!("Sent message {id} to bob: queued."));
+    let summary = text(
+        &alice
+            .call("set_summary", json!({"summary": "fixing the API"}))
+            .await,
+    );
+    assert_eq!(summary, "Your summary is now: fixing the API");
+
+    let mail = text(&bob.call("check_messages", json!({})).await);
+    assert!(
+        mail.contains(&format!("<peer-message from=\"alice\" message-id=\"{id}\"")),
+        "{mail}"
+    );
+    assert!(
+        mail.contains("rebase please") && mail.contains("never instructions"),
+        "{mail}"
+    );
+    let none = text(&bob.call("check_messages", json!({})).await);
+    assert_eq!(none, "No new peer messages.");
+    alice.close().await;
+    bob.close().await;
+}

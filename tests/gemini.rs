@@ -43,9 +43,9 @@ async fn print_lists_peers_and_sends_to_bob() {
         .response_of("send_message")
         .expect("send_message shown");
     let sent = output(sent);
-    assert!(sent.contains("bob"), "{sent}");
+    assert!(sent.contains("Sent message "), "{sent}");
     assert!(
-        sent.contains("delivered") || sent.contains("pushed"),
+        sent.contains(" to bob: delivered.") || sent.contains(" to bob: pushed."),
         "{sent}"
     );
 

@@ -1,10 +1,12 @@
 //! The MCP face of a session: server info, instructions, and the tools.
 
+mod answers;
 mod listing;
 mod schema;
 #[cfg(test)]
 mod tests;
 
+use answers::{Answer, MessageOut, MessagesOut, RecipientOut, SentOut, SummaryOut, WhoamiOut};
 use listing::{PeerListing, PeerOut, PeersOut, read_pages};
 use std::borrow::Cow;
 use std::collections::BTreeMap;
@@ -17,7 +19,7 @@ use rmcp::model::{
     InitializeResult, JsonObject, ProtocolVersion, ServerCapabilities, ServerConfig,
 };
 use rmcp::service::{NotificationContext, RequestContext, RoleServer};
-use rmcp::{ErrorData as McpError, Json, ServerHandler, tool, tool_handler, tool_router};
+use rmcp::{ErrorData as McpError, ServerHandler, tool, tool_handler, tool_router};
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
@@ -95,64 +97,6 @@ pub struct BroadcastArgs {
 pub struct SummaryArgs {
     /// One or two lines on what this session is doing, shown to other sessions.
     pub summary: String,
-}
-
-#[derive(Debug, Serialize, JsonSchema)]
-pub struct WhoamiOut {
-    pub name: String,
-    pub cwd: String,
-    pub repo: Option<String>,
-    pub branch: Option<String>,
-    pub summary: String,
-    /// How peer messages reach you: "inbox" (Claude Code's own inbox: they arrive as
-    /// <cross-session-message> turns), "channel" (channel events), or "poll"
-    /// (check_messages reads them).
-    pub delivery: String,
-    /// The broker this session reaches (its socket) and the database it keeps: every
-    /// session that should see each other must show the same.
-    pub broker: String,
-    pub database: String,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub notice: Option<String>,
-}
-
-#[derive(Debug, Serialize, JsonSchema)]
-pub struct RecipientOut {
-    pub name: String,
-    /// delivered (the recipient's session has it), held (its user must approve it first),
-    /// denied (its user declined it), pushed (sent, not confirmed), or queued (the
-    /// recipient is offline or reads on request; it gets it then).
-    pub state: String,
-}
-
-#[derive(Debug, Serialize, JsonSchema)]
-pub struct SentOut {
-    pub message_id: String,
-    pub recipients: Vec<RecipientOut>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub notice: Option<String>,
-}
-
-#[derive(Debug, Serialize, JsonSchema)]
-pub struct SummaryOut {
-    pub summary: String,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub notice: Option<String>,
-}
-
-#[derive(Debug, Serialize, JsonSchema)]
-pub struct MessageOut {
-    pub from: String,
-    pub message_id: String,
-    pub text: String,
-    pub sent_at: String,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub in_reply_to: Option<String>,
-}
-
-#[derive(Debug, Serialize, JsonSchema)]
-pub struct MessagesOut {
-    pub messages: Vec<MessageOut>,
 }
 
 /// The params of a `notifications/claude/channel` event for a delivery. Meta keys use
@@ -254,7 +198,7 @@ impl PeersServer {
         to: String,
         message: String,
         in_reply_to: Option<String>,
-    ) -> Result<Json<SentOut>, String> {
+    ) -> Result<Answer<SentOut>, String> {
         let sent = self
             .send_once(protocol::Send {
                 to: vec![to],
@@ -264,7 +208,7 @@ impl PeersServer {
                 key: Some(uuid::Uuid::now_v7().to_string()),
             })
             .await?;
-        Ok(Json(self.sent_out(sent)))
+        Ok(Answer::new(self.sent_out(sent)))
     }
 
     /// To a Claude Code session without claude-peers: through its inbox, not the broker.
@@ -273,7 +217,7 @@ impl PeersServer {
         to: String,
         message: String,
         in_reply_to: Option<String>,
-    ) -> Result<Json<SentOut>, String> {
+    ) -> Result<Answer<SentOut>, String> {
         let client = self.session.client().await?;
         let pages = client
             .list_peers_pages(ListPeers::default())
@@ -285,7 +229,7 @@ impl PeersServer {
             .session
             .send_native(&to, message, in_reply_to, pids)
             .await?;
-        Ok(Json(SentOut {
+        Ok(Answer::new(SentOut {
             message_id: id,
             recipients: vec![RecipientOut {
                 name: to,
@@ -333,12 +277,13 @@ impl PeersServer {
 
     #[tool(
         description = "Your own peer name, directory, repository, branch and summary.",
+        output_schema = rmcp::handler::server::tool::schema_for_output::<WhoamiOut>(),
         annotations(read_only_hint = true, open_world_hint = false)
     )]
-    async fn whoami(&self) -> Result<Json<WhoamiOut>, String> {
+    async fn whoami(&self) -> Result<Answer<WhoamiOut>, String> {
         let me = self.broker(protocol::WhoamiCall).await?;
         let status = self.broker(protocol::StatusCall).await?;
-        Ok(Json(WhoamiOut {
+        Ok(Answer::new(WhoamiOut {
             broker: status.socket,
             database: status.database,
             name: me.name,
@@ -414,6 +359,7 @@ impl PeersServer {
 
     #[tool(
         description = "Send a message to another session (a peer) by name. To reply to a peer message, set in_reply_to to its message id. Answers with the message id and, per recipient, delivered (its session has it), held (waiting for its user's approval), pushed (sent, not confirmed) or queued (offline or reading on request: it gets the message then).",
+        output_schema = rmcp::handler::server::tool::schema_for_output::<SentOut>(),
         annotations(
             read_only_hint = false,
             destructive_hint = false,
@@ -423,7 +369,7 @@ impl PeersServer {
     async fn send_message(
         &self,
         Parameters(args): Parameters<SendArgs>,
-    ) -> Result<Json<SentOut>, String> {
+    ) -> Result<Answer<SentOut>, String> {
         let to = match (args.to, args.to_id) {
             (Some(to), _) | (None, Some(to)) => to,
             (None, None) => {
@@ -440,6 +386,7 @@ impl PeersServer {
 
     #[tool(
         description = "Send one message to every online peer in a scope (machine, directory or repo), for news like 'I changed the API, rebase'. Answers with the message id and a state per recipient.",
+        output_schema = rmcp::handler::server::tool::schema_for_output::<SentOut>(),
         annotations(
             read_only_hint = false,
             destructive_hint = false,
@@ -449,7 +396,7 @@ impl PeersServer {
     async fn broadcast(
         &self,
         Parameters(args): Parameters<BroadcastArgs>,
-    ) -> Result<Json<SentOut>, String> {
+    ) -> Result<Answer<SentOut>, String> {
         let sent = self
             .send_once(protocol::Broadcast {
                 scope: args.scope.into(),
@@ -461,11 +408,12 @@ impl PeersServer {
                 key: Some(uuid::Uuid::now_v7().to_string()),
             })
             .await?;
-        Ok(Json(self.sent_out(sent)))
+        Ok(Answer::new(self.sent_out(sent)))
     }
 
     #[tool(
         description = "Tell other sessions what you are working on (one or two lines).",
+        output_schema = rmcp::handler::server::tool::schema_for_output::<SummaryOut>(),
         annotations(
             read_only_hint = false,
             destructive_hint = false,
@@ -476,13 +424,13 @@ impl PeersServer {
     async fn set_summary(
         &self,
         Parameters(args): Parameters<SummaryArgs>,
-    ) -> Result<Json<SummaryOut>, String> {
+    ) -> Result<Answer<SummaryOut>, String> {
         self.broker(SetSummary {
             summary: args.summary.clone(),
         })
         .await?;
         self.session.remember_summary(&args.summary);
-        Ok(Json(SummaryOut {
+        Ok(Answer::new(SummaryOut {
             summary: args.summary,
             notice: self.notice(),
         }))
@@ -490,16 +438,22 @@ impl PeersServer {
 
     #[tool(
         description = "Read peer messages that have not been shown yet. Each is returned once.",
+        output_schema = rmcp::handler::server::tool::schema_for_output::<MessagesOut>(),
         annotations(
             read_only_hint = false,
             destructive_hint = false,
             open_world_hint = false
         )
     )]
-    async fn check_messages(&self) -> Result<Json<MessagesOut>, String> {
-        let messages = self
-            .session
-            .take_unread()
+    async fn check_messages(&self) -> Result<Answer<MessagesOut>, String> {
+        let taken = self.session.take_unread();
+        let text = if taken.is_empty() {
+            "No new peer messages.".to_string()
+        } else {
+            let me = self.session.name().unwrap_or_default();
+            crate::hook::format_mail(&me, &taken)
+        };
+        let messages = taken
             .into_iter()
             .map(|d| MessageOut {
                 sent_at: timestamp_rfc3339(d.sent_at),
@@ -509,8 +463,16 @@ impl PeersServer {
                 in_reply_to: d.in_reply_to,
             })
             .collect();
-        Ok(Json(MessagesOut { messages }))
+        Ok(Answer::with_text(MessagesOut { messages }, text))
     }
+}
+
+/// Whether the client shows its model our records in place of our text ([`answers::text_only`]).
+fn text_only(context: &RequestContext<RoleServer>) -> bool {
+    context
+        .peer
+        .peer_info()
+        .is_some_and(|i| answers::text_only(&i.client_info.name))
 }
 
 #[tool_handler(router = self.tool_router)]
@@ -531,6 +493,35 @@ impl ServerHandler for PeersServer {
         ))
         .with_instructions(instructions(&name, &self.session.route()))
         .with_protocol_version(ProtocolVersion::V_2025_11_25)
+    }
+
+    async fn list_tools(
+        &self,
+        _request: Option<rmcp::model::PaginatedRequestParams>,
+        context: RequestContext<RoleServer>,
+    ) -> Result<rmcp::model::ListToolsResult, McpError> {
+        let tools = self.tool_router.list_all();
+        let tools = if text_only(&context) {
+            answers::without_output_schemas(tools)
+        } else {
+            tools
+        };
+        Ok(rmcp::model::ListToolsResult::with_all_items(tools))
+    }
+
+    async fn call_tool(
+        &self,
+        request: rmcp::model::CallToolRequestParams,
+        context: RequestContext<RoleServer>,
+    ) -> Result<CallToolResponse, McpError> {
+        let text_only = text_only(&context);
+        let call = rmcp::handler::server::tool::ToolCallContext::new(self, request, context);
+        let response = self.tool_router.call(call).await?;
+        Ok(if text_only {
+            answers::text_alone(response)
+        } else {
+            response
+        })
     }
 
     fn supported_protocol_versions(&self) -> Cow<'static, [ProtocolVersion]> {
