@@ -417,3 +417,82 @@ async fn each_tool_answers_a_sentence_beside_its_record() {
     alice.close().await;
     bob.close().await;
 }
+
+/// A hook finds its own session's `serve` by the session id the agent gives both (Codex:
+/// `sessionId` in each tool call's `_meta`, `session_id` in the hook's event), whichever
+/// process runs it: Codex's app-server runs the servers and hooks of every window. A
+/// `serve` that knows its session turns away another session's hook, which looks further
+/// and takes nothing.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_hook_finds_its_session_by_the_agent_s_session_id() {
+    let home = Home::new();
+    // `a` under a shell of its own: its host is no ancestor of the hooks below.
+    let mut sh = std::process::Command::new("sh");
+    sh.args(["-c", "\"$0\" serve; exit $?", BIN])
+        .current_dir(home.dir.path());
+    for (k, v) in home.cmd().get_envs() {
+        match v {
+            Some(v) => sh.env(k, v),
+            None => sh.env_remove(k),
+        };
+    }
+    sh.env("CLAUDE_PEERS_NAME", "a")
+        .env("CLAUDE_PEERS_LOG", "error")
+        .stderr(std::process::Stdio::null());
+    let a = Serve::start(tokio::process::Command::from(sh), false).await;
+    // `b` a child of this test, as the hooks are: their walk up reaches it.
+    let b = home.session("b", false).await;
+    for (s, thread) in [(&a, "thread-a"), (&b, "thread-b")] {
+        let mut call = rmcp::model::CallToolRequestParams::new("whoami");
+        let meta = json!({ "sessionId": thread, "threadId": thread });
+        call.meta = Some(rmcp::model::RequestMetaObject(rmcp::model::MetaObject(
+            meta.as_object().unwrap().clone(),
+        )));
+        let r = s.service().call_tool(call).await.unwrap();
+        assert_eq!(r.is_error, Some(false), "{r:?}");
+    }
+    home.run_ok(&["send", "a", "for a", "--from", "carol"]);
+    home.run_ok(&["send", "b", "for b", "--from", "carol"]);
+    wait_for(
+        || {
+            let out = home.run_ok(&["doctor", "--json"]);
+            let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+            let sessions = v["sessions"].as_array().cloned().unwrap_or_default();
+            sessions.iter().filter(|s| s["unread"] == 1).count() == 2
+        },
+        "both servers to hold their mail",
+    );
+    let hook = |session: &str| {
+        let mut child = home
+            .cmd()
+            .args(["hook", "prompt"])
+            .env_remove("CLAUDE_PID")
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        use std::io::Write;
+        let event = json!({"hook_event_name": "UserPromptSubmit", "session_id": session});
+        let mut stdin = child.stdin.take().unwrap();
+        stdin.write_all(event.to_string().as_bytes()).unwrap();
+        drop(stdin);
+        let out = child.wait_with_output().unwrap();
+        assert!(out.status.success(), "{out:?}");
+        String::from_utf8(out.stdout).unwrap()
+    };
+
+    let other = hook("thread-c");
+    assert_eq!(other, "", "another session's hook took mail");
+    let for_a = hook("thread-a");
+    assert!(
+        for_a.contains("for a") && !for_a.contains("for b"),
+        "{for_a}"
+    );
+    let for_b = hook("thread-b");
+    assert!(
+        for_b.contains("for b") && !for_b.contains("for a"),
+        "{for_b}"
+    );
+    a.close().await;
+    b.close().await;
+}

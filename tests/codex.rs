@@ -109,9 +109,11 @@ async fn no_tool_is_refused_for_approval() {
 #[tokio::test(flavor = "multi_thread")]
 async fn hooks_and_serve_share_the_codex_process() {
     require!("codex");
-    let (_peers, _broker, api, mut cx) = homes("alice");
+    let (peers, _broker, api, mut cx) = homes("alice");
     let rec = cx.mkdir("rec");
     let r = rec.display();
+    let sockets = peers.root().join("hooks");
+    let sockets = sockets.display();
     // A serve wrapper that records its environment and parent, then becomes serve.
     cx.server_command(
         "/bin/sh",
@@ -127,6 +129,7 @@ async fn hooks_and_serve_share_the_codex_process() {
             &script,
             &format!(
                 "#!/bin/sh\ncat > {r}/{event}.json\necho $PPID > {r}/{event}.ppid\n\
+                 ls {sockets} > {r}/{event}.ls\n\
                  [ -e {r}/{event}.done ] && exit 0\ntouch {r}/{event}.done\nprintf '%s' '{answer}'\n"
             ),
         );
@@ -176,6 +179,15 @@ async fn hooks_and_serve_share_the_codex_process() {
 
     let stop = json_of("Stop.json");
     assert_eq!(stop["session_id"], prompt["session_id"], "{stop}");
+    // The whoami call told serve the session (`_meta.sessionId`): its hooks find it by that.
+    let session = stop["session_id"].as_str().unwrap();
+    let listed = read("Stop.ls");
+    assert!(
+        listed
+            .lines()
+            .any(|l| l == format!("session-{session}.sock")),
+        "{listed}"
+    );
     assert_eq!(
         stop["stop_hook_active"], true,
         "the last Stop runs after a block: {stop}"

@@ -28,7 +28,7 @@ impl Session {
                 Ok((listener, inode))
             }) {
             Ok((l, inode)) => {
-                self.state().hook_socket = Some((path, inode));
+                self.state().hook_sockets.push((path, inode));
                 l
             }
             Err(e) => {
@@ -86,8 +86,21 @@ impl Session {
                 let _ = stream.get_mut().write_all(text.as_bytes()).await;
                 return;
             }
-            Ok(HookRequest::Take) => self.lend(),
-            Ok(HookRequest::Wait) => {
+            Ok(HookRequest::Take { session } | HookRequest::Wait { session })
+                if self.serves_another_session(session.as_deref()) =>
+            {
+                let reply = HookReply {
+                    name: String::new(),
+                    messages: Vec::new(),
+                    other_session: true,
+                };
+                let mut text = serde_json::to_string(&reply).expect("serializable");
+                text.push('\n');
+                let _ = stream.get_mut().write_all(text.as_bytes()).await;
+                return;
+            }
+            Ok(HookRequest::Take { .. }) => self.lend(),
+            Ok(HookRequest::Wait { .. }) => {
                 // Until mail arrives, the hook goes away (its host ended it), or a newer
                 // wait replaces this one: the host starts one after every turn and does
                 // not end the older ones.
@@ -130,6 +143,7 @@ impl Session {
         let reply = HookReply {
             name,
             messages: lent,
+            other_session: false,
         };
         let mut text = serde_json::to_string(&reply).expect("serializable");
         text.push('\n');
@@ -144,6 +158,34 @@ impl Session {
                 self.shown_by_hook(lent);
             }
             _ => self.give_back(lent),
+        }
+    }
+
+    /// Whether a hook of the agent session `theirs` must look further: we know our session
+    /// and it is another, or our host runs several sessions and we do not know ours yet
+    /// (their mail is not ours to lend). A hook that says nothing of its session is ours.
+    fn serves_another_session(&self, theirs: Option<&str>) -> bool {
+        let st = self.state();
+        match (st.agent_session.as_deref(), theirs) {
+            (Some(ours), Some(theirs)) => ours != theirs,
+            (None, Some(_)) => st.shared_host,
+            (_, None) => false,
+        }
+    }
+
+    /// The agent told us which of its sessions we serve (Codex: `sessionId` in a tool
+    /// call's `_meta`): our hooks find us by it from now on, whichever process runs them.
+    pub(crate) fn learn_agent_session(self: &Arc<Self>, id: &str) {
+        {
+            let mut st = self.state();
+            if st.agent_session.is_some() {
+                return;
+            }
+            st.agent_session = Some(id.to_string());
+        }
+        tracing::info!(session = id, "the agent named our session");
+        if let Some(path) = crate::hook::session_socket_path(&self.paths, id) {
+            tokio::spawn(self.clone().serve_hooks(path));
         }
     }
 

@@ -107,10 +107,11 @@ pub fn wanted_name(flag: Option<&str>, cwd: &std::path::Path) -> Result<(PeerNam
 /// The agent session we serve (see [`SessionKey`]): `CLAUDE_PEERS_SESSION` when set
 /// (empty: none), else the agent process that started us, by pid and start time (so a
 /// pid used again later is another process).
-fn session_key(host: u32) -> Option<SessionKey> {
+fn session_key(host: u32, shared_host: bool) -> Option<SessionKey> {
     let key = match std::env::var("CLAUDE_PEERS_SESSION") {
         Ok(k) if k.is_empty() => return None,
         Ok(k) => k,
+        Err(_) if shared_host => return None,
         Err(_) => format!("process:{host}:{}", platform::stat_field(host, 22)?),
     };
     Some(SessionKey {
@@ -124,6 +125,10 @@ impl Session {
         let cwd = std::env::current_dir()?;
         let (name, explicit) = wanted_name(name_flag, &cwd)?;
         let git = GitInfo::discover(&cwd);
+        // Codex's app-server (`codex app-server`, measured with 0.171) runs the servers of
+        // every window and thread: one process, many sessions.
+        let shared_host = platform::command_line(platform::parent_pid())
+            .is_some_and(|argv| argv.iter().any(|a| a == "app-server"));
         let identity = Register {
             name: name.to_string(),
             explicit,
@@ -141,12 +146,15 @@ impl Session {
                 client_version: None,
                 push: false,
             },
-            session: session_key(platform::parent_pid()),
+            session: session_key(platform::parent_pid(), shared_host),
         };
         let (inbound, inbound_rx) = tokio::sync::mpsc::unbounded_channel();
         Ok(Arc::new(Self {
             paths,
-            state: Mutex::new(State::new(identity, inbound_rx)),
+            state: Mutex::new(State {
+                shared_host,
+                ..State::new(identity, inbound_rx)
+            }),
             conn: watch::channel(None).0,
             wanted: watch::channel(false).0,
             initialized: watch::channel(false).0,
@@ -457,8 +465,8 @@ impl Session {
     /// sockets), before it exits.
     fn clean_up(&self) {
         self.replies.remove_all();
-        let socket = self.state().hook_socket.take();
-        if let Some((path, inode)) = socket {
+        let sockets = std::mem::take(&mut self.state().hook_sockets);
+        for (path, inode) in sockets {
             // Not a newer serve's socket in its place.
             let ours = std::fs::metadata(&path)
                 .is_ok_and(|m| std::os::unix::fs::MetadataExt::ino(&m) == inode);

@@ -43,9 +43,14 @@ pub(super) struct State {
     pub held: HashSet<String>,
     /// The newest message id from each sender, to thread a reply made through the inbox.
     pub last_from: HashMap<String, String>,
-    /// Our hook socket, once bound, and its inode: removed at exit unless a newer `serve`
-    /// of the host has put its own in its place.
-    pub hook_socket: Option<(PathBuf, u64)>,
+    /// Our hook sockets (the host's, and our agent session's once known), each with its
+    /// inode: removed at exit unless a newer `serve` has put its own in its place.
+    pub hook_sockets: Vec<(PathBuf, u64)>,
+    /// The agent's id of our session, once it told us (Codex: at each tool call).
+    pub agent_session: Option<String>,
+    /// Our host runs several sessions' servers (Codex's app-server: every window and
+    /// thread), so its pid says nothing of which session we serve.
+    pub shared_host: bool,
     /// Mail waiting for `check_messages` or a hook, oldest first.
     pub unread: VecDeque<Delivery>,
     /// Inbox messages acked delivered in the last 20 s (`paced::RECENT`): a late
@@ -87,7 +92,9 @@ impl State {
             outboxes: HashMap::new(),
             held: HashSet::new(),
             last_from: HashMap::new(),
-            hook_socket: None,
+            hook_sockets: Vec::new(),
+            agent_session: None,
+            shared_host: false,
             unread: VecDeque::new(),
             recent: VecDeque::new(),
             native_sockets: HashMap::new(),

@@ -515,6 +515,10 @@ impl ServerHandler for PeersServer {
         context: RequestContext<RoleServer>,
     ) -> Result<CallToolResponse, McpError> {
         let text_only = text_only(&context);
+        // Codex names the session (its thread) in every call.
+        if let Some(id) = context.meta.get("sessionId").and_then(|v| v.as_str()) {
+            self.session.learn_agent_session(id);
+        }
         let call = rmcp::handler::server::tool::ToolCallContext::new(self, request, context);
         let response = self.tool_router.call(call).await?;
         Ok(if text_only {
