@@ -34,8 +34,10 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     let paths = Paths::resolve(cli.home(), cli.db())?;
     match cli.command {
         Command::Broker(args) => {
+            let network = args.network()?;
             let mut opts = BrokerOptions::new(paths, args.limits);
             opts.protocol = args.protocol_version;
+            opts.network = network;
             broker::run(opts)?;
             Ok(ExitCode::SUCCESS)
         }

@@ -161,7 +161,14 @@ pub fn validate(request: &Request, limits: &Limits) -> Result<(), ErrorBody> {
                 )));
             }
             for to in &s.to {
-                name("recipient", to)?;
+                // A session here (`name`) or on another machine (`name@host`).
+                match to.rsplit_once('@') {
+                    Some((n, host)) => {
+                        name("recipient", n)?;
+                        name("recipient's host", host)?;
+                    }
+                    None => name("recipient", to)?,
+                }
             }
             key(s.key.as_deref())?;
             message(&s.text, s.in_reply_to.as_deref(), s.from.as_deref(), limits)

@@ -5,6 +5,7 @@
 //! ([`conn`]), which decode and check each request ([`frame`]) before the core sees it. Shutdown (asked for, idle, SIGTERM/SIGINT): the core finishes its batch and
 //! answers, connections are closed, the socket is removed, then the lock is released.
 
+pub mod bridge;
 pub mod clock;
 pub mod conn;
 pub mod core;
@@ -48,6 +49,8 @@ pub struct BrokerOptions {
     pub limits: Limits,
     /// The protocol version to announce; only tests set another.
     pub protocol: u32,
+    /// Other machines' brokers, through NATS.
+    pub network: Option<bridge::NetworkOptions>,
 }
 
 impl BrokerOptions {
@@ -56,6 +59,7 @@ impl BrokerOptions {
             paths,
             limits,
             protocol: PROTOCOL_VERSION,
+            network: None,
         }
     }
 }
@@ -214,8 +218,19 @@ async fn serve(opts: &BrokerOptions, store: Store) -> Result<()> {
         socket: paths.socket.display().to_string(),
         database: paths.db.display().to_string(),
     };
-    let core = Core::new(store, opts.limits.clone(), info)?;
+    let mut core = Core::new(store, opts.limits.clone(), info)?;
     let (core_tx, core_rx) = tokio::sync::mpsc::unbounded_channel::<Command>();
+    if let Some(network) = &opts.network {
+        let (outbox_tx, outbox_rx) = tokio::sync::mpsc::unbounded_channel();
+        let waiting = core.connect_network(network.clone(), outbox_tx)?;
+        tracing::info!(url = %network.url, host = %network.host, waiting = waiting.len(), "relaying to other machines through NATS");
+        tokio::task::spawn_local(bridge::run(
+            network.clone(),
+            waiting,
+            outbox_rx,
+            core_tx.clone(),
+        ));
+    }
     let mut core_task = tokio::task::spawn_local(core.run(core_rx));
 
     let ctx = Rc::new(ConnContext {

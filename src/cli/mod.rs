@@ -173,6 +173,40 @@ pub struct BrokerArgs {
     /// Protocol version to announce (for testing handover).
     #[arg(long, hide = true, default_value_t = PROTOCOL_VERSION)]
     pub protocol_version: u32,
+    /// A NATS server (with JetStream) through which to reach the brokers of other
+    /// machines, e.g. nats://10.0.0.5:4222. Unset or empty: this machine only.
+    #[arg(long, env = "CLAUDE_PEERS_NATS_URL", value_name = "URL")]
+    pub nats_url: Option<String>,
+    /// A NATS credentials file (keep it mode 0600).
+    #[arg(long, env = "CLAUDE_PEERS_NATS_CREDS", value_name = "FILE")]
+    pub nats_creds: Option<PathBuf>,
+    /// This machine's name in addresses (`name@host`) [default: the host name].
+    #[arg(long = "host-name", env = "CLAUDE_PEERS_HOST", value_name = "NAME")]
+    pub host: Option<String>,
+}
+
+impl BrokerArgs {
+    /// How to reach other machines, if a NATS URL is set.
+    pub fn network(&self) -> anyhow::Result<Option<crate::broker::bridge::NetworkOptions>> {
+        let Some(url) = self.nats_url.clone().filter(|u| !u.is_empty()) else {
+            return Ok(None);
+        };
+        let host = match self.host.clone().filter(|h| !h.is_empty()) {
+            Some(h) => crate::names::PeerName::new(&h)
+                .map_err(|e| anyhow::anyhow!("host name {h:?} (CLAUDE_PEERS_HOST): {e}"))?
+                .to_string(),
+            None => crate::names::PeerName::sanitize(&crate::platform::host_name()).to_string(),
+        };
+        Ok(Some(crate::broker::bridge::NetworkOptions {
+            url,
+            creds: self
+                .nats_creds
+                .clone()
+                .filter(|p| !p.as_os_str().is_empty()),
+            host,
+            user: crate::broker::bridge::user_name(),
+        }))
+    }
 }
 
 async fn connect(paths: &Paths, autostart: bool) -> Result<Client, ClientError> {
@@ -436,6 +470,8 @@ async fn send(
             DeliveryState::Held => "held for its user's approval by",
             DeliveryState::Denied => "declined by the user of",
             DeliveryState::Damaged => "stored damaged for",
+            DeliveryState::Relaying => "relaying (stored here, on its way) to",
+            DeliveryState::Undeliverable => "not delivered (no such session there) to",
         };
         outln!("{how} {} (message {})", r.name, sent.message_id);
     }

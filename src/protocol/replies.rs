@@ -43,6 +43,11 @@ pub enum DeliveryState {
     Denied,
     /// The stored message could not be read (a damaged row); put aside, never delivered.
     Damaged,
+    /// To a session on another machine: stored here, on its way there (through NATS),
+    /// not yet confirmed by that machine's broker.
+    Relaying,
+    /// The other machine's broker has no session of that name; it was not stored there.
+    Undeliverable,
 }
 
 impl DeliveryState {
@@ -54,6 +59,8 @@ impl DeliveryState {
             DeliveryState::Held => "held",
             DeliveryState::Denied => "denied",
             DeliveryState::Damaged => "damaged",
+            DeliveryState::Relaying => "relaying",
+            DeliveryState::Undeliverable => "undeliverable",
         }
     }
 }

@@ -51,6 +51,8 @@ fn delivery_state(code: i64) -> DeliveryState {
         3 => DeliveryState::Held,
         4 => DeliveryState::Denied,
         5 => DeliveryState::Damaged,
+        super::RELAYING => DeliveryState::Relaying,
+        super::UNDELIVERABLE => DeliveryState::Undeliverable,
         _ => DeliveryState::Queued,
     }
 }

@@ -29,11 +29,13 @@ use rusqlite::Connection;
 use crate::protocol::{DeliveryState, Millis, PeerContext};
 
 mod mail;
+mod outbox;
 mod peers;
 #[cfg(test)]
 mod tests;
 
 pub use mail::{Marked, REOPEN_GRACE};
+pub use outbox::{OutboxRow, RELAYING, UNDELIVERABLE};
 
 /// Schema steps; entry `i` moves `user_version` from `i` to `i + 1`.
 const MIGRATIONS: &[&str] = &[
@@ -87,6 +89,16 @@ CREATE TABLE meta (
     r#"
 ALTER TABLE messages ADD COLUMN key TEXT;
 CREATE INDEX messages_by_key ON messages(key) WHERE key IS NOT NULL;
+"#,
+    // What waits to be published to NATS (mail to other machines, receipts for theirs),
+    // written in the transaction of the change it tells of, removed once JetStream has it.
+    r#"
+CREATE TABLE outbox (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    subject TEXT NOT NULL,
+    msg_id TEXT NOT NULL,
+    payload BLOB NOT NULL
+);
 "#,
 ];
 

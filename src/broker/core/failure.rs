@@ -24,6 +24,8 @@ impl Core {
                         self.answer(conn, id, Err(refusal.clone()));
                     }
                 }
+                // Refused, the bridge hands it over again later.
+                Command::Relayed { .. } | Command::Published { .. } => {}
                 // Pushing from the store reads only; handled now (deferring it could keep
                 // the core busy with it while the database refuses every batch).
                 other => self.handle(other),

@@ -207,9 +207,7 @@ impl Core {
         self.submit(conn, id, s.from, draft, move |core, _| {
             let mut recipients: Vec<String> = Vec::with_capacity(to.len());
             for name in to {
-                if !core.peers.contains_key(&name) {
-                    return Err(core.unknown_peer(&name));
-                }
+                let name = core.recipient(&name)?;
                 if !recipients.contains(&name) {
                     recipients.push(name);
                 }
@@ -320,9 +318,14 @@ impl Core {
             in_reply_to,
             key,
         } = draft;
-        if let Err(e) = self.check_mailboxes(&recipients) {
+        // Mail to another machine's session is relayed (its mailbox is checked there).
+        let (remote, local): (Vec<&String>, Vec<&String>) =
+            recipients.iter().partition(|r| r.contains('@'));
+        let local: Vec<String> = local.into_iter().cloned().collect();
+        if let Err(e) = self.check_mailboxes(&local) {
             return Outcome::Answer(Err(e));
         }
+        let remote: Vec<&str> = remote.into_iter().map(String::as_str).collect();
         // Ordered and expired by the store's clock, which the wall clock cannot move;
         // `sent_at` is the wall time people see.
         let (id, stamped) = self.clock.new_id();
@@ -341,11 +344,16 @@ impl Core {
         if let Err(e) = self.store.insert_message(&new, &refs) {
             return Outcome::Answer(Err(self.failed_write(e)));
         }
+        if !remote.is_empty()
+            && let Err(e) = self.relay_out(&new, &remote)
+        {
+            return Outcome::Answer(Err(self.failed_write(e)));
+        }
         let mut states = Vec::with_capacity(recipients.len());
         let mut unacked = HashSet::new();
         for r in &recipients {
-            *self.queued.entry(r.clone()).or_default() += 1;
             let state = match self.online.get(r).copied() {
+                _ if remote.contains(&r.as_str()) => DeliveryState::Relaying,
                 // A recipient that reads too slowly gets it later, from the store
                 // (`drained`), in order after what waits before it.
                 Some(to_conn) if !self.may_push(to_conn) => DeliveryState::Queued,
@@ -369,6 +377,9 @@ impl Core {
                 }
                 None => DeliveryState::Queued,
             };
+            if state != DeliveryState::Relaying {
+                *self.queued.entry(r.clone()).or_default() += 1;
+            }
             states.push(RecipientState {
                 name: r.clone(),
                 state,
@@ -380,7 +391,11 @@ impl Core {
                 text: text.clone(),
                 in_reply_to: in_reply_to.clone(),
                 sent_at,
-                state: DeliveryState::Queued,
+                state: if state == DeliveryState::Relaying {
+                    state
+                } else {
+                    DeliveryState::Queued
+                },
                 delivered_at: None,
             });
         }
@@ -471,10 +486,18 @@ impl Core {
             if done {
                 self.finish_awaiting(&id);
             }
-            if self.conns.values().any(|c| c.subscribed) {
+            let subscribed = self.conns.values().any(|c| c.subscribed);
+            if subscribed || self.network.is_some() {
                 let entry = self.store.log_entry(&id, &name).map_err(internal)?;
                 if let Some(entry) = entry {
-                    self.log_event(LogEventKind::Delivered, || entry);
+                    // Mail from another machine: its sender's broker hears what became of it.
+                    if entry.from.contains('@') {
+                        self.receipt(&id, &entry.from, &name, a.state.into(), Some(now))
+                            .map_err(|e| self.failed_write(e))?;
+                    }
+                    if subscribed {
+                        self.log_event(LogEventKind::Delivered, || entry);
+                    }
                 }
             }
         }

@@ -27,6 +27,7 @@ use crate::wire;
 
 mod failure;
 mod mail;
+pub mod network;
 mod peers;
 mod retention;
 #[cfg(test)]
@@ -90,6 +91,20 @@ pub enum Command {
     /// Finish the current batch, close every connection and stop.
     Shutdown {
         reason: String,
+    },
+    /// The bridge: JetStream has outbox publication `seq`.
+    Published {
+        seq: i64,
+    },
+    /// The bridge: mail or a receipt from another machine; `done` hears whether it was
+    /// saved.
+    Relayed {
+        relayed: crate::broker::bridge::Relayed,
+        done: tokio::sync::oneshot::Sender<bool>,
+    },
+    /// The bridge's NATS connection came or went.
+    Network {
+        connected: bool,
     },
 }
 
@@ -167,6 +182,12 @@ pub struct Core {
     idle_since: Option<Instant>,
     next_sweep: Instant,
     stopping: Option<String>,
+    /// The bridge to other machines, when there is one.
+    network: Option<network::Network>,
+    /// Outbox rows of the current batch, for the bridge after the commit.
+    outbox_in_batch: Vec<crate::store::OutboxRow>,
+    /// What the bridge handed over in the current batch, waiting to hear of the commit.
+    relayed_in_batch: Vec<tokio::sync::oneshot::Sender<bool>>,
 }
 
 /// Most commands handled in one transaction.
@@ -175,7 +196,11 @@ const MAX_BATCH: usize = 1024;
 /// Whether a command only reads (from memory, or from the store in autocommit). A batch
 /// of only such commands runs outside a write transaction.
 fn reads_only(cmd: &Command) -> bool {
-    matches!(cmd, Command::Request { request, .. } if writes_nothing(request))
+    match cmd {
+        Command::Request { request, .. } => writes_nothing(request),
+        Command::Network { .. } => true,
+        _ => false,
+    }
 }
 
 /// Requests whose effect needs no write: their answers stand even if their batch fails.
@@ -232,6 +257,9 @@ impl Core {
             next_sweep: now + Duration::from_secs(1),
             stopping: None,
             records: RefCell::default(),
+            network: None,
+            outbox_in_batch: Vec::new(),
+            relayed_in_batch: Vec::new(),
         })
     }
 
@@ -323,12 +351,14 @@ impl Core {
             Some(e) => Err(e),
             None => self.store.commit(),
         };
+        let saved = outcome.is_ok();
         if let Err(e) = outcome {
             tracing::error!("commit failed: {e}; answering this batch with errors");
             self.store.rollback();
             self.fail_effects(&e);
             self.reload();
         }
+        self.after_commit(saved);
         self.flush_effects();
     }
 
@@ -429,6 +459,13 @@ impl Core {
             Command::Disconnected { conn } => self.disconnected(conn),
             Command::Shutdown { reason } => {
                 self.stopping.get_or_insert(reason);
+            }
+            Command::Published { seq } => self.published(seq),
+            Command::Relayed { relayed, done } => self.relayed(relayed, done),
+            Command::Network { connected } => {
+                if let Some(n) = &mut self.network {
+                    n.connected = connected;
+                }
             }
             Command::Request { conn, id, request } => {
                 if !self.conns.contains_key(&conn) {

@@ -1,0 +1,283 @@
+//! The bridge to brokers on other machines, through NATS JetStream (only when a NATS URL
+//! is set).
+//!
+//! Out: the core writes each publication (mail to another machine, a receipt for mail from
+//! one) to the store's outbox in the transaction of the change it tells of, and hands it
+//! here after the commit; the bridge publishes it with `Nats-Msg-Id` (JetStream drops a
+//! second copy inside its duplicate window) and, on JetStream's ack, tells the core to
+//! remove it. NATS down, or the broker killed: the outbox still has it, and it goes out
+//! when NATS is back.
+//!
+//! In: one durable pull consumer per machine (named after the host) reads the mail and
+//! receipts for this host; each is handed to the core, and acked to JetStream only after
+//! the core committed it. A message relayed twice is stored once: the core ignores a
+//! message id it already has.
+//!
+//! Subjects, per user (`<user>` and `<host>` escaped, as NATS splits on `.`):
+//! `cp.<user>.mail.<host>` and `cp.<user>.receipt.<host>`, in the stream `CP_<user>`.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use async_nats::jetstream::{self, consumer, message::PublishMessage, stream};
+use futures_util::StreamExt;
+use serde::{Deserialize, Serialize};
+use tokio::sync::{mpsc, oneshot};
+
+use super::core::Command;
+use crate::protocol::{DeliveryState, Millis};
+use crate::store::OutboxRow;
+
+/// How this broker reaches the others.
+#[derive(Debug, Clone)]
+pub struct NetworkOptions {
+    pub url: String,
+    /// A NATS credentials file (mode 0600).
+    pub creds: Option<std::path::PathBuf>,
+    /// This machine's name in addresses (`name@host`).
+    pub host: String,
+    /// Whose brokers these are: one user's brokers share subjects and see nothing of
+    /// another's.
+    pub user: String,
+}
+
+impl NetworkOptions {
+    pub fn mail_subject(&self, host: &str) -> String {
+        format!("cp.{}.mail.{}", token(&self.user), token(host))
+    }
+
+    pub fn receipt_subject(&self, host: &str) -> String {
+        format!("cp.{}.receipt.{}", token(&self.user), token(host))
+    }
+
+    fn stream_name(&self) -> String {
+        format!("CP_{}", token(&self.user))
+    }
+}
+
+/// Whose brokers these are, in subjects: `$USER`, else `uid<uid>`.
+pub fn user_name() -> String {
+    std::env::var("USER")
+        .ok()
+        .filter(|u| !u.is_empty())
+        .unwrap_or_else(|| format!("uid{}", crate::platform::current_uid()))
+}
+
+/// `s` as one NATS subject token (and stream or consumer name): letters, digits, `_` and
+/// `-` as they are, every other byte as `=` and two hex digits. Peer and host names may
+/// hold `.`, which NATS would split on.
+pub fn token(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for b in s.bytes() {
+        if b.is_ascii_alphanumeric() || b == b'_' || b == b'-' {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("={b:02X}"));
+        }
+    }
+    out
+}
+
+/// What brokers publish to each other.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum Relayed {
+    /// Mail for sessions of the receiving host. `from` is `name@host`.
+    Mail {
+        id: String,
+        from: String,
+        to: Vec<String>,
+        text: String,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        in_reply_to: Option<String>,
+        sent_at: Millis,
+    },
+    /// What became of mail sent from the receiving host: `recipient` is `name@host`.
+    Receipt {
+        id: String,
+        recipient: String,
+        state: DeliveryState,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        at: Option<Millis>,
+    },
+}
+
+/// Runs the bridge until the core goes away: publishes `waiting` and whatever `outbox`
+/// brings, and hands what arrives for this host to the core.
+pub async fn run(
+    opts: NetworkOptions,
+    waiting: Vec<OutboxRow>,
+    mut outbox: mpsc::UnboundedReceiver<OutboxRow>,
+    core: mpsc::UnboundedSender<Command>,
+) {
+    let mut pending: BTreeMap<i64, OutboxRow> = waiting.into_iter().map(|r| (r.seq, r)).collect();
+    let mut backoff =
+        crate::client::Backoff::new(Duration::from_millis(100), Duration::from_secs(5));
+    let mut said = false;
+    loop {
+        let session = match connect(&opts).await {
+            Ok(s) => s,
+            Err(e) => {
+                if !said {
+                    tracing::warn!(url = %opts.url, "cannot reach NATS: {e}; mail to other machines waits in the outbox");
+                    said = true;
+                }
+                let _ = core.send(Command::Network { connected: false });
+                // Keep taking what the core hands over while we wait.
+                let wait = backoff.wait();
+                tokio::pin!(wait);
+                loop {
+                    tokio::select! {
+                        () = &mut wait => break,
+                        row = outbox.recv() => match row {
+                            Some(r) => { pending.insert(r.seq, r); }
+                            None => return,
+                        },
+                    }
+                }
+                continue;
+            }
+        };
+        said = false;
+        backoff.reset();
+        tracing::info!(url = %opts.url, host = %opts.host, "connected to NATS");
+        let _ = core.send(Command::Network { connected: true });
+        let (js, consumer) = session;
+        let mut messages = match consumer
+            .stream()
+            .expires(Duration::from_secs(300))
+            .heartbeat(Duration::from_secs(60))
+            .messages()
+            .await
+        {
+            Ok(m) => m,
+            Err(e) => {
+                tracing::warn!("cannot read from NATS: {e}");
+                backoff.wait().await;
+                continue;
+            }
+        };
+        // Publish what waits, oldest first, then whatever comes; read what arrives.
+        'connected: loop {
+            while let Some((&seq, row)) = pending.iter().next() {
+                if let Err(e) = publish(&js, row).await {
+                    tracing::warn!("cannot publish to NATS: {e}");
+                    break 'connected;
+                }
+                pending.remove(&seq);
+                let _ = core.send(Command::Published { seq });
+            }
+            tokio::select! {
+                row = outbox.recv() => match row {
+                    Some(r) => { pending.insert(r.seq, r); }
+                    None => return,
+                },
+                msg = messages.next() => match msg {
+                    Some(Ok(msg)) => take(msg, &core).await,
+                    Some(Err(e)) => {
+                        tracing::warn!("NATS: {e}");
+                        break;
+                    }
+                    None => break,
+                },
+            }
+        }
+        let _ = core.send(Command::Network { connected: false });
+        backoff.wait().await;
+    }
+}
+
+type Session = (jetstream::Context, consumer::PullConsumer);
+
+async fn connect(opts: &NetworkOptions) -> Result<Session, async_nats::Error> {
+    if opts.url.starts_with("tls://") {
+        return Err("TLS connections to NATS are not supported by this build yet".into());
+    }
+    let mut connect = async_nats::ConnectOptions::new()
+        .name(format!("claude-peers broker {}", opts.host))
+        .max_reconnects(Some(0));
+    if let Some(creds) = &opts.creds {
+        connect = connect.credentials_file(creds).await?;
+    }
+    let client = connect.connect(opts.url.as_str()).await?;
+    let js = jetstream::new(client);
+    let user = token(&opts.user);
+    js.create_or_update_stream(stream::Config {
+        name: opts.stream_name(),
+        subjects: vec![format!("cp.{user}.mail.*"), format!("cp.{user}.receipt.*")],
+        storage: stream::StorageType::File,
+        duplicate_window: Duration::from_secs(120),
+        ..Default::default()
+    })
+    .await?;
+    let stream = js.get_stream(opts.stream_name()).await?;
+    let durable = token(&opts.host);
+    let consumer = stream
+        .get_or_create_consumer(
+            &durable,
+            consumer::pull::Config {
+                durable_name: Some(durable.clone()),
+                filter_subject: format!("cp.{user}.*.{durable}"),
+                ack_policy: consumer::AckPolicy::Explicit,
+                ack_wait: Duration::from_secs(30),
+                ..Default::default()
+            },
+        )
+        .await?;
+    Ok((js, consumer))
+}
+
+async fn publish(js: &jetstream::Context, row: &OutboxRow) -> Result<(), async_nats::Error> {
+    let ack = js
+        .send_publish(
+            row.subject.clone(),
+            PublishMessage::build()
+                .payload(row.payload.clone().into())
+                .message_id(&row.msg_id),
+        )
+        .await?;
+    ack.await?;
+    Ok(())
+}
+
+/// Hands one arrival to the core and acks it to JetStream once the core committed it
+/// (or could not read it: such a message would never read better).
+async fn take(msg: jetstream::Message, core: &mpsc::UnboundedSender<Command>) {
+    let relayed = match serde_json::from_slice::<Relayed>(&msg.payload) {
+        Ok(r) => r,
+        Err(e) => {
+            tracing::warn!(subject = %msg.subject, "dropped an unreadable message from NATS: {e}");
+            let _ = msg.ack().await;
+            return;
+        }
+    };
+    let (done, committed) = oneshot::channel();
+    if core.send(Command::Relayed { relayed, done }).is_err() {
+        return;
+    }
+    match committed.await {
+        Ok(true) => {
+            if let Err(e) = msg.double_ack().await {
+                // Redelivered later, and stored once.
+                tracing::warn!("cannot ack to NATS: {e}");
+            }
+        }
+        _ => {
+            let _ = msg
+                .ack_with(jetstream::AckKind::Nak(Some(Duration::from_secs(1))))
+                .await;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tokens_keep_nats_separators_out() {
+        assert_eq!(token("api.v2"), "api=2Ev2");
+        assert_eq!(token("a*b>c d"), "a=2Ab=3Ec=20d");
+        assert_eq!(token("dev-box_1"), "dev-box_1");
+    }
+}

@@ -1,0 +1,275 @@
+//! Mail across machines, the core's side (the bridge is `broker/bridge.rs`): addresses
+//! `name@host`, the outbox written in the transaction of each send to another machine and
+//! of each receipt for mail from one, and what arrives from the bridge: mail (stored once
+//! by id, then delivered as local mail is) and receipts (the state of our mail there).
+
+use std::collections::BTreeMap;
+
+use tokio::sync::mpsc::UnboundedSender;
+
+use super::*;
+use crate::broker::bridge::{NetworkOptions, Relayed};
+use crate::names::PeerName;
+use crate::store::{NewMessage, OutboxRow, RELAYING, UNDELIVERABLE};
+
+/// The core's link to the bridge.
+pub struct Network {
+    pub opts: NetworkOptions,
+    /// Publications for the bridge, handed over after their batch committed.
+    pub outbox: UnboundedSender<OutboxRow>,
+    pub connected: bool,
+}
+
+/// `name@host` split in two; `None` for a plain name.
+pub fn split_address(to: &str) -> Option<(&str, &str)> {
+    to.rsplit_once('@')
+}
+
+impl Core {
+    /// Links the core to the bridge; returns what waits in the outbox, for it to publish.
+    pub fn connect_network(
+        &mut self,
+        opts: NetworkOptions,
+        outbox: UnboundedSender<OutboxRow>,
+    ) -> Result<Vec<OutboxRow>, StoreError> {
+        self.network = Some(Network {
+            opts,
+            outbox,
+            connected: false,
+        });
+        self.store.outbox_all()
+    }
+
+    /// A recipient as the store keeps it: a local name, or `name@host` on another
+    /// machine. Our own host's addresses are local names.
+    pub(super) fn recipient(&self, to: &str) -> Result<String, ErrorBody> {
+        let Some((name, host)) = split_address(to) else {
+            if !self.peers.contains_key(to) {
+                return Err(self.unknown_peer(to));
+            }
+            return Ok(to.to_string());
+        };
+        PeerName::new(name).map_err(|e| err(ErrorCode::BadName, format!("{to}: {e}")))?;
+        PeerName::new(host).map_err(|e| err(ErrorCode::BadName, format!("{to}: host {e}")))?;
+        match &self.network {
+            Some(n) if n.opts.host == host => {
+                if !self.peers.contains_key(name) {
+                    return Err(self.unknown_peer(name));
+                }
+                Ok(name.to_string())
+            }
+            Some(_) => Ok(to.to_string()),
+            None => Err(err(
+                ErrorCode::UnknownPeer,
+                format!(
+                    "{to} is on another machine, and this broker is not connected to others; set CLAUDE_PEERS_NATS_URL (see the README, \"Several machines\")"
+                ),
+            )),
+        }
+    }
+
+    /// Queues the publication of a new message to its recipients on other machines (one
+    /// per host), in the current transaction.
+    pub(super) fn relay_out(
+        &mut self,
+        m: &NewMessage<'_>,
+        remote: &[&str],
+    ) -> Result<(), StoreError> {
+        let Some(network) = &self.network else {
+            return Ok(());
+        };
+        let from = format!("{}@{}", m.sender, network.opts.host);
+        let mut by_host: BTreeMap<&str, Vec<String>> = BTreeMap::new();
+        for r in remote {
+            self.store.set_delivery_state(m.id, r, RELAYING, None)?;
+            if let Some((name, host)) = split_address(r) {
+                by_host.entry(host).or_default().push(name.to_string());
+            }
+        }
+        for (host, to) in by_host {
+            let relayed = Relayed::Mail {
+                id: m.id.to_string(),
+                from: from.clone(),
+                to,
+                text: m.text.to_string(),
+                in_reply_to: m.in_reply_to.map(str::to_string),
+                sent_at: m.sent_at,
+            };
+            let subject = network.opts.mail_subject(host);
+            let payload = serde_json::to_vec(&relayed).expect("serializable");
+            let row = self
+                .store
+                .outbox_push(&subject, &format!("{}:{host}", m.id), &payload)?;
+            self.outbox_in_batch.push(row);
+        }
+        Ok(())
+    }
+
+    /// Queues a receipt to the machine `from` (`name@host`) sent message `id` from: what
+    /// became of it for our session `recipient`.
+    pub(super) fn receipt(
+        &mut self,
+        id: &str,
+        from: &str,
+        recipient: &str,
+        state: DeliveryState,
+        at: Option<Millis>,
+    ) -> Result<(), StoreError> {
+        let (Some(network), Some((_, host))) = (&self.network, split_address(from)) else {
+            return Ok(());
+        };
+        let relayed = Relayed::Receipt {
+            id: id.to_string(),
+            recipient: format!("{recipient}@{}", network.opts.host),
+            state,
+            at,
+        };
+        let subject = network.opts.receipt_subject(host);
+        let msg_id = format!("{id}:{recipient}:{}", state.as_str());
+        let payload = serde_json::to_vec(&relayed).expect("serializable");
+        let row = self.store.outbox_push(&subject, &msg_id, &payload)?;
+        self.outbox_in_batch.push(row);
+        Ok(())
+    }
+
+    /// Mail or a receipt from another machine; `done` hears, after the commit, whether
+    /// it was saved.
+    pub(super) fn relayed(&mut self, relayed: Relayed, done: tokio::sync::oneshot::Sender<bool>) {
+        let outcome = match relayed {
+            Relayed::Mail {
+                id,
+                from,
+                to,
+                text,
+                in_reply_to,
+                sent_at,
+            } => self.relayed_mail(id, from, to, text, in_reply_to, sent_at),
+            Relayed::Receipt {
+                id,
+                recipient,
+                state,
+                at,
+            } => self.relayed_receipt(&id, &recipient, state, at),
+        };
+        if let Err(e) = outcome {
+            self.batch_error.get_or_insert(e);
+        }
+        self.relayed_in_batch.push(done);
+    }
+
+    fn relayed_mail(
+        &mut self,
+        id: String,
+        from: String,
+        to: Vec<String>,
+        text: String,
+        in_reply_to: Option<String>,
+        sent_at: Millis,
+    ) -> Result<(), StoreError> {
+        if split_address(&from).is_none() || self.store.has_message(&id)? {
+            // Relayed again (JetStream redelivers what was not acked in time): stored once.
+            return Ok(());
+        }
+        let (here, unknown): (Vec<String>, Vec<String>) =
+            to.into_iter().partition(|n| self.peers.contains_key(n));
+        for name in &unknown {
+            self.receipt(&id, &from, name, DeliveryState::Undeliverable, None)?;
+        }
+        if here.is_empty() {
+            return Ok(());
+        }
+        let expires_at = self
+            .clock
+            .now()
+            .saturating_add(self.limits.retention.as_millis() as Millis);
+        let refs: Vec<&str> = here.iter().map(String::as_str).collect();
+        let new = NewMessage {
+            id: &id,
+            sender: &from,
+            text: &text,
+            in_reply_to: in_reply_to.as_deref(),
+            sent_at,
+            expires_at,
+            key: None,
+        };
+        self.store.insert_message(&new, &refs)?;
+        for r in &here {
+            *self.queued.entry(r.clone()).or_default() += 1;
+            // Stored: what reaches the session is told when it acks.
+            let state = DeliveryState::Queued;
+            if let Some(to_conn) = self.online.get(r).copied()
+                && self.may_push(to_conn)
+            {
+                let d = self.delivery(
+                    id.clone(),
+                    from.clone(),
+                    r,
+                    text.clone(),
+                    in_reply_to.clone(),
+                    sent_at,
+                );
+                self.emit(to_conn, ServerFrame::deliver(d));
+                self.set_pushed_upto(to_conn, id.clone());
+            }
+            self.receipt(&id, &from, r, state, None)?;
+            self.log_event(LogEventKind::Sent, || LogEntry {
+                id: id.clone(),
+                from: from.clone(),
+                to: r.clone(),
+                text: text.clone(),
+                in_reply_to: in_reply_to.clone(),
+                sent_at,
+                state,
+                delivered_at: None,
+            });
+        }
+        Ok(())
+    }
+
+    fn relayed_receipt(
+        &mut self,
+        id: &str,
+        recipient: &str,
+        state: DeliveryState,
+        at: Option<Millis>,
+    ) -> Result<(), StoreError> {
+        let code = match state {
+            DeliveryState::Delivered => 1,
+            DeliveryState::Pushed => 2,
+            DeliveryState::Held => 3,
+            DeliveryState::Denied => 4,
+            DeliveryState::Damaged => 5,
+            DeliveryState::Relaying => RELAYING,
+            DeliveryState::Undeliverable => UNDELIVERABLE,
+            DeliveryState::Queued => 0,
+        };
+        if self.store.set_delivery_state(id, recipient, code, at)?
+            && self.conns.values().any(|c| c.subscribed)
+            && let Some(entry) = self.store.log_entry(id, recipient)?
+        {
+            self.log_event(LogEventKind::Delivered, || entry);
+        }
+        Ok(())
+    }
+
+    /// After a batch: what it relayed in hears whether it was saved, and its publications
+    /// go to the bridge (only if saved).
+    pub(super) fn after_commit(&mut self, saved: bool) {
+        for done in self.relayed_in_batch.drain(..) {
+            let _ = done.send(saved);
+        }
+        let rows = std::mem::take(&mut self.outbox_in_batch);
+        if saved && let Some(n) = &self.network {
+            for row in rows {
+                let _ = n.outbox.send(row);
+            }
+        }
+    }
+
+    /// JetStream has publication `seq`.
+    pub(super) fn published(&mut self, seq: i64) {
+        if let Err(e) = self.store.outbox_done(seq) {
+            self.batch_error.get_or_insert(e);
+        }
+    }
+}

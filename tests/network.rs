@@ -1,0 +1,242 @@
+//! Brokers on two "machines" (two homes with their own host names) bridged through a real
+//! `nats-server` with JetStream, started by each test on a free loopback port. Skipped
+//! when `nats-server` is not on PATH; `.ci/run` installs it.
+
+mod common;
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use claude_peers::broker::bridge::{NetworkOptions, Relayed, user_name};
+use common::serve::Serve;
+use common::*;
+use serde_json::{Value, json};
+
+/// A `nats-server` with JetStream storing under `dir`, on loopback only; killed when
+/// dropped.
+struct Nats {
+    child: Option<std::process::Child>,
+    port: u16,
+    dir: std::path::PathBuf,
+}
+
+impl Nats {
+    fn start(dir: &Path, port: u16) -> Self {
+        let mut nats = Self {
+            child: None,
+            port,
+            dir: dir.to_path_buf(),
+        };
+        nats.restart();
+        nats
+    }
+
+    fn restart(&mut self) {
+        let child = std::process::Command::new("nats-server")
+            .args([
+                "-a",
+                "127.0.0.1",
+                "-p",
+                &self.port.to_string(),
+                "-js",
+                "-sd",
+            ])
+            .arg(&self.dir)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("nats-server starts");
+        self.child = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while std::net::TcpStream::connect(("127.0.0.1", self.port)).is_err() {
+            assert!(Instant::now() < deadline, "nats-server did not listen");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    fn url(&self) -> String {
+        format!("nats://127.0.0.1:{}", self.port)
+    }
+}
+
+impl Drop for Nats {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// A session `name` on machine `host` of `home`, its broker bridged through `url`.
+async fn session_on(home: &Home, host: &str, name: &str, url: &str) -> Serve {
+    let env = [("CLAUDE_PEERS_NATS_URL", url), ("CLAUDE_PEERS_HOST", host)];
+    let s = home.session_in(name, false, home.dir.path(), &env).await;
+    s.whoami_when_ready().await;
+    s
+}
+
+/// `check_messages` of `s` until it returns some (15 s at most).
+async fn mail_of(s: &Serve) -> Vec<Value> {
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let got = s.ok("check_messages", json!({})).await;
+        let messages = got["messages"].as_array().cloned().unwrap_or_default();
+        if !messages.is_empty() {
+            return messages;
+        }
+        assert!(Instant::now() < deadline, "no mail came");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// The state `home`'s history shows for message `id` to `to`, once it is `want` (15 s).
+fn wait_for_state(home: &Home, id: &str, to: &str, want: &str) {
+    wait_for(
+        || {
+            let out = home.run_ok(&["log", "--json", "-n", "50"]);
+            let log: Value = serde_json::from_slice(&out.stdout).unwrap();
+            log.as_array()
+                .unwrap()
+                .iter()
+                .any(|e| e["id"] == id && e["to"] == to && e["state"] == want)
+        },
+        &format!("{to}'s copy of {id} to be {want}"),
+    );
+}
+
+/// alice on host "hosta" and bob on "hostb" message each other by `name@host` through
+/// NATS; the reply threads; the sender sees `relaying`, then `delivered` once bob's
+/// session has it.
+#[tokio::test(flavor = "multi_thread")]
+async fn sessions_on_two_machines_message_each_other() {
+    require!("nats-server");
+    let js = tempfile::tempdir().unwrap();
+    let nats = Nats::start(js.path(), free_port());
+    let (a, b) = (Home::new(), Home::new());
+    let alice = session_on(&a, "hosta", "alice", &nats.url()).await;
+    let bob = session_on(&b, "hostb", "bob", &nats.url()).await;
+
+    let sent = alice
+        .ok(
+            "send_message",
+            json!({"to": "bob@hostb", "message": "hello from the laptop"}),
+        )
+        .await;
+    assert_eq!(sent["recipients"][0]["state"], "relaying", "{sent}");
+    let id = sent["message_id"].as_str().unwrap().to_string();
+    let got = mail_of(&bob).await;
+    assert_eq!(got.len(), 1, "{got:?}");
+    assert_eq!(got[0]["from"], "alice@hosta");
+    assert_eq!(got[0]["text"], "hello from the laptop");
+    assert_eq!(got[0]["message_id"], id.as_str());
+
+    let reply = bob
+        .ok(
+            "send_message",
+            json!({"to": "alice@hosta", "message": "hello from the dev box", "in_reply_to": id}),
+        )
+        .await;
+    assert_eq!(reply["recipients"][0]["state"], "relaying", "{reply}");
+    let back = mail_of(&alice).await;
+    assert_eq!(back[0]["from"], "bob@hostb");
+    assert_eq!(back[0]["in_reply_to"], id.as_str());
+
+    // bob's session acked it: alice's broker hears so.
+    wait_for_state(&a, &id, "bob@hostb", "delivered");
+
+    // hostb has no carol: alice hears that too.
+    let lost = alice
+        .ok(
+            "send_message",
+            json!({"to": "carol@hostb", "message": "hi"}),
+        )
+        .await;
+    let lost = lost["message_id"].as_str().unwrap().to_string();
+    wait_for_state(&a, &lost, "carol@hostb", "undeliverable");
+    alice.close().await;
+    bob.close().await;
+}
+
+/// A send to another machine is answered (and durable) while NATS is down; it goes out
+/// when NATS comes up, and arrives once.
+#[tokio::test(flavor = "multi_thread")]
+async fn mail_waits_in_the_outbox_while_nats_is_down() {
+    require!("nats-server");
+    let js = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let url = format!("nats://127.0.0.1:{port}");
+    let a = Home::new();
+    let alice = session_on(&a, "hosta", "alice", &url).await;
+    let sent = alice
+        .ok(
+            "send_message",
+            json!({"to": "bob@hostb", "message": "sent while NATS was down"}),
+        )
+        .await;
+    assert_eq!(sent["recipients"][0]["state"], "relaying", "{sent}");
+
+    let _nats = Nats::start(js.path(), port);
+    let b = Home::new();
+    let bob = session_on(&b, "hostb", "bob", &url).await;
+    let got = mail_of(&bob).await;
+    assert_eq!(got.len(), 1, "{got:?}");
+    assert_eq!(got[0]["text"], "sent while NATS was down");
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let again = bob.ok("check_messages", json!({})).await;
+    assert_eq!(again["messages"], json!([]), "{again}");
+    alice.close().await;
+    bob.close().await;
+}
+
+/// The same mail relayed twice (past JetStream's duplicate window, or by a broker that
+/// died between its publish and its outbox update) is stored and shown once.
+#[tokio::test(flavor = "multi_thread")]
+async fn mail_relayed_twice_is_stored_once() {
+    require!("nats-server");
+    let js = tempfile::tempdir().unwrap();
+    let nats = Nats::start(js.path(), free_port());
+    let b = Home::new();
+    let bob = session_on(&b, "hostb", "bob", &nats.url()).await;
+
+    let opts = NetworkOptions {
+        url: nats.url(),
+        creds: None,
+        host: "hosta".into(),
+        user: user_name(),
+    };
+    let client = async_nats::connect(nats.url()).await.unwrap();
+    let jet = async_nats::jetstream::new(client);
+    let mail = Relayed::Mail {
+        id: uuid::Uuid::now_v7().to_string(),
+        from: "alice@hosta".into(),
+        to: vec!["bob".into()],
+        text: "only once".into(),
+        in_reply_to: None,
+        sent_at: 1,
+    };
+    for copy in ["first", "second"] {
+        let msg = async_nats::jetstream::message::PublishMessage::build()
+            .payload(serde_json::to_vec(&mail).unwrap().into())
+            .message_id(copy);
+        jet.send_publish(opts.mail_subject("hostb"), msg)
+            .await
+            .unwrap()
+            .await
+            .unwrap();
+    }
+    let got = mail_of(&bob).await;
+    assert_eq!(got.len(), 1, "{got:?}");
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let again = bob.ok("check_messages", json!({})).await;
+    assert_eq!(again["messages"], json!([]), "{again}");
+    bob.close().await;
+}
