@@ -113,3 +113,34 @@ mod tests {
         assert!(parse_duration("99999999999999999999d").is_err());
     }
 }
+
+/// `claude-peers broker`'s arguments.
+#[derive(Debug, clap::Args)]
+pub struct BrokerArgs {
+    #[command(flatten)]
+    pub limits: Limits,
+    /// Protocol version to announce (for testing handover).
+    #[arg(long, hide = true, default_value_t = crate::protocol::PROTOCOL_VERSION)]
+    pub protocol_version: u32,
+    /// A NATS server (with JetStream) through which to reach the brokers of other
+    /// machines, e.g. nats://10.0.0.5:4222. Unset or empty: this machine only.
+    #[arg(long, env = "CLAUDE_PEERS_NATS_URL", value_name = "URL")]
+    pub nats_url: Option<String>,
+    /// A NATS credentials file (keep it mode 0600).
+    #[arg(long, env = "CLAUDE_PEERS_NATS_CREDS", value_name = "FILE")]
+    pub nats_creds: Option<std::path::PathBuf>,
+    /// This machine's name in addresses (`name@host`) [default: the host name].
+    #[arg(long = "host-name", env = "CLAUDE_PEERS_HOST", value_name = "NAME")]
+    pub host: Option<String>,
+}
+
+impl BrokerArgs {
+    /// How to reach other machines, if a NATS URL is set.
+    pub fn network(&self) -> anyhow::Result<Option<crate::broker::bridge::NetworkOptions>> {
+        crate::broker::bridge::NetworkOptions::new(
+            self.nats_url.as_deref(),
+            self.nats_creds.as_deref(),
+            self.host.as_deref(),
+        )
+    }
+}

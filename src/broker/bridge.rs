@@ -42,6 +42,32 @@ pub struct NetworkOptions {
 }
 
 impl NetworkOptions {
+    /// The options for a NATS `url` (none if unset or empty), with a credentials file and
+    /// this machine's name (default: the host name).
+    pub fn new(
+        url: Option<&str>,
+        creds: Option<&std::path::Path>,
+        host: Option<&str>,
+    ) -> anyhow::Result<Option<Self>> {
+        let Some(url) = url.filter(|u| !u.is_empty()) else {
+            return Ok(None);
+        };
+        let host = match host.filter(|h| !h.is_empty()) {
+            Some(h) => crate::names::PeerName::new(h)
+                .map_err(|e| anyhow::anyhow!("host name {h:?} (CLAUDE_PEERS_HOST): {e}"))?
+                .to_string(),
+            None => crate::names::PeerName::sanitize(&crate::platform::host_name()).to_string(),
+        };
+        Ok(Some(Self {
+            url: url.to_string(),
+            creds: creds
+                .filter(|p| !p.as_os_str().is_empty())
+                .map(|p| p.to_path_buf()),
+            host,
+            user: user_name(),
+        }))
+    }
+
     pub fn mail_subject(&self, host: &str) -> String {
         format!("cp.{}.mail.{}", token(&self.user), token(host))
     }

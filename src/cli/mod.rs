@@ -26,7 +26,6 @@ use anyhow::{Context, Result, bail};
 use clap::{Args, Parser, Subcommand};
 
 use crate::client::{Client, ClientError, ConnectOptions, Event, SEND_TRIES};
-use crate::config::Limits;
 use crate::paths::Paths;
 use crate::protocol::*;
 
@@ -85,7 +84,7 @@ pub enum Command {
         kind: crate::hook::HookKind,
     },
     /// Run the broker in the foreground (clients start one on demand).
-    Broker(BrokerArgs),
+    Broker(crate::config::BrokerArgs),
     /// Show the broker: pid, version, uptime, socket, database, peers, queued mail.
     Status {
         #[arg(long)]
@@ -164,49 +163,6 @@ pub struct ServeArgs {
     /// Write mail into the inbox of a Claude Code session that bypasses permissions too. Such a session holds messages from other sessions for its user's approval, but takes its own server's unasked; by default its mail waits for check_messages instead.
     #[arg(long, env = "CLAUDE_PEERS_BYPASS_INBOX")]
     pub bypass_inbox: bool,
-}
-
-#[derive(Debug, Args)]
-pub struct BrokerArgs {
-    #[command(flatten)]
-    pub limits: Limits,
-    /// Protocol version to announce (for testing handover).
-    #[arg(long, hide = true, default_value_t = PROTOCOL_VERSION)]
-    pub protocol_version: u32,
-    /// A NATS server (with JetStream) through which to reach the brokers of other
-    /// machines, e.g. nats://10.0.0.5:4222. Unset or empty: this machine only.
-    #[arg(long, env = "CLAUDE_PEERS_NATS_URL", value_name = "URL")]
-    pub nats_url: Option<String>,
-    /// A NATS credentials file (keep it mode 0600).
-    #[arg(long, env = "CLAUDE_PEERS_NATS_CREDS", value_name = "FILE")]
-    pub nats_creds: Option<PathBuf>,
-    /// This machine's name in addresses (`name@host`) [default: the host name].
-    #[arg(long = "host-name", env = "CLAUDE_PEERS_HOST", value_name = "NAME")]
-    pub host: Option<String>,
-}
-
-impl BrokerArgs {
-    /// How to reach other machines, if a NATS URL is set.
-    pub fn network(&self) -> anyhow::Result<Option<crate::broker::bridge::NetworkOptions>> {
-        let Some(url) = self.nats_url.clone().filter(|u| !u.is_empty()) else {
-            return Ok(None);
-        };
-        let host = match self.host.clone().filter(|h| !h.is_empty()) {
-            Some(h) => crate::names::PeerName::new(&h)
-                .map_err(|e| anyhow::anyhow!("host name {h:?} (CLAUDE_PEERS_HOST): {e}"))?
-                .to_string(),
-            None => crate::names::PeerName::sanitize(&crate::platform::host_name()).to_string(),
-        };
-        Ok(Some(crate::broker::bridge::NetworkOptions {
-            url,
-            creds: self
-                .nats_creds
-                .clone()
-                .filter(|p| !p.as_os_str().is_empty()),
-            host,
-            user: crate::broker::bridge::user_name(),
-        }))
-    }
 }
 
 async fn connect(paths: &Paths, autostart: bool) -> Result<Client, ClientError> {

@@ -25,6 +25,7 @@ use crate::protocol::*;
 use crate::store::{PeerRow, Store, StoreError};
 use crate::wire;
 
+mod command;
 mod failure;
 mod mail;
 pub mod network;
@@ -33,6 +34,8 @@ mod retention;
 #[cfg(test)]
 mod tests;
 
+pub use command::Command;
+use command::{reads_only, writes_nothing};
 use mail::AwaitingAcks;
 use peers::CachedRecord;
 use retention::SWEEP_EVERY;
@@ -67,45 +70,6 @@ enum Effect {
     /// A delivery or log event; `lagged` is the count of missed events a lag notice
     /// carries (0 for anything else), given back if the notice is withheld.
     Push { bytes: Vec<u8>, lagged: u64 },
-}
-
-/// What connection tasks (and the signal handler) ask of the core.
-#[derive(Debug)]
-pub enum Command {
-    Connected {
-        conn: ConnId,
-        outq: Rc<Outq>,
-    },
-    /// The connection's queue has room again after the core held something back.
-    Drained {
-        conn: ConnId,
-    },
-    Request {
-        conn: ConnId,
-        id: Option<u64>,
-        request: Box<Request>,
-    },
-    Disconnected {
-        conn: ConnId,
-    },
-    /// Finish the current batch, close every connection and stop.
-    Shutdown {
-        reason: String,
-    },
-    /// The bridge: JetStream has outbox publication `seq`.
-    Published {
-        seq: i64,
-    },
-    /// The bridge: mail or a receipt from another machine; `done` hears whether it was
-    /// saved.
-    Relayed {
-        relayed: crate::broker::bridge::Relayed,
-        done: tokio::sync::oneshot::Sender<bool>,
-    },
-    /// The bridge's NATS connection came or went.
-    Network {
-        connected: bool,
-    },
 }
 
 /// Facts about the running broker, for `status`.
@@ -192,29 +156,6 @@ pub struct Core {
 
 /// Most commands handled in one transaction.
 const MAX_BATCH: usize = 1024;
-
-/// Whether a command only reads (from memory, or from the store in autocommit). A batch
-/// of only such commands runs outside a write transaction.
-fn reads_only(cmd: &Command) -> bool {
-    match cmd {
-        Command::Request { request, .. } => writes_nothing(request),
-        Command::Network { .. } => true,
-        _ => false,
-    }
-}
-
-/// Requests whose effect needs no write: their answers stand even if their batch fails.
-fn writes_nothing(request: &Request) -> bool {
-    matches!(
-        request,
-        Request::ListPeers(_)
-            | Request::Whoami
-            | Request::Status
-            | Request::Log(_)
-            | Request::Subscribe
-            | Request::Shutdown(_)
-    )
-}
 
 fn err(code: ErrorCode, message: impl Into<String>) -> ErrorBody {
     ErrorBody::new(code, message)
