@@ -183,6 +183,14 @@ async fn mail_waits_in_the_outbox_while_nats_is_down() {
         )
         .await;
     assert_eq!(sent["recipients"][0]["state"], "relaying", "{sent}");
+    let network = |home: &Home| {
+        let out = home.run_ok(&["status", "--json"]);
+        serde_json::from_slice::<Value>(&out.stdout).unwrap()["network"].clone()
+    };
+    let waiting = network(&a);
+    assert_eq!(waiting["connected"], false, "{waiting}");
+    assert_eq!(waiting["waiting"], 1, "{waiting}");
+    assert_eq!(waiting["host"], "hosta", "{waiting}");
 
     let _nats = Nats::start(js.path(), port);
     let b = Home::new();
@@ -190,6 +198,13 @@ async fn mail_waits_in_the_outbox_while_nats_is_down() {
     let got = mail_of(&bob).await;
     assert_eq!(got.len(), 1, "{got:?}");
     assert_eq!(got[0]["text"], "sent while NATS was down");
+    wait_for(
+        || {
+            let n = network(&a);
+            n["connected"] == true && n["waiting"] == 0
+        },
+        "alice's broker to have relayed everything",
+    );
     tokio::time::sleep(Duration::from_millis(500)).await;
     let again = bob.ok("check_messages", json!({})).await;
     assert_eq!(again["messages"], json!([]), "{again}");

@@ -76,7 +76,7 @@ impl NetworkOptions {
         format!("cp.{}.receipt.{}", token(&self.user), token(host))
     }
 
-    fn stream_name(&self) -> String {
+    pub fn stream_name(&self) -> String {
         format!("CP_{}", token(&self.user))
     }
 }

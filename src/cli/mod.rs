@@ -287,6 +287,23 @@ async fn status(paths: &Paths, json: bool) -> Result<std::process::ExitCode> {
         ("connections", s.connections.to_string()),
     ];
     let mut rows = rows.to_vec();
+    if let Some(n) = &s.network {
+        rows.push((
+            "network",
+            format!(
+                "{} to {} as host {} (stream {}); {} waiting to be relayed",
+                if n.connected {
+                    "connected"
+                } else {
+                    "NOT connected"
+                },
+                n.url,
+                n.host,
+                n.stream,
+                n.waiting
+            ),
+        ));
+    }
     if s.quarantined > 0 {
         rows.push((
             "damaged",

@@ -164,6 +164,23 @@ pub struct Status {
     /// Deliveries put aside because their stored message could not be read.
     #[serde(default)]
     pub quarantined: u64,
+    /// The bridge to other machines, when there is one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub network: Option<NetworkStatus>,
+}
+
+/// The bridge to other machines' brokers, in `status`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct NetworkStatus {
+    /// The NATS server.
+    pub url: String,
+    /// This machine's name in addresses.
+    pub host: String,
+    /// The JetStream stream the brokers share.
+    pub stream: String,
+    pub connected: bool,
+    /// Publications (mail, receipts) waiting in the outbox for JetStream.
+    pub waiting: u64,
 }
 
 /// A message as the recipient gets it.

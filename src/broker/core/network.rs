@@ -18,6 +18,8 @@ pub struct Network {
     /// Publications for the bridge, handed over after their batch committed.
     pub outbox: UnboundedSender<OutboxRow>,
     pub connected: bool,
+    /// Rows in the outbox (publications JetStream has not acked).
+    pub waiting: u64,
 }
 
 /// `name@host` split in two; `None` for a plain name.
@@ -32,12 +34,24 @@ impl Core {
         opts: NetworkOptions,
         outbox: UnboundedSender<OutboxRow>,
     ) -> Result<Vec<OutboxRow>, StoreError> {
+        let rows = self.store.outbox_all()?;
         self.network = Some(Network {
             opts,
             outbox,
             connected: false,
+            waiting: rows.len() as u64,
         });
-        self.store.outbox_all()
+        Ok(rows)
+    }
+
+    pub(super) fn network_status(&self) -> Option<NetworkStatus> {
+        self.network.as_ref().map(|n| NetworkStatus {
+            url: n.opts.url.clone(),
+            host: n.opts.host.clone(),
+            stream: n.opts.stream_name(),
+            connected: n.connected,
+            waiting: n.waiting,
+        })
     }
 
     /// A recipient as the store keeps it: a local name, or `name@host` on another
@@ -259,7 +273,8 @@ impl Core {
             let _ = done.send(saved);
         }
         let rows = std::mem::take(&mut self.outbox_in_batch);
-        if saved && let Some(n) = &self.network {
+        if saved && let Some(n) = &mut self.network {
+            n.waiting += rows.len() as u64;
             for row in rows {
                 let _ = n.outbox.send(row);
             }
@@ -270,6 +285,8 @@ impl Core {
     pub(super) fn published(&mut self, seq: i64) {
         if let Err(e) = self.store.outbox_done(seq) {
             self.batch_error.get_or_insert(e);
+        } else if let Some(n) = &mut self.network {
+            n.waiting = n.waiting.saturating_sub(1);
         }
     }
 }

@@ -355,6 +355,7 @@ impl Core {
             queued: self.queued.values().sum(),
             connections: self.conns.len() as u64,
             quarantined: self.quarantined,
+            network: self.network_status(),
         }
     }
 }
