@@ -255,3 +255,40 @@ async fn mail_relayed_twice_is_stored_once() {
     assert_eq!(again["messages"], json!([]), "{again}");
     bob.close().await;
 }
+
+/// Mail to a machine whose broker is down waits in JetStream for its durable consumer:
+/// when that broker is back, its session gets it.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_machine_that_was_down_catches_up() {
+    require!("nats-server");
+    let js = tempfile::tempdir().unwrap();
+    let nats = Nats::start(js.path(), free_port());
+    let (a, b) = (Home::new(), Home::new());
+    let alice = session_on(&a, "hosta", "alice", &nats.url()).await;
+    let bob = session_on(&b, "hostb", "bob", &nats.url()).await;
+    bob.close().await;
+    b.run_ok(&["stop"]);
+
+    for i in 0..3 {
+        let text = format!("while you were away {i}");
+        alice
+            .ok("send_message", json!({"to": "bob@hostb", "message": text}))
+            .await;
+    }
+    let bob = session_on(&b, "hostb", "bob", &nats.url()).await;
+    let mut got = Vec::new();
+    while got.len() < 3 {
+        got.extend(mail_of(&bob).await);
+    }
+    let texts: Vec<&str> = got.iter().map(|m| m["text"].as_str().unwrap()).collect();
+    assert_eq!(
+        texts,
+        [
+            "while you were away 0",
+            "while you were away 1",
+            "while you were away 2"
+        ]
+    );
+    alice.close().await;
+    bob.close().await;
+}
