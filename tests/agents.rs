@@ -128,6 +128,11 @@ async fn tools_are_annotated_and_their_inputs_flat() {
     let list = tools.iter().find(|t| t.name == "list_peers").unwrap();
     assert_eq!(
         list.input_schema["properties"]["scope"]["enum"],
+        json!(["machine", "directory", "repo", "network"])
+    );
+    let broadcast = tools.iter().find(|t| t.name == "broadcast").unwrap();
+    assert_eq!(
+        broadcast.input_schema["properties"]["scope"]["enum"],
         json!(["machine", "directory", "repo"])
     );
     let send = tools.iter().find(|t| t.name == "send_message").unwrap();

@@ -234,7 +234,7 @@ fn failures_and_usage_errors_have_distinct_exit_codes() {
     let o = home.run(&["peers", "--scope", "galaxy"]);
     assert_eq!(o.status.code(), Some(2));
     assert!(
-        stderr(&o).contains("machine, directory or repo"),
+        stderr(&o).contains("machine, directory, repo or network"),
         "{}",
         stderr(&o)
     );

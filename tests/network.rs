@@ -18,30 +18,43 @@ struct Nats {
     child: Option<std::process::Child>,
     port: u16,
     dir: std::path::PathBuf,
+    /// Fsync every write (`sync_interval: always`), for tests that kill the server.
+    synced: bool,
 }
 
 impl Nats {
     fn start(dir: &Path, port: u16) -> Self {
+        Self::start_as(dir, port, false)
+    }
+
+    fn start_as(dir: &Path, port: u16, synced: bool) -> Self {
         let mut nats = Self {
             child: None,
             port,
             dir: dir.to_path_buf(),
+            synced,
         };
         nats.restart();
         nats
     }
 
     fn restart(&mut self) {
-        let child = std::process::Command::new("nats-server")
-            .args([
-                "-a",
-                "127.0.0.1",
-                "-p",
-                &self.port.to_string(),
-                "-js",
-                "-sd",
-            ])
-            .arg(&self.dir)
+        let mut cmd = std::process::Command::new("nats-server");
+        if self.synced {
+            let conf = self.dir.join("nats.conf");
+            let text = format!(
+                "listen: \"127.0.0.1:{}\"\njetstream {{ store_dir: \"{}\", sync_interval: always }}\n",
+                self.port,
+                self.dir.display()
+            );
+            std::fs::write(&conf, text).unwrap();
+            cmd.arg("-c").arg(conf);
+        } else {
+            let port = self.port.to_string();
+            cmd.args(["-a", "127.0.0.1", "-p", &port, "-js", "-sd"])
+                .arg(&self.dir);
+        }
+        let child = cmd
             .stdout(std::process::Stdio::null())
             .stderr(std::process::Stdio::null())
             .spawn()
@@ -56,6 +69,14 @@ impl Nats {
 
     fn url(&self) -> String {
         format!("nats://127.0.0.1:{}", self.port)
+    }
+
+    /// `kill -9`.
+    fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
     }
 }
 
@@ -78,10 +99,26 @@ fn free_port() -> u16 {
 
 /// A session `name` on machine `host` of `home`, its broker bridged through `url`.
 async fn session_on(home: &Home, host: &str, name: &str, url: &str) -> Serve {
-    let env = [("CLAUDE_PEERS_NATS_URL", url), ("CLAUDE_PEERS_HOST", host)];
+    let env = [
+        ("CLAUDE_PEERS_NATS_URL", url),
+        ("CLAUDE_PEERS_HOST", host),
+        ("CLAUDE_PEERS_SEND_RATE", "0"),
+    ];
     let s = home.session_in(name, false, home.dir.path(), &env).await;
     s.whoami_when_ready().await;
     s
+}
+
+/// Waits until `home`'s broker is connected to NATS.
+fn connected(home: &Home) {
+    wait_for(
+        || {
+            let out = home.run_ok(&["status", "--json"]);
+            let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+            v["network"]["connected"] == true
+        },
+        "the broker to connect to NATS",
+    );
 }
 
 /// `check_messages` of `s` until it returns some (15 s at most).
@@ -124,6 +161,22 @@ async fn sessions_on_two_machines_message_each_other() {
     let (a, b) = (Home::new(), Home::new());
     let alice = session_on(&a, "hosta", "alice", &nats.url()).await;
     let bob = session_on(&b, "hostb", "bob", &nats.url()).await;
+
+    // Each sees the other in scope network, by the name to write to.
+    connected(&a);
+    connected(&b);
+    let listed = alice.ok("list_peers", json!({"scope": "network"})).await;
+    let names = common::peer_names(&listed);
+    assert_eq!(names, ["bob@hostb"], "{listed}");
+    let out = b.run_ok(&["peers", "--scope", "network", "--json"]);
+    let listed: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let alice_there = listed
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["name"] == "alice@hosta")
+        .unwrap_or_else(|| panic!("{listed}"));
+    assert_eq!(alice_there["context"]["host"], "hosta", "{listed}");
 
     let sent = alice
         .ok(
@@ -289,6 +342,70 @@ async fn a_machine_that_was_down_catches_up() {
             "while you were away 2"
         ]
     );
+    alice.close().await;
+    bob.close().await;
+}
+
+/// Without a NATS URL, scope network says how to bridge machines instead of pretending.
+#[test]
+fn scope_network_without_a_bridge_says_how_to_make_one() {
+    let home = Home::new();
+    let out = home.run(&["peers", "--scope", "network"]);
+    assert!(!out.status.success(), "{out:?}");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("CLAUDE_PEERS_NATS_URL"), "{err}");
+    home.run(&["stop"]);
+}
+
+/// `kill -9` of the NATS server (fsyncing every write) in the middle of 300 sends to
+/// another machine, started again a moment later: every answered send arrives there, each
+/// once.
+#[tokio::test(flavor = "multi_thread")]
+async fn nats_killed_mid_stream_loses_nothing() {
+    require!("nats-server");
+    let js = tempfile::tempdir().unwrap();
+    let mut nats = Nats::start_as(js.path(), free_port(), true);
+    let (a, b) = (Home::new(), Home::new());
+    let alice = session_on(&a, "hosta", "alice", &nats.url()).await;
+    let bob = session_on(&b, "hostb", "bob", &nats.url()).await;
+    connected(&a);
+    connected(&b);
+    let (sender, _) = a.peer("sender", "/work/sender").await;
+
+    const N: usize = 300;
+    let mut ids = std::collections::BTreeSet::new();
+    for i in 0..N {
+        if i == N / 3 {
+            nats.kill();
+        }
+        if i == 2 * N / 3 {
+            nats.restart();
+        }
+        let sent = sender
+            .call(send("bob@hostb", &format!("m{i}")))
+            .await
+            .unwrap();
+        assert_eq!(
+            sent.recipients[0].state,
+            claude_peers::protocol::DeliveryState::Relaying
+        );
+        ids.insert(sent.message_id);
+    }
+    let arrived = || {
+        let out = b.run_ok(&["log", "--json", "-n", "1000", "--peer", "bob"]);
+        let log: Value = serde_json::from_slice(&out.stdout).unwrap();
+        log.as_array()
+            .unwrap()
+            .iter()
+            .filter(|e| e["from"] == "sender@hosta")
+            .map(|e| e["id"].as_str().unwrap().to_string())
+            .collect::<Vec<_>>()
+    };
+    wait_for(|| arrived().len() >= N, "every message to arrive");
+    let got = arrived();
+    let unique: std::collections::BTreeSet<String> = got.iter().cloned().collect();
+    assert_eq!(got.len(), N, "some arrived twice");
+    assert_eq!(unique, ids, "not the messages sent");
     alice.close().await;
     bob.close().await;
 }

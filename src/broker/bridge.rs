@@ -76,6 +76,11 @@ impl NetworkOptions {
         format!("cp.{}.receipt.{}", token(&self.user), token(host))
     }
 
+    /// Where network listings are asked (core NATS, not JetStream: no stream holds it).
+    pub fn listing_subject(&self) -> String {
+        format!("cp.{}.peers", token(&self.user))
+    }
+
     pub fn stream_name(&self) -> String {
         format!("CP_{}", token(&self.user))
     }
@@ -103,6 +108,25 @@ pub fn token(s: &str) -> String {
     }
     out
 }
+
+/// What the core asks of the bridge.
+#[derive(Debug)]
+pub enum ToBridge {
+    /// Publish this outbox row (its batch committed).
+    Publish(OutboxRow),
+    /// Ask the other machines who is online, and answer the core `Gathered { token }`.
+    Gather { token: u64 },
+}
+
+/// A machine's answer to a network listing: its online sessions, as `name@host`.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct NetworkListing {
+    pub host: String,
+    pub peers: Vec<crate::protocol::PeerInfo>,
+}
+
+/// How long a network listing waits for the other machines' answers.
+const GATHER_WINDOW: Duration = Duration::from_millis(250);
 
 /// What brokers publish to each other.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -133,7 +157,7 @@ pub enum Relayed {
 pub async fn run(
     opts: NetworkOptions,
     waiting: Vec<OutboxRow>,
-    mut outbox: mpsc::UnboundedReceiver<OutboxRow>,
+    mut outbox: mpsc::UnboundedReceiver<ToBridge>,
     core: mpsc::UnboundedSender<Command>,
 ) {
     let mut pending: BTreeMap<i64, OutboxRow> = waiting.into_iter().map(|r| (r.seq, r)).collect();
@@ -155,8 +179,12 @@ pub async fn run(
                 loop {
                     tokio::select! {
                         () = &mut wait => break,
-                        row = outbox.recv() => match row {
-                            Some(r) => { pending.insert(r.seq, r); }
+                        job = outbox.recv() => match job {
+                            Some(ToBridge::Publish(r)) => { pending.insert(r.seq, r); }
+                            // Not connected: no other machine answers.
+                            Some(ToBridge::Gather { token }) => {
+                                let _ = core.send(Command::Gathered { token, replies: Vec::new() });
+                            }
                             None => return,
                         },
                     }
@@ -168,7 +196,15 @@ pub async fn run(
         backoff.reset();
         tracing::info!(url = %opts.url, host = %opts.host, "connected to NATS");
         let _ = core.send(Command::Network { connected: true });
-        let (js, consumer) = session;
+        let (client, js, consumer) = session;
+        let mut asked = match client.subscribe(opts.listing_subject()).await {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::warn!("cannot subscribe to NATS: {e}");
+                backoff.wait().await;
+                continue;
+            }
+        };
         let mut messages = match consumer
             .stream()
             .expires(Duration::from_secs(300))
@@ -194,9 +230,29 @@ pub async fn run(
                 let _ = core.send(Command::Published { seq });
             }
             tokio::select! {
-                row = outbox.recv() => match row {
-                    Some(r) => { pending.insert(r.seq, r); }
+                job = outbox.recv() => match job {
+                    Some(ToBridge::Publish(r)) => { pending.insert(r.seq, r); }
+                    Some(ToBridge::Gather { token }) => {
+                        let (client, core, subject) = (client.clone(), core.clone(), opts.listing_subject());
+                        tokio::task::spawn_local(async move {
+                            let replies = gather(&client, subject).await;
+                            let _ = core.send(Command::Gathered { token, replies });
+                        });
+                    }
                     None => return,
+                },
+                req = asked.next() => match req {
+                    Some(req) => {
+                        let Some(to) = req.reply else { continue };
+                        let (reply, listing) = oneshot::channel();
+                        if core.send(Command::Listing { reply }).is_err() {
+                            return;
+                        }
+                        if let Ok(listing) = listing.await {
+                            let _ = client.publish(to, listing.into()).await;
+                        }
+                    }
+                    None => break,
                 },
                 msg = messages.next() => match msg {
                     Some(Ok(msg)) => take(msg, &core).await,
@@ -213,7 +269,34 @@ pub async fn run(
     }
 }
 
-type Session = (jetstream::Context, consumer::PullConsumer);
+type Session = (
+    async_nats::Client,
+    jetstream::Context,
+    consumer::PullConsumer,
+);
+
+/// Asks every machine who is online, and collects the answers that come within
+/// [`GATHER_WINDOW`] (ours among them; the core leaves it out).
+async fn gather(client: &async_nats::Client, subject: String) -> Vec<Vec<u8>> {
+    let inbox = client.new_inbox();
+    let Ok(mut answers) = client.subscribe(inbox.clone()).await else {
+        return Vec::new();
+    };
+    if client
+        .publish_with_reply(subject, inbox, Vec::new().into())
+        .await
+        .is_err()
+    {
+        return Vec::new();
+    }
+    let deadline = tokio::time::Instant::now() + GATHER_WINDOW;
+    let mut replies = Vec::new();
+    while let Ok(Some(m)) = tokio::time::timeout_at(deadline, answers.next()).await {
+        replies.push(m.payload.to_vec());
+    }
+    let _ = answers.unsubscribe().await;
+    replies
+}
 
 async fn connect(opts: &NetworkOptions) -> Result<Session, async_nats::Error> {
     if opts.url.starts_with("tls://") {
@@ -226,7 +309,7 @@ async fn connect(opts: &NetworkOptions) -> Result<Session, async_nats::Error> {
         connect = connect.credentials_file(creds).await?;
     }
     let client = connect.connect(opts.url.as_str()).await?;
-    let js = jetstream::new(client);
+    let js = jetstream::new(client.clone());
     let user = token(&opts.user);
     js.create_or_update_stream(stream::Config {
         name: opts.stream_name(),
@@ -250,7 +333,7 @@ async fn connect(opts: &NetworkOptions) -> Result<Session, async_nats::Error> {
             },
         )
         .await?;
-    Ok((js, consumer))
+    Ok((client, js, consumer))
 }
 
 async fn publish(js: &jetstream::Context, row: &OutboxRow) -> Result<(), async_nats::Error> {

@@ -221,7 +221,7 @@ async fn serve(opts: &BrokerOptions, store: Store) -> Result<()> {
     let mut core = Core::new(store, opts.limits.clone(), info)?;
     let (core_tx, core_rx) = tokio::sync::mpsc::unbounded_channel::<Command>();
     if let Some(network) = &opts.network {
-        let (outbox_tx, outbox_rx) = tokio::sync::mpsc::unbounded_channel();
+        let (outbox_tx, outbox_rx) = tokio::sync::mpsc::unbounded_channel::<bridge::ToBridge>();
         let waiting = core.connect_network(network.clone(), outbox_tx)?;
         tracing::info!(url = %network.url, host = %network.host, waiting = waiting.len(), "relaying to other machines through NATS");
         tokio::task::spawn_local(bridge::run(

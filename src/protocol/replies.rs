@@ -166,7 +166,7 @@ pub struct Status {
     pub quarantined: u64,
     /// The bridge to other machines, when there is one.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub network: Option<NetworkStatus>,
+    pub network: Option<Box<NetworkStatus>>,
 }
 
 /// The bridge to other machines' brokers, in `status`.

@@ -101,6 +101,9 @@ pub enum Scope {
     Directory,
     /// Peers in the same git repository, worktrees included (same git common dir).
     Repo,
+    /// Every online peer of every machine this broker is bridged to (through NATS), as
+    /// `name@host`, with this machine's own as in `machine`. Listing only.
+    Network,
 }
 
 impl std::str::FromStr for Scope {
@@ -110,8 +113,9 @@ impl std::str::FromStr for Scope {
             "machine" => Ok(Scope::Machine),
             "directory" | "dir" => Ok(Scope::Directory),
             "repo" => Ok(Scope::Repo),
+            "network" => Ok(Scope::Network),
             _ => Err(format!(
-                "unknown scope {s:?}; use machine, directory or repo"
+                "unknown scope {s:?}; use machine, directory, repo or network"
             )),
         }
     }

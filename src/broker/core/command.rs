@@ -44,6 +44,15 @@ pub enum Command {
     Network {
         connected: bool,
     },
+    /// The bridge: another machine asks who is online here.
+    Listing {
+        reply: tokio::sync::oneshot::Sender<Vec<u8>>,
+    },
+    /// The bridge: the other machines' answers to our question `token` (`Listing`s).
+    Gathered {
+        token: u64,
+        replies: Vec<Vec<u8>>,
+    },
 }
 
 /// Whether a command only reads (from memory, or from the store in autocommit). A batch
@@ -51,7 +60,7 @@ pub enum Command {
 pub(super) fn reads_only(cmd: &Command) -> bool {
     match cmd {
         Command::Request { request, .. } => writes_nothing(request),
-        Command::Network { .. } => true,
+        Command::Network { .. } | Command::Listing { .. } | Command::Gathered { .. } => true,
         _ => false,
     }
 }

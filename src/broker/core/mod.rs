@@ -152,6 +152,9 @@ pub struct Core {
     outbox_in_batch: Vec<crate::store::OutboxRow>,
     /// What the bridge handed over in the current batch, waiting to hear of the commit.
     relayed_in_batch: Vec<tokio::sync::oneshot::Sender<bool>>,
+    /// Network listings waiting for the other machines' answers, by token.
+    gathers: HashMap<u64, (ConnId, Option<u64>, ListPeers)>,
+    next_gather: u64,
 }
 
 /// Most commands handled in one transaction.
@@ -201,6 +204,8 @@ impl Core {
             network: None,
             outbox_in_batch: Vec::new(),
             relayed_in_batch: Vec::new(),
+            gathers: HashMap::new(),
+            next_gather: 0,
         })
     }
 
@@ -408,6 +413,10 @@ impl Core {
                     n.connected = connected;
                 }
             }
+            Command::Listing { reply } => {
+                let _ = reply.send(self.network_listing());
+            }
+            Command::Gathered { token, replies } => self.gathered(token, replies),
             Command::Request { conn, id, request } => {
                 if !self.conns.contains_key(&conn) {
                     return;
@@ -476,6 +485,9 @@ impl Core {
                     return Outcome::Unanswered;
                 }
                 r.map(|()| Reply::Done(Done {}))
+            }
+            Request::ListPeers(l) if l.scope == Scope::Network => {
+                return self.list_network(conn, id, l);
             }
             Request::ListPeers(l) => self.list_peers(conn, &l).map(Reply::Peers),
             Request::Whoami => self.whoami(conn).map(|p| Reply::Peer(Box::new(p))),

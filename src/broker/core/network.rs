@@ -8,15 +8,16 @@ use std::collections::BTreeMap;
 use tokio::sync::mpsc::UnboundedSender;
 
 use super::*;
-use crate::broker::bridge::{NetworkOptions, Relayed};
+use crate::broker::bridge::{NetworkListing, NetworkOptions, Relayed, ToBridge};
 use crate::names::PeerName;
 use crate::store::{NewMessage, OutboxRow, RELAYING, UNDELIVERABLE};
 
 /// The core's link to the bridge.
 pub struct Network {
     pub opts: NetworkOptions,
-    /// Publications for the bridge, handed over after their batch committed.
-    pub outbox: UnboundedSender<OutboxRow>,
+    /// Publications for the bridge (handed over after their batch committed), and
+    /// listings to gather.
+    pub outbox: UnboundedSender<ToBridge>,
     pub connected: bool,
     /// Rows in the outbox (publications JetStream has not acked).
     pub waiting: u64,
@@ -32,7 +33,7 @@ impl Core {
     pub fn connect_network(
         &mut self,
         opts: NetworkOptions,
-        outbox: UnboundedSender<OutboxRow>,
+        outbox: UnboundedSender<ToBridge>,
     ) -> Result<Vec<OutboxRow>, StoreError> {
         let rows = self.store.outbox_all()?;
         self.network = Some(Network {
@@ -44,13 +45,15 @@ impl Core {
         Ok(rows)
     }
 
-    pub(super) fn network_status(&self) -> Option<NetworkStatus> {
-        self.network.as_ref().map(|n| NetworkStatus {
-            url: n.opts.url.clone(),
-            host: n.opts.host.clone(),
-            stream: n.opts.stream_name(),
-            connected: n.connected,
-            waiting: n.waiting,
+    pub(super) fn network_status(&self) -> Option<Box<NetworkStatus>> {
+        self.network.as_ref().map(|n| {
+            Box::new(NetworkStatus {
+                url: n.opts.url.clone(),
+                host: n.opts.host.clone(),
+                stream: n.opts.stream_name(),
+                connected: n.connected,
+                waiting: n.waiting,
+            })
         })
     }
 
@@ -276,9 +279,96 @@ impl Core {
         if saved && let Some(n) = &mut self.network {
             n.waiting += rows.len() as u64;
             for row in rows {
-                let _ = n.outbox.send(row);
+                let _ = n.outbox.send(ToBridge::Publish(row));
             }
         }
+    }
+
+    /// `list_peers` in scope network: the other machines are asked (the answer waits for
+    /// them, a fraction of a second), this machine's peers are listed as in scope machine.
+    pub(super) fn list_network(&mut self, conn: ConnId, id: Option<u64>, l: ListPeers) -> Outcome {
+        let Some(n) = &self.network else {
+            return Outcome::Answer(Err(err(
+                ErrorCode::BadRequest,
+                "this broker is not bridged to other machines, so scope network is scope machine; set CLAUDE_PEERS_NATS_URL to bridge it (see the README, \"Several machines\")",
+            )));
+        };
+        let token = self.next_gather;
+        self.next_gather += 1;
+        if n.outbox.send(ToBridge::Gather { token }).is_err() {
+            return Outcome::Answer(Err(err(ErrorCode::Internal, "the bridge to NATS stopped")));
+        }
+        self.gathers.insert(token, (conn, id, l));
+        Outcome::Deferred
+    }
+
+    /// The other machines answered listing `token`: this machine's peers, then theirs.
+    pub(super) fn gathered(&mut self, token: u64, replies: Vec<Vec<u8>>) {
+        let Some((conn, id, mut l)) = self.gathers.remove(&token) else {
+            return;
+        };
+        if !self.conns.contains_key(&conn) {
+            return;
+        }
+        l.scope = Scope::Machine;
+        l.after = None;
+        let ours = self.network.as_ref().map(|n| n.opts.host.clone());
+        let answer = self.list_peers(conn, &l).and_then(|local| {
+            let mut list: PeerList = serde_json::from_str(local.get())
+                .map_err(|e| err(ErrorCode::Internal, e.to_string()))?;
+            for r in replies {
+                match serde_json::from_slice::<NetworkListing>(&r) {
+                    Ok(theirs) if Some(&theirs.host) != ours.as_ref() => {
+                        list.peers.extend(theirs.peers);
+                    }
+                    Ok(_) => {}
+                    Err(e) => tracing::warn!("an unreadable listing from another machine: {e}"),
+                }
+            }
+            list.peers
+                .sort_by(|a, b| b.online.cmp(&a.online).then_with(|| a.name.cmp(&b.name)));
+            // One page, whatever the network holds: the first that fit.
+            let mut raw = serde_json::value::to_raw_value(&list)
+                .map_err(|e| err(ErrorCode::Internal, e.to_string()))?;
+            while raw.get().len() > MAX_PAGE_BYTES && !list.peers.is_empty() {
+                let keep = list.peers.len() * 9 / 10;
+                list.peers.truncate(keep);
+                raw = serde_json::value::to_raw_value(&list)
+                    .map_err(|e| err(ErrorCode::Internal, e.to_string()))?;
+            }
+            Ok(raw)
+        });
+        self.answer(conn, id, answer.map(Reply::Peers));
+    }
+
+    /// This machine's online peers for another machine's network listing, as `name@host`.
+    pub(super) fn network_listing(&self) -> Vec<u8> {
+        let Some(n) = &self.network else {
+            return Vec::new();
+        };
+        let host = &n.opts.host;
+        let peers = self
+            .online
+            .keys()
+            .filter_map(|name| self.peers.get(name))
+            .map(|p| PeerInfo {
+                name: format!("{}@{host}", p.name),
+                online: true,
+                context: PeerContext {
+                    host: Some(host.clone()),
+                    ..p.context.clone()
+                },
+                summary: p.summary.clone(),
+                first_seen: p.first_seen,
+                last_seen: p.last_seen,
+                unread: 0,
+            })
+            .collect();
+        serde_json::to_vec(&NetworkListing {
+            host: host.clone(),
+            peers,
+        })
+        .expect("serializable")
     }
 
     /// JetStream has publication `seq`.

@@ -198,6 +198,10 @@ impl Core {
         let me = self.registered_name(conn).and_then(|n| self.peers.get(n));
         match scope {
             Scope::Machine => Ok(Box::new(|_| true)),
+            Scope::Network => Err(err(
+                ErrorCode::BadRequest,
+                "scope network lists peers (list_peers); a broadcast reaches one machine: use machine, directory or repo",
+            )),
             Scope::Directory => {
                 let cwd = me
                     .map(|p| p.context.cwd.clone())

@@ -1,12 +1,14 @@
 //! The MCP face of a session: server info, instructions, and the tools.
 
 mod answers;
+mod args;
 mod listing;
 mod schema;
 #[cfg(test)]
 mod tests;
 
 use answers::{Answer, MessageOut, MessagesOut, RecipientOut, SentOut, SummaryOut, WhoamiOut};
+use args::{BroadcastArgs, ListPeersArgs, ScopeArg, SendArgs, SummaryArgs};
 use listing::{PeerListing, PeerOut, PeersOut, read_pages};
 use std::borrow::Cow;
 use std::collections::BTreeMap;
@@ -25,7 +27,7 @@ use serde::{Deserialize, Serialize};
 
 use super::{PushMode, Session};
 use crate::client::{ClientError, SEND_TRIES};
-use crate::protocol::{self, Delivery, ListPeers, Scope, SetSummary};
+use crate::protocol::{self, Delivery, ListPeers, SetSummary};
 use crate::time::timestamp_rfc3339;
 
 /// The server Claude Code talks to.
@@ -36,67 +38,6 @@ pub struct PeersServer {
     /// Mail may go into the inbox of a session that bypasses permissions.
     bypass_inbox: bool,
     tool_router: ToolRouter<Self>,
-}
-
-#[derive(Debug, Clone, Copy, Default, Deserialize, JsonSchema)]
-#[serde(rename_all = "lowercase")]
-pub enum ScopeArg {
-    /// Every session on this machine.
-    #[default]
-    Machine,
-    /// Sessions in the same working directory.
-    Directory,
-    /// Sessions in the same git repository, worktrees included.
-    Repo,
-}
-
-impl From<ScopeArg> for Scope {
-    fn from(s: ScopeArg) -> Scope {
-        match s {
-            ScopeArg::Machine => Scope::Machine,
-            ScopeArg::Directory => Scope::Directory,
-            ScopeArg::Repo => Scope::Repo,
-        }
-    }
-}
-
-#[derive(Debug, Deserialize, JsonSchema)]
-pub struct ListPeersArgs {
-    /// Which sessions: machine (default), directory or repo.
-    #[serde(default)]
-    pub scope: ScopeArg,
-    /// Also list sessions that are offline (their mail waits for them).
-    #[serde(default)]
-    pub include_offline: bool,
-}
-
-#[derive(Debug, Deserialize, JsonSchema)]
-pub struct SendArgs {
-    /// The recipient's peer name (from list_peers).
-    #[serde(default)]
-    pub to: Option<String>,
-    /// Same as `to` (the spelling of the older claude-peers).
-    #[serde(default)]
-    pub to_id: Option<String>,
-    /// The message text.
-    pub message: String,
-    /// The message_id this answers, to thread a reply.
-    #[serde(default)]
-    pub in_reply_to: Option<String>,
-}
-
-#[derive(Debug, Deserialize, JsonSchema)]
-pub struct BroadcastArgs {
-    /// The message text.
-    pub message: String,
-    /// Who gets it: every online session in this scope (machine, directory or repo).
-    pub scope: ScopeArg,
-}
-
-#[derive(Debug, Deserialize, JsonSchema)]
-pub struct SummaryArgs {
-    /// One or two lines on what this session is doing, shown to other sessions.
-    pub summary: String,
 }
 
 /// The params of a `notifications/claude/channel` event for a delivery. Meta keys use
@@ -297,7 +238,7 @@ impl PeersServer {
     }
 
     #[tool(
-        description = "List the other agent sessions (peers) you can message: name, state, directory, repository, branch, summary, last seen. scope: machine (default), directory, or repo (same git repository, worktrees included).",
+        description = "List the other agent sessions (peers) you can message: name, state, directory, repository, branch, summary, last seen. scope: machine (default), directory, repo (same git repository, worktrees included), or network (every machine this one is bridged to; their sessions are name@host, and you send to them by that name).",
         output_schema = rmcp::handler::server::tool::schema_for_output::<PeersOut>(),
         annotations(read_only_hint = true, open_world_hint = false)
     )]
