@@ -20,6 +20,8 @@ struct Nats {
     dir: std::path::PathBuf,
     /// Fsync every write (`sync_interval: always`), for tests that kill the server.
     synced: bool,
+    /// More of the server's configuration (accounts).
+    extra: String,
 }
 
 impl Nats {
@@ -33,6 +35,20 @@ impl Nats {
             port,
             dir: dir.to_path_buf(),
             synced,
+            extra: String::new(),
+        };
+        nats.restart();
+        nats
+    }
+
+    /// A server configured with `extra` (e.g. accounts).
+    fn start_with(dir: &Path, port: u16, extra: &str) -> Self {
+        let mut nats = Self {
+            child: None,
+            port,
+            dir: dir.to_path_buf(),
+            synced: false,
+            extra: extra.to_string(),
         };
         nats.restart();
         nats
@@ -40,12 +56,18 @@ impl Nats {
 
     fn restart(&mut self) {
         let mut cmd = std::process::Command::new("nats-server");
-        if self.synced {
+        if self.synced || !self.extra.is_empty() {
             let conf = self.dir.join("nats.conf");
+            let sync = if self.synced {
+                ", sync_interval: always"
+            } else {
+                ""
+            };
             let text = format!(
-                "listen: \"127.0.0.1:{}\"\njetstream {{ store_dir: \"{}\", sync_interval: always }}\n",
+                "listen: \"127.0.0.1:{}\"\njetstream {{ store_dir: \"{}\"{sync} }}\n{}\n",
                 self.port,
-                self.dir.display()
+                self.dir.display(),
+                self.extra
             );
             std::fs::write(&conf, text).unwrap();
             cmd.arg("-c").arg(conf);
@@ -225,7 +247,10 @@ async fn sessions_on_two_machines_message_each_other() {
 async fn mail_waits_in_the_outbox_while_nats_is_down() {
     require!("nats-server");
     let js = tempfile::tempdir().unwrap();
-    let port = free_port();
+    // The port is held (nothing answers on it) until NATS takes it, so that no other test
+    // is given it meanwhile.
+    let held = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = held.local_addr().unwrap().port();
     let url = format!("nats://127.0.0.1:{port}");
     let a = Home::new();
     let alice = session_on(&a, "hosta", "alice", &url).await;
@@ -245,6 +270,7 @@ async fn mail_waits_in_the_outbox_while_nats_is_down() {
     assert_eq!(waiting["waiting"], 1, "{waiting}");
     assert_eq!(waiting["host"], "hosta", "{waiting}");
 
+    drop(held);
     let _nats = Nats::start(js.path(), port);
     let b = Home::new();
     let bob = session_on(&b, "hostb", "bob", &url).await;
@@ -408,4 +434,79 @@ async fn nats_killed_mid_stream_loses_nothing() {
     assert_eq!(unique, ids, "not the messages sent");
     alice.close().await;
     bob.close().await;
+}
+
+/// Two users' brokers on one NATS server, each user an account of its own: they see
+/// nothing of each other (listing, mail), while one user's machines still do.
+#[tokio::test(flavor = "multi_thread")]
+async fn two_users_on_one_server_see_nothing_of_each_other() {
+    require!("nats-server");
+    let js = tempfile::tempdir().unwrap();
+    let accounts = r#"accounts {
+  ANN: { jetstream: enabled, users: [ { user: ann, password: ann-secret } ] }
+  BEA: { jetstream: enabled, users: [ { user: bea, password: bea-secret } ] }
+}"#;
+    let port = free_port();
+    let _nats = Nats::start_with(js.path(), port, accounts);
+    let ann = format!("nats://ann:ann-secret@127.0.0.1:{port}");
+    let bea = format!("nats://bea:bea-secret@127.0.0.1:{port}");
+    let (a, c, b) = (Home::new(), Home::new(), Home::new());
+    let alice = session_on(&a, "hosta", "alice", &ann).await;
+    let carol = session_on(&c, "hostc", "carol", &ann).await;
+    let bob = session_on(&b, "hostb", "bob", &bea).await;
+    for home in [&a, &b, &c] {
+        connected(home);
+    }
+    // The password is in no status (nor log).
+    let status = a.run_ok(&["status", "--json"]);
+    let status = String::from_utf8_lossy(&status.stdout);
+    assert!(
+        !status.contains("ann-secret") && status.contains("nats://ann:***@127.0.0.1"),
+        "{status}"
+    );
+
+    let listed = alice.ok("list_peers", json!({"scope": "network"})).await;
+    assert_eq!(common::peer_names(&listed), ["carol@hostc"], "{listed}");
+    let listed = bob.ok("list_peers", json!({"scope": "network"})).await;
+    assert_eq!(common::peer_names(&listed), Vec::<&str>::new(), "{listed}");
+
+    alice
+        .ok(
+            "send_message",
+            json!({"to": "bob@hostb", "message": "psst"}),
+        )
+        .await;
+    alice
+        .ok(
+            "send_message",
+            json!({"to": "carol@hostc", "message": "hi carol"}),
+        )
+        .await;
+    let got = mail_of(&carol).await;
+    assert_eq!(got[0]["text"], "hi carol");
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let none = bob.ok("check_messages", json!({})).await;
+    assert_eq!(none["messages"], json!([]), "{none}");
+    for s in [alice, bob, carol] {
+        s.close().await;
+    }
+}
+
+/// A credentials file others can read is refused, saying how to fix it.
+#[test]
+fn credentials_readable_by_others_are_refused() {
+    use std::os::unix::fs::PermissionsExt;
+    let home = Home::new();
+    let creds = home.dir.path().join("user.creds");
+    std::fs::write(&creds, "not shown").unwrap();
+    std::fs::set_permissions(&creds, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let out = home
+        .cmd()
+        .args(["broker", "--nats-url", "nats://127.0.0.1:1", "--nats-creds"])
+        .arg(&creds)
+        .output()
+        .unwrap();
+    assert!(!out.status.success(), "{out:?}");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("chmod 600"), "{err}");
 }

@@ -58,6 +58,21 @@ impl NetworkOptions {
                 .to_string(),
             None => crate::names::PeerName::sanitize(&crate::platform::host_name()).to_string(),
         };
+        if let Some(creds) = creds.filter(|p| !p.as_os_str().is_empty()) {
+            use std::os::unix::fs::PermissionsExt;
+            let mode = std::fs::metadata(creds)
+                .map_err(|e| anyhow::anyhow!("NATS credentials {}: {e}", creds.display()))?
+                .permissions()
+                .mode();
+            if mode & 0o077 != 0 {
+                anyhow::bail!(
+                    "NATS credentials {} can be read by other users (mode {:o}); make them yours alone: chmod 600 {}",
+                    creds.display(),
+                    mode & 0o777,
+                    creds.display()
+                );
+            }
+        }
         Ok(Some(Self {
             url: url.to_string(),
             creds: creds
@@ -74,6 +89,15 @@ impl NetworkOptions {
 
     pub fn receipt_subject(&self, host: &str) -> String {
         format!("cp.{}.receipt.{}", token(&self.user), token(host))
+    }
+
+    /// The URL as logs and `status` show it: without a password or token.
+    pub fn shown_url(&self) -> String {
+        match split_userinfo(&self.url) {
+            (bare, Some((user, Some(_)))) => bare.replacen("://", &format!("://{user}:***@"), 1),
+            (bare, Some((_, None))) => bare.replacen("://", "://***@", 1),
+            (bare, None) => bare,
+        }
     }
 
     /// Where network listings are asked (core NATS, not JetStream: no stream holds it).
@@ -169,7 +193,7 @@ pub async fn run(
             Ok(s) => s,
             Err(e) => {
                 if !said {
-                    tracing::warn!(url = %opts.url, "cannot reach NATS: {e}; mail to other machines waits in the outbox");
+                    tracing::warn!(url = %opts.shown_url(), "cannot reach NATS: {e}; mail to other machines waits in the outbox");
                     said = true;
                 }
                 let _ = core.send(Command::Network { connected: false });
@@ -194,7 +218,7 @@ pub async fn run(
         };
         said = false;
         backoff.reset();
-        tracing::info!(url = %opts.url, host = %opts.host, "connected to NATS");
+        tracing::info!(url = %opts.shown_url(), host = %opts.host, "connected to NATS");
         let _ = core.send(Command::Network { connected: true });
         let (client, js, consumer) = session;
         let mut asked = match client.subscribe(opts.listing_subject()).await {
@@ -269,6 +293,25 @@ pub async fn run(
     }
 }
 
+/// A URL's `user:password@` or `token@`, taken out of it (the client does not read them
+/// from the URL).
+fn split_userinfo(url: &str) -> (String, Option<(String, Option<String>)>) {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return (url.to_string(), None);
+    };
+    let authority_end = rest.find('/').unwrap_or(rest.len());
+    let Some(at) = rest[..authority_end].rfind('@') else {
+        return (url.to_string(), None);
+    };
+    let info = &rest[..at];
+    let bare = format!("{scheme}://{}", &rest[at + 1..]);
+    let auth = match info.split_once(':') {
+        Some((user, pass)) => (user.to_string(), Some(pass.to_string())),
+        None => (info.to_string(), None),
+    };
+    (bare, Some(auth))
+}
+
 type Session = (
     async_nats::Client,
     jetstream::Context,
@@ -305,10 +348,16 @@ async fn connect(opts: &NetworkOptions) -> Result<Session, async_nats::Error> {
     let mut connect = async_nats::ConnectOptions::new()
         .name(format!("claude-peers broker {}", opts.host))
         .max_reconnects(Some(0));
+    let (url, auth) = split_userinfo(&opts.url);
+    match auth {
+        Some((user, Some(pass))) => connect = connect.user_and_password(user, pass),
+        Some((token, None)) => connect = connect.token(token),
+        None => {}
+    }
     if let Some(creds) = &opts.creds {
         connect = connect.credentials_file(creds).await?;
     }
-    let client = connect.connect(opts.url.as_str()).await?;
+    let client = connect.connect(url.as_str()).await?;
     let js = jetstream::new(client.clone());
     let user = token(&opts.user);
     js.create_or_update_stream(stream::Config {
@@ -382,6 +431,25 @@ async fn take(msg: jetstream::Message, core: &mpsc::UnboundedSender<Command>) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn credentials_come_out_of_the_url() {
+        assert_eq!(
+            split_userinfo("nats://ann:s3cret@10.0.0.5:4222"),
+            (
+                "nats://10.0.0.5:4222".to_string(),
+                Some(("ann".to_string(), Some("s3cret".to_string())))
+            )
+        );
+        assert_eq!(
+            split_userinfo("nats://tok@h:1"),
+            ("nats://h:1".to_string(), Some(("tok".to_string(), None)))
+        );
+        assert_eq!(
+            split_userinfo("nats://h:1"),
+            ("nats://h:1".to_string(), None)
+        );
+    }
 
     #[test]
     fn tokens_keep_nats_separators_out() {

@@ -223,7 +223,7 @@ async fn serve(opts: &BrokerOptions, store: Store) -> Result<()> {
     if let Some(network) = &opts.network {
         let (outbox_tx, outbox_rx) = tokio::sync::mpsc::unbounded_channel::<bridge::ToBridge>();
         let waiting = core.connect_network(network.clone(), outbox_tx)?;
-        tracing::info!(url = %network.url, host = %network.host, waiting = waiting.len(), "relaying to other machines through NATS");
+        tracing::info!(url = %network.shown_url(), host = %network.host, waiting = waiting.len(), "relaying to other machines through NATS");
         tokio::task::spawn_local(bridge::run(
             network.clone(),
             waiting,

@@ -48,7 +48,7 @@ impl Core {
     pub(super) fn network_status(&self) -> Option<Box<NetworkStatus>> {
         self.network.as_ref().map(|n| {
             Box::new(NetworkStatus {
-                url: n.opts.url.clone(),
+                url: n.opts.shown_url(),
                 host: n.opts.host.clone(),
                 stream: n.opts.stream_name(),
                 connected: n.connected,
