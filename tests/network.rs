@@ -510,3 +510,82 @@ fn credentials_readable_by_others_are_refused() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("chmod 600"), "{err}");
 }
+
+/// The receiving broker `kill -9`ed while mail streams in (some stored and not yet acked
+/// to JetStream, some not stored): started again by its session, it gets the rest, and
+/// what it had stored is not stored twice. Every answered send arrives once.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_receiving_broker_killed_mid_stream_stores_each_message_once() {
+    require!("nats-server");
+    let js = tempfile::tempdir().unwrap();
+    let nats = Nats::start(js.path(), free_port());
+    let (a, b) = (Home::new(), Home::new());
+    let alice = session_on(&a, "hosta", "alice", &nats.url()).await;
+    let bob = session_on(&b, "hostb", "bob", &nats.url()).await;
+    connected(&a);
+    connected(&b);
+    let (sender, _) = a.peer("sender", "/work/sender").await;
+    let url = nats.url();
+    let arrived = || {
+        // A broker this starts (after the kill) is bridged as bob's would be.
+        let Ok(out) = b
+            .cmd()
+            .args(["log", "--json", "-n", "1000", "--peer", "bob"])
+            .env("CLAUDE_PEERS_NATS_URL", &url)
+            .env("CLAUDE_PEERS_HOST", "hostb")
+            .output()
+        else {
+            return Vec::new();
+        };
+        let Ok(log) = serde_json::from_slice::<Value>(&out.stdout) else {
+            return Vec::new();
+        };
+        log.as_array()
+            .cloned()
+            .unwrap_or_default()
+            .iter()
+            .filter(|e| e["from"] == "sender@hosta")
+            .map(|e| e["id"].as_str().unwrap().to_string())
+            .collect::<Vec<_>>()
+    };
+
+    const N: usize = 400;
+    let mut ids = std::collections::BTreeSet::new();
+    let mut killed = false;
+    for i in 0..N {
+        let sent = sender
+            .call(send("bob@hostb", &format!("m{i}")))
+            .await
+            .unwrap();
+        ids.insert(sent.message_id);
+        if !killed && i % 20 == 0 && arrived().len() >= 20 {
+            let status = b.run_ok(&["status", "--json"]);
+            let pid = serde_json::from_slice::<Value>(&status.stdout).unwrap()["pid"]
+                .as_u64()
+                .unwrap();
+            kill9(pid as u32);
+            killed = true;
+        }
+    }
+    assert!(
+        killed,
+        "the stream ended before the broker could be killed in it"
+    );
+    // bob's session starts a broker again; JetStream redelivers what was not acked.
+    bob.whoami_when_ready().await;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while arrived().len() < N {
+        assert!(
+            Instant::now() < deadline,
+            "{} of {N} arrived",
+            arrived().len()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let got = arrived();
+    let unique: std::collections::BTreeSet<String> = got.iter().cloned().collect();
+    assert_eq!(got.len(), N, "some were stored twice");
+    assert_eq!(unique, ids);
+    alice.close().await;
+    bob.close().await;
+}

@@ -377,7 +377,8 @@ async fn connect(opts: &NetworkOptions) -> Result<Session, async_nats::Error> {
                 durable_name: Some(durable.clone()),
                 filter_subject: format!("cp.{user}.*.{durable}"),
                 ack_policy: consumer::AckPolicy::Explicit,
-                ack_wait: Duration::from_secs(30),
+                // What a broker killed before its ack had is redelivered after this.
+                ack_wait: Duration::from_secs(10),
                 ..Default::default()
             },
         )
