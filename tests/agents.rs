@@ -133,7 +133,7 @@ async fn tools_are_annotated_and_their_inputs_flat() {
     let broadcast = tools.iter().find(|t| t.name == "broadcast").unwrap();
     assert_eq!(
         broadcast.input_schema["properties"]["scope"]["enum"],
-        json!(["machine", "directory", "repo"])
+        json!(["machine", "directory", "repo", "network"])
     );
     let send = tools.iter().find(|t| t.name == "send_message").unwrap();
     assert_eq!(send.input_schema["properties"]["to"]["type"], "string");

@@ -589,3 +589,55 @@ async fn the_receiving_broker_killed_mid_stream_stores_each_message_once() {
     alice.close().await;
     bob.close().await;
 }
+
+/// A broadcast in scope network reaches the online sessions of this machine and of every
+/// machine that answers, each once; the sender hears a state for each.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_broadcast_reaches_every_machine() {
+    require!("nats-server");
+    let js = tempfile::tempdir().unwrap();
+    let nats = Nats::start(js.path(), free_port());
+    let (a, b, c) = (Home::new(), Home::new(), Home::new());
+    let alice = session_on(&a, "hosta", "alice", &nats.url()).await;
+    let ada = session_on(&a, "hosta", "ada", &nats.url()).await;
+    let bob = session_on(&b, "hostb", "bob", &nats.url()).await;
+    let carol = session_on(&c, "hostc", "carol", &nats.url()).await;
+    for home in [&a, &b, &c] {
+        connected(home);
+    }
+    let sent = alice
+        .ok(
+            "broadcast",
+            json!({"scope": "network", "message": "main is frozen"}),
+        )
+        .await;
+    let mut to: Vec<(String, String)> = sent["recipients"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| {
+            (
+                r["name"].as_str().unwrap().to_string(),
+                r["state"].as_str().unwrap().to_string(),
+            )
+        })
+        .collect();
+    to.sort();
+    assert_eq!(
+        to,
+        [
+            ("ada".to_string(), "queued".to_string()),
+            ("bob@hostb".to_string(), "relaying".to_string()),
+            ("carol@hostc".to_string(), "relaying".to_string()),
+        ],
+        "{sent}"
+    );
+    for s in [&ada, &bob, &carol] {
+        let got = mail_of(s).await;
+        assert_eq!(got.len(), 1, "{got:?}");
+        assert_eq!(got[0]["text"], "main is frozen");
+    }
+    for s in [alice, ada, bob, carol] {
+        s.close().await;
+    }
+}

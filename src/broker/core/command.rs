@@ -60,7 +60,7 @@ pub enum Command {
 pub(super) fn reads_only(cmd: &Command) -> bool {
     match cmd {
         Command::Request { request, .. } => writes_nothing(request),
-        Command::Network { .. } | Command::Listing { .. } | Command::Gathered { .. } => true,
+        Command::Network { .. } | Command::Listing { .. } => true,
         _ => false,
     }
 }

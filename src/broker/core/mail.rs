@@ -11,9 +11,9 @@ use crate::store::{Marked, NewMessage};
 
 /// What a `send` or `broadcast` asks to store, besides its sender and recipients.
 pub(super) struct Draft {
-    text: String,
-    in_reply_to: Option<String>,
-    key: Option<String>,
+    pub(super) text: String,
+    pub(super) in_reply_to: Option<String>,
+    pub(super) key: Option<String>,
 }
 
 /// A send whose answer waits for the recipients' acks, until `deadline`.
@@ -217,6 +217,9 @@ impl Core {
     }
 
     pub(super) fn broadcast(&mut self, conn: ConnId, id: Option<u64>, b: Broadcast) -> Outcome {
+        if b.scope == Scope::Network {
+            return self.broadcast_network(conn, id, b);
+        }
         let draft = Draft {
             text: b.text,
             in_reply_to: b.in_reply_to,
@@ -255,7 +258,7 @@ impl Core {
     /// A send or broadcast: the sender is checked, a key it already used is answered with
     /// that message, else `recipients` says who gets it (or why no one can), and it is
     /// stored and delivered.
-    fn submit(
+    pub(super) fn submit(
         &mut self,
         conn: ConnId,
         id: Option<u64>,

@@ -153,7 +153,7 @@ pub struct Core {
     /// What the bridge handed over in the current batch, waiting to hear of the commit.
     relayed_in_batch: Vec<tokio::sync::oneshot::Sender<bool>>,
     /// Network listings waiting for the other machines' answers, by token.
-    gathers: HashMap<u64, (ConnId, Option<u64>, ListPeers)>,
+    gathers: HashMap<u64, (ConnId, Option<u64>, network::Gather)>,
     next_gather: u64,
 }
 

@@ -7,6 +7,7 @@ use std::collections::BTreeMap;
 
 use tokio::sync::mpsc::UnboundedSender;
 
+use super::mail::Draft;
 use super::*;
 use crate::broker::bridge::{NetworkListing, NetworkOptions, Relayed, ToBridge};
 use crate::names::PeerName;
@@ -21,6 +22,12 @@ pub struct Network {
     pub connected: bool,
     /// Rows in the outbox (publications JetStream has not acked).
     pub waiting: u64,
+}
+
+/// What waits for the other machines' answers.
+pub enum Gather {
+    List(ListPeers),
+    Broadcast(Broadcast),
 }
 
 /// `name@host` split in two; `None` for a plain name.
@@ -287,6 +294,33 @@ impl Core {
     /// `list_peers` in scope network: the other machines are asked (the answer waits for
     /// them, a fraction of a second), this machine's peers are listed as in scope machine.
     pub(super) fn list_network(&mut self, conn: ConnId, id: Option<u64>, l: ListPeers) -> Outcome {
+        self.ask_network(conn, id, Gather::List(l))
+    }
+
+    /// `broadcast` in scope network: to every online peer here and on every machine that
+    /// answers (the answer waits for them), capped as any broadcast.
+    pub(super) fn broadcast_network(
+        &mut self,
+        conn: ConnId,
+        id: Option<u64>,
+        b: Broadcast,
+    ) -> Outcome {
+        // A retry with a used key is answered at once, as any send's.
+        if let Some(k) = &b.key {
+            let from = match self.sender_name(conn, b.from.clone()) {
+                Ok(from) => from,
+                Err(e) => return Outcome::Answer(Err(e)),
+            };
+            match self.sent_before(&from, k) {
+                Ok(Some(first)) => return Outcome::Answer(Ok(Reply::Sent(first))),
+                Ok(None) => {}
+                Err(e) => return Outcome::Answer(Err(e)),
+            }
+        }
+        self.ask_network(conn, id, Gather::Broadcast(b))
+    }
+
+    fn ask_network(&mut self, conn: ConnId, id: Option<u64>, what: Gather) -> Outcome {
         let Some(n) = &self.network else {
             return Outcome::Answer(Err(err(
                 ErrorCode::BadRequest,
@@ -298,18 +332,22 @@ impl Core {
         if n.outbox.send(ToBridge::Gather { token }).is_err() {
             return Outcome::Answer(Err(err(ErrorCode::Internal, "the bridge to NATS stopped")));
         }
-        self.gathers.insert(token, (conn, id, l));
+        self.gathers.insert(token, (conn, id, what));
         Outcome::Deferred
     }
 
     /// The other machines answered listing `token`: this machine's peers, then theirs.
     pub(super) fn gathered(&mut self, token: u64, replies: Vec<Vec<u8>>) {
-        let Some((conn, id, mut l)) = self.gathers.remove(&token) else {
+        let Some((conn, id, what)) = self.gathers.remove(&token) else {
             return;
         };
         if !self.conns.contains_key(&conn) {
             return;
         }
+        let mut l = match what {
+            Gather::List(l) => l,
+            Gather::Broadcast(b) => return self.broadcast_gathered(conn, id, b, replies),
+        };
         l.scope = Scope::Machine;
         l.after = None;
         let ours = self.network.as_ref().map(|n| n.opts.host.clone());
@@ -339,6 +377,58 @@ impl Core {
             Ok(raw)
         });
         self.answer(conn, id, answer.map(Reply::Peers));
+    }
+
+    fn broadcast_gathered(
+        &mut self,
+        conn: ConnId,
+        id: Option<u64>,
+        b: Broadcast,
+        replies: Vec<Vec<u8>>,
+    ) {
+        let ours = self.network.as_ref().map(|n| n.opts.host.clone());
+        let draft = Draft {
+            text: b.text,
+            in_reply_to: b.in_reply_to,
+            key: b.key,
+        };
+        let outcome = self.submit(conn, id, b.from, draft, move |core, from| {
+            let mut recipients: Vec<String> = core
+                .online
+                .keys()
+                .filter(|n| **n != from)
+                .cloned()
+                .collect();
+            for r in replies {
+                if let Ok(theirs) = serde_json::from_slice::<NetworkListing>(&r)
+                    && Some(&theirs.host) != ours.as_ref()
+                {
+                    recipients.extend(theirs.peers.into_iter().map(|p| p.name));
+                }
+            }
+            if recipients.is_empty() {
+                return Err(err(
+                    ErrorCode::NoRecipients,
+                    "no other peer is online on any machine that answered",
+                ));
+            }
+            if recipients.len() > core.limits.broadcast_limit {
+                return Err(err(
+                    ErrorCode::BadRequest,
+                    format!(
+                        "{} peers are online across the network; a broadcast reaches at most {}. Narrow the scope",
+                        recipients.len(),
+                        core.limits.broadcast_limit
+                    ),
+                ));
+            }
+            recipients.sort();
+            Ok(recipients)
+        });
+        match outcome {
+            Outcome::Answer(a) => self.answer(conn, id, a),
+            Outcome::Deferred | Outcome::Answered | Outcome::Unanswered => {}
+        }
     }
 
     /// This machine's online peers for another machine's network listing, as `name@host`.

@@ -197,11 +197,8 @@ impl Core {
     ) -> Result<PeerFilter, ErrorBody> {
         let me = self.registered_name(conn).and_then(|n| self.peers.get(n));
         match scope {
-            Scope::Machine => Ok(Box::new(|_| true)),
-            Scope::Network => Err(err(
-                ErrorCode::BadRequest,
-                "scope network lists peers (list_peers); a broadcast reaches one machine: use machine, directory or repo",
-            )),
+            // Network listings and broadcasts add the other machines' peers to these.
+            Scope::Machine | Scope::Network => Ok(Box::new(|_| true)),
             Scope::Directory => {
                 let cwd = me
                     .map(|p| p.context.cwd.clone())

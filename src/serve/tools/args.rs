@@ -30,28 +30,6 @@ impl From<ScopeArg> for Scope {
     }
 }
 
-/// Where a broadcast goes: one machine's sessions.
-#[derive(Debug, Clone, Copy, Deserialize, JsonSchema)]
-#[serde(rename_all = "lowercase")]
-pub enum BroadcastScope {
-    /// Every session on this machine.
-    Machine,
-    /// Sessions in the same working directory.
-    Directory,
-    /// Sessions in the same git repository, worktrees included.
-    Repo,
-}
-
-impl From<BroadcastScope> for Scope {
-    fn from(s: BroadcastScope) -> Scope {
-        match s {
-            BroadcastScope::Machine => Scope::Machine,
-            BroadcastScope::Directory => Scope::Directory,
-            BroadcastScope::Repo => Scope::Repo,
-        }
-    }
-}
-
 #[derive(Debug, Deserialize, JsonSchema)]
 pub struct ListPeersArgs {
     /// Which sessions: machine (default), directory, repo or network.
@@ -81,8 +59,9 @@ pub struct SendArgs {
 pub struct BroadcastArgs {
     /// The message text.
     pub message: String,
-    /// Who gets it: every online session in this scope (machine, directory or repo).
-    pub scope: BroadcastScope,
+    /// Who gets it: every online session in this scope (machine, directory, repo, or
+    /// network: every machine this one is bridged to).
+    pub scope: ScopeArg,
 }
 
 #[derive(Debug, Deserialize, JsonSchema)]

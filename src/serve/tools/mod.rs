@@ -326,7 +326,7 @@ impl PeersServer {
     }
 
     #[tool(
-        description = "Send one message to every online peer in a scope (machine, directory or repo), for news like 'I changed the API, rebase'. Answers with the message id and a state per recipient.",
+        description = "Send one message to every online peer in a scope (machine, directory, repo, or network: every bridged machine), for news like 'I changed the API, rebase'. Answers with the message id and a state per recipient.",
         output_schema = rmcp::handler::server::tool::schema_for_output::<SentOut>(),
         annotations(
             read_only_hint = false,
