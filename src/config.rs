@@ -132,15 +132,21 @@ pub struct BrokerArgs {
     /// This machine's name in addresses (`name@host`) [default: the host name].
     #[arg(long = "host-name", env = "CLAUDE_PEERS_HOST", value_name = "NAME")]
     pub host: Option<String>,
+    /// The CA certificate (PEM) the NATS server's certificate must chain to; TLS is then
+    /// required (as it is for a tls:// URL).
+    #[arg(long, env = "CLAUDE_PEERS_NATS_CA", value_name = "FILE")]
+    pub nats_ca: Option<std::path::PathBuf>,
+    /// A client certificate (PEM) for servers that ask for one, with --nats-key.
+    #[arg(long, env = "CLAUDE_PEERS_NATS_CERT", value_name = "FILE")]
+    pub nats_cert: Option<std::path::PathBuf>,
+    /// The client certificate's private key (PEM; keep it mode 0600).
+    #[arg(long, env = "CLAUDE_PEERS_NATS_KEY", value_name = "FILE")]
+    pub nats_key: Option<std::path::PathBuf>,
 }
 
 impl BrokerArgs {
     /// How to reach other machines, if a NATS URL is set.
     pub fn network(&self) -> anyhow::Result<Option<crate::broker::bridge::NetworkOptions>> {
-        crate::broker::bridge::NetworkOptions::new(
-            self.nats_url.as_deref(),
-            self.nats_creds.as_deref(),
-            self.host.as_deref(),
-        )
+        crate::broker::bridge::NetworkOptions::new(self)
     }
 }

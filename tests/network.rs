@@ -57,6 +57,7 @@ impl Nats {
     fn restart(&mut self) {
         let mut cmd = std::process::Command::new("nats-server");
         if self.synced || !self.extra.is_empty() {
+            std::fs::create_dir_all(&self.dir).unwrap();
             let conf = self.dir.join("nats.conf");
             let sync = if self.synced {
                 ", sync_interval: always"
@@ -121,11 +122,23 @@ fn free_port() -> u16 {
 
 /// A session `name` on machine `host` of `home`, its broker bridged through `url`.
 async fn session_on(home: &Home, host: &str, name: &str, url: &str) -> Serve {
-    let env = [
+    session_with(home, host, name, url, &[]).await
+}
+
+/// [`session_on`], with more of the broker's environment.
+async fn session_with(
+    home: &Home,
+    host: &str,
+    name: &str,
+    url: &str,
+    more: &[(&str, &str)],
+) -> Serve {
+    let mut env = vec![
         ("CLAUDE_PEERS_NATS_URL", url),
         ("CLAUDE_PEERS_HOST", host),
         ("CLAUDE_PEERS_SEND_RATE", "0"),
     ];
+    env.extend_from_slice(more);
     let s = home.session_in(name, false, home.dir.path(), &env).await;
     s.whoami_when_ready().await;
     s
@@ -304,6 +317,7 @@ async fn mail_relayed_twice_is_stored_once() {
     let opts = NetworkOptions {
         url: nats.url(),
         creds: None,
+        tls: Default::default(),
         host: "hosta".into(),
         user: user_name(),
     };
@@ -638,6 +652,116 @@ async fn a_broadcast_reaches_every_machine() {
         assert_eq!(got[0]["text"], "main is frozen");
     }
     for s in [alice, ada, bob, carol] {
+        s.close().await;
+    }
+}
+
+/// Runs `openssl` with `args` in `dir`, which must succeed.
+fn openssl(dir: &Path, args: &[&str]) {
+    let out = std::process::Command::new("openssl")
+        .args(args)
+        .current_dir(dir)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "openssl {args:?}: {out:?}");
+}
+
+/// The bridge over TLS: a NATS server with a certificate from a CA of our own, which the
+/// brokers are given (`CLAUDE_PEERS_NATS_CA`); a broker not given it does not connect.
+#[tokio::test(flavor = "multi_thread")]
+async fn brokers_reach_nats_over_tls() {
+    require!("nats-server");
+    require!("openssl");
+    let js = tempfile::tempdir().unwrap();
+    let d = js.path();
+    openssl(
+        d,
+        &[
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-keyout",
+            "ca.key",
+            "-out",
+            "ca.pem",
+            "-days",
+            "2",
+            "-subj",
+            "/CN=claude-peers test CA",
+        ],
+    );
+    openssl(
+        d,
+        &[
+            "req",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-keyout",
+            "server.key",
+            "-out",
+            "server.csr",
+            "-subj",
+            "/CN=localhost",
+        ],
+    );
+    std::fs::write(
+        d.join("san.ext"),
+        "subjectAltName=IP:127.0.0.1,DNS:localhost\n",
+    )
+    .unwrap();
+    openssl(
+        d,
+        &[
+            "x509",
+            "-req",
+            "-in",
+            "server.csr",
+            "-CA",
+            "ca.pem",
+            "-CAkey",
+            "ca.key",
+            "-CAcreateserial",
+            "-out",
+            "server.pem",
+            "-days",
+            "2",
+            "-extfile",
+            "san.ext",
+        ],
+    );
+    let tls = format!(
+        "tls {{ cert_file: \"{0}/server.pem\", key_file: \"{0}/server.key\" }}",
+        d.display()
+    );
+    let nats = Nats::start_with(&d.join("js"), free_port(), &tls);
+    let ca = d.join("ca.pem");
+    let ca = ca.to_str().unwrap();
+    let url = format!("tls://127.0.0.1:{}", nats.port);
+
+    let (a, b, c) = (Home::new(), Home::new(), Home::new());
+    let more = [("CLAUDE_PEERS_NATS_CA", ca)];
+    let alice = session_with(&a, "hosta", "alice", &url, &more).await;
+    let bob = session_with(&b, "hostb", "bob", &url, &more).await;
+    connected(&a);
+    connected(&b);
+    alice
+        .ok(
+            "send_message",
+            json!({"to": "bob@hostb", "message": "over TLS"}),
+        )
+        .await;
+    assert_eq!(mail_of(&bob).await[0]["text"], "over TLS");
+
+    // Not given the CA, a broker does not trust the server (and says so in its log).
+    let carol = session_on(&c, "hostc", "carol", &url).await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let status = c.run_ok(&["status", "--json"]);
+    let status: Value = serde_json::from_slice(&status.stdout).unwrap();
+    assert_eq!(status["network"]["connected"], false, "{status}");
+    for s in [alice, bob, carol] {
         s.close().await;
     }
 }

@@ -17,6 +17,7 @@
 //! `cp.<user>.mail.<host>` and `cp.<user>.receipt.<host>`, in the stream `CP_<user>`.
 
 use std::collections::BTreeMap;
+use std::path::PathBuf;
 use std::time::Duration;
 
 use async_nats::jetstream::{self, consumer, message::PublishMessage, stream};
@@ -33,7 +34,8 @@ use crate::store::OutboxRow;
 pub struct NetworkOptions {
     pub url: String,
     /// A NATS credentials file (mode 0600).
-    pub creds: Option<std::path::PathBuf>,
+    pub creds: Option<PathBuf>,
+    pub tls: Tls,
     /// This machine's name in addresses (`name@host`).
     pub host: String,
     /// Whose brokers these are: one user's brokers share subjects and see nothing of
@@ -44,40 +46,38 @@ pub struct NetworkOptions {
 impl NetworkOptions {
     /// The options for a NATS `url` (none if unset or empty), with a credentials file and
     /// this machine's name (default: the host name).
-    pub fn new(
-        url: Option<&str>,
-        creds: Option<&std::path::Path>,
-        host: Option<&str>,
-    ) -> anyhow::Result<Option<Self>> {
-        let Some(url) = url.filter(|u| !u.is_empty()) else {
+    pub fn new(args: &crate::config::BrokerArgs) -> anyhow::Result<Option<Self>> {
+        let Some(url) = args.nats_url.as_deref().filter(|u| !u.is_empty()) else {
             return Ok(None);
         };
-        let host = match host.filter(|h| !h.is_empty()) {
+        let file = |p: &Option<PathBuf>| p.clone().filter(|p| !p.as_os_str().is_empty());
+        let creds = file(&args.nats_creds);
+        let tls = Tls {
+            ca: file(&args.nats_ca),
+            client: match (file(&args.nats_cert), file(&args.nats_key)) {
+                (Some(cert), Some(key)) => {
+                    private(&key, "NATS client key")?;
+                    Some((cert, key))
+                }
+                (None, None) => None,
+                _ => anyhow::bail!(
+                    "a NATS client certificate needs both --nats-cert and --nats-key (CLAUDE_PEERS_NATS_CERT, CLAUDE_PEERS_NATS_KEY)"
+                ),
+            },
+        };
+        let host = match args.host.as_deref().filter(|h| !h.is_empty()) {
             Some(h) => crate::names::PeerName::new(h)
                 .map_err(|e| anyhow::anyhow!("host name {h:?} (CLAUDE_PEERS_HOST): {e}"))?
                 .to_string(),
             None => crate::names::PeerName::sanitize(&crate::platform::host_name()).to_string(),
         };
-        if let Some(creds) = creds.filter(|p| !p.as_os_str().is_empty()) {
-            use std::os::unix::fs::PermissionsExt;
-            let mode = std::fs::metadata(creds)
-                .map_err(|e| anyhow::anyhow!("NATS credentials {}: {e}", creds.display()))?
-                .permissions()
-                .mode();
-            if mode & 0o077 != 0 {
-                anyhow::bail!(
-                    "NATS credentials {} can be read by other users (mode {:o}); make them yours alone: chmod 600 {}",
-                    creds.display(),
-                    mode & 0o777,
-                    creds.display()
-                );
-            }
+        if let Some(creds) = &creds {
+            private(creds, "NATS credentials")?;
         }
         Ok(Some(Self {
             url: url.to_string(),
-            creds: creds
-                .filter(|p| !p.as_os_str().is_empty())
-                .map(|p| p.to_path_buf()),
+            creds,
+            tls,
             host,
             user: user_name(),
         }))
@@ -116,6 +116,33 @@ pub fn user_name() -> String {
         .ok()
         .filter(|u| !u.is_empty())
         .unwrap_or_else(|| format!("uid{}", crate::platform::current_uid()))
+}
+
+/// TLS to the NATS server, beyond what a `tls://` URL asks for.
+#[derive(Debug, Clone, Default)]
+pub struct Tls {
+    /// The CA the server's certificate must chain to (TLS is then required).
+    pub ca: Option<PathBuf>,
+    /// A client certificate and its key.
+    pub client: Option<(PathBuf, PathBuf)>,
+}
+
+/// Refuses a secret file others can read.
+fn private(path: &std::path::Path, what: &str) -> anyhow::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(path)
+        .map_err(|e| anyhow::anyhow!("{what} {}: {e}", path.display()))?
+        .permissions()
+        .mode();
+    if mode & 0o077 != 0 {
+        anyhow::bail!(
+            "{what} {} can be read by other users (mode {:o}); make them yours alone: chmod 600 {}",
+            path.display(),
+            mode & 0o777,
+            path.display()
+        );
+    }
+    Ok(())
 }
 
 /// `s` as one NATS subject token (and stream or consumer name): letters, digits, `_` and
@@ -342,9 +369,6 @@ async fn gather(client: &async_nats::Client, subject: String) -> Vec<Vec<u8>> {
 }
 
 async fn connect(opts: &NetworkOptions) -> Result<Session, async_nats::Error> {
-    if opts.url.starts_with("tls://") {
-        return Err("TLS connections to NATS are not supported by this build yet".into());
-    }
     let mut connect = async_nats::ConnectOptions::new()
         .name(format!("claude-peers broker {}", opts.host))
         .max_reconnects(Some(0));
@@ -356,6 +380,15 @@ async fn connect(opts: &NetworkOptions) -> Result<Session, async_nats::Error> {
     }
     if let Some(creds) = &opts.creds {
         connect = connect.credentials_file(creds).await?;
+    }
+    if let Some(ca) = &opts.tls.ca {
+        connect = connect.add_root_certificates(ca.clone()).require_tls(true);
+    }
+    if opts.url.starts_with("tls://") {
+        connect = connect.require_tls(true);
+    }
+    if let Some((cert, key)) = &opts.tls.client {
+        connect = connect.add_client_certificate(cert.clone(), key.clone());
     }
     let client = connect.connect(url.as_str()).await?;
     let js = jetstream::new(client.clone());
