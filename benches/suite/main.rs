@@ -1,12 +1,13 @@
 //! `cargo bench`: every figure of the broker, serve and hardening issues, measured on real
 //! processes, printed as one table (figure, target, measured, met).
 //!
-//! `BENCH_ONLY=broker,serve,scale,store,hooks,claude` runs a subset. Each group starts
+//! `BENCH_ONLY=broker,serve,scale,store,hooks,network,claude` runs a subset. Each group starts
 //! what it needs in temp directories and stops it after.
 
 mod broker;
 mod claude;
 mod hooks;
+mod network;
 // The tests' support: homes, brokers, `serve` sessions, the Claude Code harness.
 #[path = "../../tests/common/mod.rs"]
 mod common;
@@ -121,6 +122,9 @@ fn main() {
     }
     if wanted("hooks") {
         rt.block_on(hooks::run(&mut rows));
+    }
+    if wanted("network") {
+        rt.block_on(network::run(&mut rows));
     }
     if wanted("claude") {
         rt.block_on(claude::run(&mut rows));

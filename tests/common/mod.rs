@@ -9,6 +9,7 @@ pub mod codex;
 pub mod gemini;
 pub mod loopback;
 pub mod mcp;
+pub mod nats;
 pub mod serve;
 
 use std::io::{BufRead, BufReader, Write};
