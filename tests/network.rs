@@ -658,3 +658,46 @@ async fn brokers_reach_nats_over_tls() {
         s.close().await;
     }
 }
+
+/// A machine that stops answering (its broker down, or NATS cut between us) is listed
+/// `unreachable`, not dropped; mail sent to it meanwhile waits in JetStream and arrives
+/// when it is back.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_machine_out_of_reach_is_unreachable_not_gone() {
+    require!("nats-server");
+    let js = tempfile::tempdir().unwrap();
+    let nats = Nats::start(js.path(), free_port());
+    let (a, b) = (Home::new(), Home::new());
+    let alice = session_on(&a, "hosta", "alice", &nats.url()).await;
+    let bob = session_on(&b, "hostb", "bob", &nats.url()).await;
+    connected(&a);
+    connected(&b);
+    let listed = alice.ok("list_peers", json!({"scope": "network"})).await;
+    assert_eq!(listed["peers"][0]["state"], "online", "{listed}");
+
+    bob.close().await;
+    b.run_ok(&["stop"]);
+    let listed = alice.ok("list_peers", json!({"scope": "network"})).await;
+    assert_eq!(listed["peers"][0]["name"], "bob@hostb", "{listed}");
+    assert_eq!(listed["peers"][0]["state"], "unreachable", "{listed}");
+    let out = a.run_ok(&["peers", "--scope", "network", "--json"]);
+    let cli: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let bob_there = cli
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["name"] == "bob@hostb")
+        .unwrap_or_else(|| panic!("{cli}"));
+    assert_eq!(bob_there["unreachable"], true, "{cli}");
+
+    alice
+        .ok(
+            "send_message",
+            json!({"to": "bob@hostb", "message": "when you are back"}),
+        )
+        .await;
+    let bob = session_on(&b, "hostb", "bob", &nats.url()).await;
+    assert_eq!(mail_of(&bob).await[0]["text"], "when you are back");
+    alice.close().await;
+    bob.close().await;
+}

@@ -36,6 +36,7 @@ fn yardstick() -> Duration {
                 first_seen: 1_767_000_000_000,
                 last_seen: 1_767_000_000_000 + i64::from(i),
                 unread: u64::from(i % 4),
+                unreachable: false,
                 context: claude_peers::protocol::PeerContext {
                     pid: 10_000 + i,
                     cwd: format!("/home/user/src/project-{}/worktree-{i}", i % 7),

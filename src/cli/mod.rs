@@ -362,7 +362,12 @@ async fn peers(paths: &Paths, scope: Scope, all: bool, json: bool) -> Result<()>
         .map(|p| {
             vec![
                 p.name.clone(),
-                if p.online { "online" } else { "offline" }.to_string(),
+                match (p.online, p.unreachable) {
+                    (true, _) => "online",
+                    (false, true) => "unreachable",
+                    (false, false) => "offline",
+                }
+                .to_string(),
                 table::short_path(&p.context.cwd),
                 p.context.branch.clone().unwrap_or_else(|| "-".into()),
                 if p.summary.is_empty() {

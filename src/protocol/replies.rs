@@ -101,6 +101,10 @@ pub struct PeerInfo {
     pub last_seen: Millis,
     /// Messages for this peer not yet acked.
     pub unread: u64,
+    /// On another machine that answered a network listing before and not this time
+    /// (NATS partitioned, or its broker down): its mail is kept until it is back.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub unreachable: bool,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -135,6 +139,7 @@ impl PeerInfoRef<'_> {
             first_seen: self.first_seen,
             last_seen: self.last_seen,
             unread: self.unread,
+            unreachable: false,
         }
     }
 }

@@ -20,6 +20,9 @@ pub struct Network {
     /// listings to gather.
     pub outbox: UnboundedSender<ToBridge>,
     pub connected: bool,
+    /// The online peers each other machine listed when it last answered, by host: a
+    /// machine that stops answering is shown `unreachable`, not gone.
+    pub seen: HashMap<String, Vec<PeerInfo>>,
     /// Rows in the outbox (publications JetStream has not acked).
     pub waiting: u64,
 }
@@ -47,6 +50,7 @@ impl Core {
             opts,
             outbox,
             connected: false,
+            seen: HashMap::new(),
             waiting: rows.len() as u64,
         });
         Ok(rows)
@@ -350,19 +354,11 @@ impl Core {
         };
         l.scope = Scope::Machine;
         l.after = None;
-        let ours = self.network.as_ref().map(|n| n.opts.host.clone());
+        let remote = self.answered(replies);
         let answer = self.list_peers(conn, &l).and_then(|local| {
             let mut list: PeerList = serde_json::from_str(local.get())
                 .map_err(|e| err(ErrorCode::Internal, e.to_string()))?;
-            for r in replies {
-                match serde_json::from_slice::<NetworkListing>(&r) {
-                    Ok(theirs) if Some(&theirs.host) != ours.as_ref() => {
-                        list.peers.extend(theirs.peers);
-                    }
-                    Ok(_) => {}
-                    Err(e) => tracing::warn!("an unreadable listing from another machine: {e}"),
-                }
-            }
+            list.peers.extend(remote);
             list.peers
                 .sort_by(|a, b| b.online.cmp(&a.online).then_with(|| a.name.cmp(&b.name)));
             // One page, whatever the network holds: the first that fit.
@@ -379,6 +375,37 @@ impl Core {
         self.answer(conn, id, answer.map(Reply::Peers));
     }
 
+    /// The peers of the machines that answered, and (kept from earlier answers, marked
+    /// `unreachable`) of those that did not.
+    fn answered(&mut self, replies: Vec<Vec<u8>>) -> Vec<PeerInfo> {
+        let Some(n) = &mut self.network else {
+            return Vec::new();
+        };
+        let mut answered = std::collections::HashSet::new();
+        for r in replies {
+            match serde_json::from_slice::<NetworkListing>(&r) {
+                Ok(theirs) if theirs.host != n.opts.host => {
+                    answered.insert(theirs.host.clone());
+                    n.seen.insert(theirs.host, theirs.peers);
+                }
+                Ok(_) => {}
+                Err(e) => tracing::warn!("an unreadable listing from another machine: {e}"),
+            }
+        }
+        let mut peers = Vec::new();
+        for (host, listed) in &n.seen {
+            let reachable = answered.contains(host);
+            peers.extend(listed.iter().cloned().map(|mut p| {
+                if !reachable {
+                    p.online = false;
+                    p.unreachable = true;
+                }
+                p
+            }));
+        }
+        peers
+    }
+
     fn broadcast_gathered(
         &mut self,
         conn: ConnId,
@@ -386,7 +413,12 @@ impl Core {
         b: Broadcast,
         replies: Vec<Vec<u8>>,
     ) {
-        let ours = self.network.as_ref().map(|n| n.opts.host.clone());
+        let remote: Vec<String> = self
+            .answered(replies)
+            .into_iter()
+            .filter(|p| p.online)
+            .map(|p| p.name)
+            .collect();
         let draft = Draft {
             text: b.text,
             in_reply_to: b.in_reply_to,
@@ -399,13 +431,7 @@ impl Core {
                 .filter(|n| **n != from)
                 .cloned()
                 .collect();
-            for r in replies {
-                if let Ok(theirs) = serde_json::from_slice::<NetworkListing>(&r)
-                    && Some(&theirs.host) != ours.as_ref()
-                {
-                    recipients.extend(theirs.peers.into_iter().map(|p| p.name));
-                }
-            }
+            recipients.extend(remote);
             if recipients.is_empty() {
                 return Err(err(
                     ErrorCode::NoRecipients,
@@ -452,6 +478,7 @@ impl Core {
                 first_seen: p.first_seen,
                 last_seen: p.last_seen,
                 unread: 0,
+                unreachable: false,
             })
             .collect();
         serde_json::to_vec(&NetworkListing {

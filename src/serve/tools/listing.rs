@@ -43,6 +43,8 @@ pub(super) struct ListedPeer<'a> {
     #[serde(borrow)]
     summary: Cow<'a, str>,
     last_seen: protocol::Millis,
+    #[serde(default)]
+    unreachable: bool,
 }
 
 /// The fields of a record's `context` that a listing shows.
@@ -87,7 +89,11 @@ const LISTED_SUMMARY_BYTES: usize = 300;
 impl<'a> From<ListedPeer<'a>> for PeerOut<'a> {
     fn from(p: ListedPeer<'a>) -> Self {
         PeerOut {
-            state: if p.online { "online" } else { "offline" },
+            state: match (p.online, p.unreachable) {
+                (true, _) => "online",
+                (false, true) => "unreachable",
+                (false, false) => "offline",
+            },
             kind: "claude-peers",
             last_seen: if p.online {
                 "now".into()

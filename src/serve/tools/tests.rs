@@ -12,6 +12,7 @@ fn peer(name: &str, online: bool) -> PeerInfo {
         first_seen: 1,
         last_seen: 1_700_000_000_000,
         unread: 3,
+        unreachable: false,
         context: PeerContext {
             pid: 7,
             cwd: "/w/a \"quoted\"".into(),
