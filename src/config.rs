@@ -132,6 +132,16 @@ pub struct BrokerArgs {
     /// This machine's name in addresses (`name@host`) [default: the host name].
     #[arg(long = "host-name", env = "CLAUDE_PEERS_HOST", value_name = "NAME")]
     pub host: Option<String>,
+    /// How many copies of the shared stream a JetStream cluster keeps (set 3 on a
+    /// cluster of three or more; 1 on a single server). Used by the broker that creates
+    /// the stream.
+    #[arg(
+        long,
+        env = "CLAUDE_PEERS_NATS_REPLICAS",
+        value_name = "N",
+        default_value_t = 1
+    )]
+    pub nats_replicas: usize,
     /// The CA certificate (PEM) the NATS server's certificate must chain to; TLS is then
     /// required (as it is for a tls:// URL).
     #[arg(long, env = "CLAUDE_PEERS_NATS_CA", value_name = "FILE")]

@@ -211,6 +211,7 @@ async fn mail_relayed_twice_is_stored_once() {
         url: nats.url(),
         creds: None,
         tls: Default::default(),
+        replicas: 1,
         host: "hosta".into(),
         user: user_name(),
     };
@@ -700,4 +701,93 @@ async fn a_machine_out_of_reach_is_unreachable_not_gone() {
     assert_eq!(mail_of(&bob).await[0]["text"], "when you are back");
     alice.close().await;
     bob.close().await;
+}
+
+/// A 3-node JetStream cluster (the stream kept 3 times) loses its stream leader, `kill
+/// -9`ed, in the middle of 300 sends: nothing is lost, nothing doubled.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_cluster_losing_its_stream_leader_loses_nothing() {
+    require!("nats-server");
+    let js = tempfile::tempdir().unwrap();
+    let (mut nodes, url) = common::nats::cluster(js.path(), 3);
+    let (a, b) = (Home::new(), Home::new());
+    let more = [("CLAUDE_PEERS_NATS_REPLICAS", "3")];
+    let alice = session_with(&a, "hosta", "alice", &url, &more).await;
+    let bob = session_with(&b, "hostb", "bob", &url, &more).await;
+    // A cluster elects its leaders in a few seconds.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    for home in [&a, &b] {
+        while !home_connected(home) {
+            assert!(
+                Instant::now() < deadline,
+                "no broker connected to the cluster"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+    let (sender, _) = a.peer("sender", "/work/sender").await;
+    let stream = NetworkOptions {
+        url: url.clone(),
+        creds: None,
+        tls: Default::default(),
+        replicas: 3,
+        host: "hosta".into(),
+        user: user_name(),
+    }
+    .stream_name();
+
+    const N: usize = 300;
+    let mut ids = std::collections::BTreeSet::new();
+    for i in 0..N {
+        if i == N / 3 {
+            let client = async_nats::connect(nodes[0].url()).await.unwrap();
+            let jet = async_nats::jetstream::new(client);
+            let mut s = jet.get_stream(&stream).await.unwrap();
+            let info = s.info().await.unwrap();
+            let leader = info.cluster.as_ref().and_then(|c| c.leader.clone());
+            let leader = leader.expect("the stream has a leader");
+            let node = nodes
+                .iter_mut()
+                .find(|n| n.name() == Some(leader.as_str()))
+                .expect("the leader is one of ours");
+            node.kill();
+        }
+        let sent = sender
+            .call(send("bob@hostb", &format!("m{i}")))
+            .await
+            .unwrap();
+        ids.insert(sent.message_id);
+    }
+    let arrived = || {
+        let out = b.run_ok(&["log", "--json", "-n", "1000", "--peer", "bob"]);
+        let log: Value = serde_json::from_slice(&out.stdout).unwrap();
+        log.as_array()
+            .unwrap()
+            .iter()
+            .filter(|e| e["from"] == "sender@hosta")
+            .map(|e| e["id"].as_str().unwrap().to_string())
+            .collect::<Vec<_>>()
+    };
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while arrived().len() < N {
+        assert!(
+            Instant::now() < deadline,
+            "{} of {N} arrived",
+            arrived().len()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let got = arrived();
+    let unique: std::collections::BTreeSet<String> = got.iter().cloned().collect();
+    assert_eq!(got.len(), N, "some arrived twice");
+    assert_eq!(unique, ids);
+    alice.close().await;
+    bob.close().await;
+}
+
+/// Whether `home`'s broker is connected to NATS now.
+fn home_connected(home: &Home) -> bool {
+    let out = home.run_ok(&["status", "--json"]);
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    v["network"]["connected"] == true
 }

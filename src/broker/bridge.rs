@@ -35,6 +35,8 @@ pub struct NetworkOptions {
     pub url: String,
     /// A NATS credentials file (mode 0600).
     pub creds: Option<PathBuf>,
+    /// Copies of the stream a JetStream cluster keeps (1 on a single server).
+    pub replicas: usize,
     pub tls: Tls,
     /// This machine's name in addresses (`name@host`).
     pub host: String,
@@ -78,6 +80,7 @@ impl NetworkOptions {
             url: url.to_string(),
             creds,
             tls,
+            replicas: args.nats_replicas.max(1),
             host,
             user: user_name(),
         }))
@@ -93,11 +96,18 @@ impl NetworkOptions {
 
     /// The URL as logs and `status` show it: without a password or token.
     pub fn shown_url(&self) -> String {
-        match split_userinfo(&self.url) {
-            (bare, Some((user, Some(_)))) => bare.replacen("://", &format!("://{user}:***@"), 1),
-            (bare, Some((_, None))) => bare.replacen("://", "://***@", 1),
-            (bare, None) => bare,
-        }
+        let shown: Vec<String> = self
+            .url
+            .split(',')
+            .map(|url| match split_userinfo(url.trim()) {
+                (bare, Some((user, Some(_)))) => {
+                    bare.replacen("://", &format!("://{user}:***@"), 1)
+                }
+                (bare, Some((_, None))) => bare.replacen("://", "://***@", 1),
+                (bare, None) => bare,
+            })
+            .collect();
+        shown.join(",")
     }
 
     /// Where network listings are asked (core NATS, not JetStream: no stream holds it).
@@ -372,7 +382,14 @@ async fn connect(opts: &NetworkOptions) -> Result<Session, async_nats::Error> {
     let mut connect = async_nats::ConnectOptions::new()
         .name(format!("claude-peers broker {}", opts.host))
         .max_reconnects(Some(0));
-    let (url, auth) = split_userinfo(&opts.url);
+    // One server, or several of a cluster (comma-separated): the client tries them in turn.
+    let mut auth = None;
+    let mut servers = Vec::new();
+    for url in opts.url.split(',').map(str::trim).filter(|u| !u.is_empty()) {
+        let (bare, a) = split_userinfo(url);
+        auth = auth.or(a);
+        servers.push(bare.parse::<async_nats::ServerAddr>()?);
+    }
     match auth {
         Some((user, Some(pass))) => connect = connect.user_and_password(user, pass),
         Some((token, None)) => connect = connect.token(token),
@@ -384,13 +401,13 @@ async fn connect(opts: &NetworkOptions) -> Result<Session, async_nats::Error> {
     if let Some(ca) = &opts.tls.ca {
         connect = connect.add_root_certificates(ca.clone()).require_tls(true);
     }
-    if opts.url.starts_with("tls://") {
+    if opts.url.contains("tls://") {
         connect = connect.require_tls(true);
     }
     if let Some((cert, key)) = &opts.tls.client {
         connect = connect.add_client_certificate(cert.clone(), key.clone());
     }
-    let client = connect.connect(url.as_str()).await?;
+    let client = connect.connect(servers).await?;
     let js = jetstream::new(client.clone());
     let user = token(&opts.user);
     js.create_or_update_stream(stream::Config {
@@ -398,6 +415,7 @@ async fn connect(opts: &NetworkOptions) -> Result<Session, async_nats::Error> {
         subjects: vec![format!("cp.{user}.mail.*"), format!("cp.{user}.receipt.*")],
         storage: stream::StorageType::File,
         duplicate_window: Duration::from_secs(120),
+        num_replicas: opts.replicas,
         ..Default::default()
     })
     .await?;

@@ -111,3 +111,53 @@ pub fn free_port() -> u16 {
         .unwrap()
         .port()
 }
+
+impl Nats {
+    /// A server fsyncing every write or not, with more configuration.
+    pub fn start_full(dir: &Path, port: u16, synced: bool, extra: &str) -> Self {
+        let mut nats = Self::start_with_unstarted(dir, port, extra);
+        nats.synced = synced;
+        nats.restart();
+        nats
+    }
+
+    fn start_with_unstarted(dir: &Path, port: u16, extra: &str) -> Self {
+        Self {
+            child: None,
+            port,
+            dir: dir.to_path_buf(),
+            synced: false,
+            extra: extra.to_string(),
+        }
+    }
+
+    /// The server's name in a cluster (`server_name`), if it has one.
+    pub fn name(&self) -> Option<&str> {
+        self.extra
+            .lines()
+            .find_map(|l| l.strip_prefix("server_name: "))
+    }
+}
+
+/// A JetStream cluster of `n` servers on loopback, each fsyncing every write, named
+/// `n0`, `n1`, …; its URL lists them all.
+pub fn cluster(dir: &Path, n: usize) -> (Vec<Nats>, String) {
+    let ports: Vec<(u16, u16)> = (0..n).map(|_| (free_port(), free_port())).collect();
+    let routes: Vec<String> = ports
+        .iter()
+        .map(|(_, c)| format!("\"nats-route://127.0.0.1:{c}\""))
+        .collect();
+    let routes = routes.join(", ");
+    let nodes: Vec<Nats> = ports
+        .iter()
+        .enumerate()
+        .map(|(i, (p, c))| {
+            let extra = format!(
+                "server_name: n{i}\ncluster {{ name: cp, listen: \"127.0.0.1:{c}\", routes: [{routes}] }}"
+            );
+            Nats::start_full(&dir.join(format!("n{i}")), *p, true, &extra)
+        })
+        .collect();
+    let url = nodes.iter().map(Nats::url).collect::<Vec<_>>().join(",");
+    (nodes, url)
+}
