@@ -145,8 +145,10 @@ async fn the_wal_is_checkpointed_after_writes() {
     }
     let wal = home.paths.db.with_extension("db-wal");
     let size = std::fs::metadata(&wal).unwrap().len();
+    // At most the limit the store sets (`journal_size_limit`, 16 MiB): a busy machine
+    // may leave the WAL at it, never past it.
     assert!(
-        size < 16 << 20,
+        size <= 16 << 20,
         "{} is {size} bytes after 4,000 sends",
         wal.display()
     );
