@@ -15,6 +15,8 @@ pub struct GitInfo {
     pub common_dir: Option<String>,
     /// The checked-out branch, or `detached@<short sha>`.
     pub branch: Option<String>,
+    /// The `origin` remote's URL, normalized ([`normalize_remote`]).
+    pub remote: Option<String>,
 }
 
 impl GitInfo {
@@ -26,6 +28,7 @@ impl GitInfo {
             let dot_git = d.join(".git");
             if let Some(git_dir) = resolve_git_dir(&dot_git) {
                 let common = common_dir(&git_dir);
+                let remote = origin(&common);
                 return Self {
                     root: Some(d.display().to_string()),
                     common_dir: Some(
@@ -35,12 +38,60 @@ impl GitInfo {
                             .to_string(),
                     ),
                     branch: branch(&git_dir),
+                    remote,
                 };
             }
             cur = d.parent();
         }
         Self::default()
     }
+}
+
+/// The `url` of `[remote "origin"]` in the repository's config, normalized.
+fn origin(common_dir: &Path) -> Option<String> {
+    let config = fs::read_to_string(common_dir.join("config")).ok()?;
+    let mut in_origin = false;
+    for line in config.lines() {
+        let line = line.trim();
+        if line.starts_with('[') {
+            in_origin = line.replace(' ', "") == "[remote\"origin\"]";
+        } else if in_origin
+            && let Some((key, value)) = line.split_once('=')
+            && key.trim() == "url"
+        {
+            return normalize_remote(value.trim());
+        }
+    }
+    None
+}
+
+/// A remote URL as `host/path`, the same for the SSH and HTTPS spellings of one
+/// repository: `git@github.com:org/repo.git`, `ssh://git@github.com/org/repo` and
+/// `https://github.com/org/repo` are all `github.com/org/repo`. `None` for a local path.
+pub fn normalize_remote(url: &str) -> Option<String> {
+    let url = url.trim().trim_end_matches('/');
+    let url = url.strip_suffix(".git").unwrap_or(url);
+    let (host, path) = match url.split_once("://") {
+        Some((_, rest)) => {
+            let rest = rest.rsplit_once('@').map_or(rest, |(_, r)| r);
+            let (host, path) = rest.split_once('/')?;
+            // A port is not part of the repository's name.
+            (host.split(':').next().unwrap_or(host), path)
+        }
+        // scp-like: [user@]host:path
+        None => {
+            let (host, path) = url.split_once(':')?;
+            if host.contains('/') {
+                return None;
+            }
+            (host.rsplit_once('@').map_or(host, |(_, h)| h), path)
+        }
+    };
+    let path = path.trim_start_matches('/');
+    if host.is_empty() || path.is_empty() {
+        return None;
+    }
+    Some(format!("{}/{path}", host.to_ascii_lowercase()))
 }
 
 /// A one-line description of what is going on in the repository at `dir`, made from
@@ -146,6 +197,23 @@ fn branch(git_dir: &Path) -> Option<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn remotes_of_one_repository_read_alike() {
+        for url in [
+            "git@github.com:org/repo.git",
+            "ssh://git@github.com:22/org/repo",
+            "https://GitHub.com/org/repo.git/",
+            "https://user@github.com/org/repo",
+        ] {
+            assert_eq!(
+                normalize_remote(url).as_deref(),
+                Some("github.com/org/repo"),
+                "{url}"
+            );
+        }
+        assert_eq!(normalize_remote("/srv/git/repo.git"), None);
+    }
 
     #[test]
     fn reads_plain_repos_and_worktrees() {

@@ -799,3 +799,76 @@ fn home_connected(home: &Home) -> bool {
     let v: Value = serde_json::from_slice(&out.stdout).unwrap();
     v["network"]["connected"] == true
 }
+
+/// A git repository at `dir` whose `origin` is `url`.
+fn repo(dir: &Path, url: &str) {
+    std::fs::create_dir_all(dir).unwrap();
+    for args in [&["init", "-q"][..], &["remote", "add", "origin", url][..]] {
+        let ok = std::process::Command::new("git")
+            .args(args)
+            .current_dir(dir)
+            .status()
+            .unwrap()
+            .success();
+        assert!(ok, "git {args:?}");
+    }
+}
+
+/// Scope repo spans machines when bridged: sessions of the same repository (its remote,
+/// whether cloned over SSH or HTTPS) are listed and reached across hosts; others not.
+#[tokio::test(flavor = "multi_thread")]
+async fn scope_repo_spans_machines_by_the_remote() {
+    require!("nats-server");
+    require!("git");
+    let js = tempfile::tempdir().unwrap();
+    let nats = Nats::start(js.path(), free_port());
+    let url = nats.url();
+    let (a, b) = (Home::new(), Home::new());
+    let shop_a = a.dir.path().join("shop");
+    let shop_b = b.dir.path().join("shop");
+    let other_b = b.dir.path().join("other");
+    repo(&shop_a, "git@github.com:org/shop.git");
+    repo(&shop_b, "https://github.com/org/shop");
+    repo(&other_b, "git@github.com:org/other.git");
+    let env = |host: &'static str| {
+        vec![
+            ("CLAUDE_PEERS_NATS_URL", url.clone()),
+            ("CLAUDE_PEERS_HOST", host.to_string()),
+        ]
+    };
+    let start = |home: &Home, name: &str, dir: &Path, host: &'static str| {
+        let env = env(host);
+        let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
+        let mut cmd = home.serve_cmd(Some(name), dir);
+        cmd.envs(env);
+        Serve::start(cmd, false)
+    };
+    let alice = start(&a, "alice", &shop_a, "hosta").await;
+    alice.whoami_when_ready().await;
+    let bob = start(&b, "bob", &shop_b, "hostb").await;
+    bob.whoami_when_ready().await;
+    let dave = start(&b, "dave", &other_b, "hostb").await;
+    dave.whoami_when_ready().await;
+    connected(&a);
+    connected(&b);
+
+    let listed = alice.ok("list_peers", json!({"scope": "repo"})).await;
+    assert_eq!(common::peer_names(&listed), ["bob@hostb"], "{listed}");
+    let sent = alice
+        .ok(
+            "broadcast",
+            json!({"scope": "repo", "message": "rebasing the shop"}),
+        )
+        .await;
+    assert_eq!(
+        common::peer_names(&json!({"peers": sent["recipients"]})),
+        ["bob@hostb"]
+    );
+    assert_eq!(mail_of(&bob).await[0]["text"], "rebasing the shop");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let none = dave.ok("check_messages", json!({})).await;
+    assert_eq!(none["messages"], json!([]), "{none}");
+    for s in [alice, bob, dave] {
+        s.close().await;
+    }
+}

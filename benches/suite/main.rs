@@ -43,6 +43,7 @@ fn yardstick() -> Duration {
                     git_root: Some(format!("/home/user/src/project-{}", i % 7)),
                     git_common_dir: Some(format!("/home/user/src/project-{}/.git", i % 7)),
                     branch: Some(format!("feature/{i}")),
+                    git_remote: None,
                     tty: None,
                     host: Some("laptop".into()),
                     client_name: Some("claude-code".into()),

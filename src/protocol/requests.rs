@@ -24,6 +24,10 @@ pub struct PeerContext {
     pub git_common_dir: Option<String>,
     #[serde(default)]
     pub branch: Option<String>,
+    /// The repository's `origin` remote, normalized (`github.com/org/repo`): what the
+    /// `repo` scope compares across machines.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub git_remote: Option<String>,
     #[serde(default)]
     pub tty: Option<String>,
     #[serde(default)]

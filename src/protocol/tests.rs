@@ -67,6 +67,7 @@ fn borrowed_peer_records_read_back_as_owned_ones() {
             git_root: Some("/w".into()),
             git_common_dir: None,
             branch: Some("main".into()),
+            git_remote: None,
             tty: None,
             host: Some("h".into()),
             client_name: Some("claude-code".into()),

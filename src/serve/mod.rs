@@ -139,6 +139,7 @@ impl Session {
                 git_root: git.root,
                 git_common_dir: git.common_dir,
                 branch: git.branch,
+                git_remote: git.remote,
                 tty: platform::tty_name(),
                 pid: std::process::id(),
                 host: Some(platform::host_name()),
@@ -307,6 +308,7 @@ impl Session {
                 root: id.context.git_root.clone(),
                 common_dir: id.context.git_common_dir.clone(),
                 branch: id.context.branch.clone(),
+                remote: id.context.git_remote.clone(),
             };
             (std::path::PathBuf::from(&id.context.cwd), git)
         };

@@ -100,6 +100,9 @@ CREATE TABLE outbox (
     payload BLOB NOT NULL
 );
 "#,
+    r#"
+ALTER TABLE peers ADD COLUMN git_remote TEXT;
+"#,
 ];
 
 /// WAL size (in pages) past which the checkpointer makes writers wait so the WAL can

@@ -9,7 +9,8 @@ impl Store {
     pub fn load_peers(&self) -> Result<Vec<PeerRow>, StoreError> {
         let mut stmt = self.conn.prepare(
             "SELECT name, pid, cwd, git_root, git_common_dir, branch, tty, host, summary,
-                    client_name, client_version, push, first_seen, last_seen FROM peers",
+                    client_name, client_version, push, first_seen, last_seen, git_remote
+             FROM peers",
         )?;
         let rows = stmt.query_map([], |r| {
             Ok(PeerRow {
@@ -20,6 +21,7 @@ impl Store {
                     git_root: r.get(3)?,
                     git_common_dir: r.get(4)?,
                     branch: r.get(5)?,
+                    git_remote: r.get(14)?,
                     tty: r.get(6)?,
                     host: r.get(7)?,
                     client_name: r.get(9)?,
@@ -45,11 +47,12 @@ impl Store {
         self.conn
             .prepare_cached(
                 "INSERT INTO peers (name, pid, cwd, git_root, git_common_dir, branch, tty, host,
-                    summary, client_name, client_version, push, first_seen, last_seen)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14)
+                    summary, client_name, client_version, push, first_seen, last_seen, git_remote)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15)
                  ON CONFLICT(name) DO UPDATE SET pid = ?2, cwd = ?3, git_root = ?4,
                     git_common_dir = ?5, branch = ?6, tty = ?7, host = ?8, summary = ?9,
-                    client_name = ?10, client_version = ?11, push = ?12, last_seen = ?14",
+                    client_name = ?10, client_version = ?11, push = ?12, last_seen = ?14,
+                    git_remote = ?15",
             )?
             .execute(params![
                 p.name,
@@ -65,7 +68,8 @@ impl Store {
                 p.context.client_version,
                 p.context.push,
                 p.first_seen,
-                p.last_seen
+                p.last_seen,
+                p.context.git_remote
             ])?;
         Ok(())
     }

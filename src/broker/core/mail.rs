@@ -217,7 +217,7 @@ impl Core {
     }
 
     pub(super) fn broadcast(&mut self, conn: ConnId, id: Option<u64>, b: Broadcast) -> Outcome {
-        if b.scope == Scope::Network {
+        if b.scope == Scope::Network || self.repo_across(conn, b.scope).is_some() {
             return self.broadcast_network(conn, id, b);
         }
         let draft = Draft {

@@ -486,7 +486,9 @@ impl Core {
                 }
                 r.map(|()| Reply::Done(Done {}))
             }
-            Request::ListPeers(l) if l.scope == Scope::Network => {
+            Request::ListPeers(l)
+                if l.scope == Scope::Network || self.repo_across(conn, l.scope).is_some() =>
+            {
                 return self.list_network(conn, id, l);
             }
             Request::ListPeers(l) => self.list_peers(conn, &l).map(Reply::Peers),

@@ -324,6 +324,16 @@ impl Core {
         self.ask_network(conn, id, Gather::Broadcast(b))
     }
 
+    /// The remote URL of `conn`'s repository, when `scope` is repo and this broker is
+    /// bridged: the repo scope then spans machines.
+    pub(super) fn repo_across(&self, conn: ConnId, scope: Scope) -> Option<String> {
+        if scope != Scope::Repo || self.network.is_none() {
+            return None;
+        }
+        let me = self.registered_name(conn)?;
+        self.peers.get(me)?.context.git_remote.clone()
+    }
+
     fn ask_network(&mut self, conn: ConnId, id: Option<u64>, what: Gather) -> Outcome {
         let Some(n) = &self.network else {
             return Outcome::Answer(Err(err(
@@ -352,9 +362,16 @@ impl Core {
             Gather::List(l) => l,
             Gather::Broadcast(b) => return self.broadcast_gathered(conn, id, b, replies),
         };
-        l.scope = Scope::Machine;
+        // Scope repo: this machine's repo peers, and the others' with the same remote.
+        let repo = self.repo_across(conn, l.scope);
+        if repo.is_none() {
+            l.scope = Scope::Machine;
+        }
         l.after = None;
-        let remote = self.answered(replies);
+        let mut remote = self.answered(replies);
+        if let Some(repo) = &repo {
+            remote.retain(|p| p.context.git_remote.as_ref() == Some(repo));
+        }
         let answer = self.list_peers(conn, &l).and_then(|local| {
             let mut list: PeerList = serde_json::from_str(local.get())
                 .map_err(|e| err(ErrorCode::Internal, e.to_string()))?;
@@ -413,12 +430,21 @@ impl Core {
         b: Broadcast,
         replies: Vec<Vec<u8>>,
     ) {
+        let repo = self.repo_across(conn, b.scope);
         let remote: Vec<String> = self
             .answered(replies)
             .into_iter()
             .filter(|p| p.online)
+            .filter(|p| repo.is_none() || p.context.git_remote == repo)
             .map(|p| p.name)
             .collect();
+        let here = match repo {
+            Some(_) => match self.scope_filter(conn, Scope::Repo, None, None) {
+                Ok(f) => Some(f),
+                Err(e) => return self.answer(conn, id, Err(e)),
+            },
+            None => None,
+        };
         let draft = Draft {
             text: b.text,
             in_reply_to: b.in_reply_to,
@@ -429,6 +455,10 @@ impl Core {
                 .online
                 .keys()
                 .filter(|n| **n != from)
+                .filter(|n| {
+                    here.as_ref()
+                        .is_none_or(|f| core.peers.get(*n).is_some_and(f))
+                })
                 .cloned()
                 .collect();
             recipients.extend(remote);

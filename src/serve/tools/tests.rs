@@ -19,6 +19,7 @@ fn peer(name: &str, online: bool) -> PeerInfo {
             git_root: Some("/w".into()),
             git_common_dir: Some("/w/.git".into()),
             branch: None,
+            git_remote: None,
             tty: None,
             host: Some("h".into()),
             client_name: None,
