@@ -213,6 +213,7 @@ async fn mail_relayed_twice_is_stored_once() {
     let nats = Nats::start(js.path(), free_port());
     let b = Home::new();
     let bob = session_on(&b, "hostb", "bob", &nats.url()).await;
+    connected(&b);
 
     let opts = NetworkOptions {
         url: nats.url(),
@@ -221,13 +222,15 @@ async fn mail_relayed_twice_is_stored_once() {
         replicas: 1,
         host: "hosta".into(),
         user: user_name(),
+        instance: String::new(),
     };
     let client = async_nats::connect(nats.url()).await.unwrap();
     let jet = async_nats::jetstream::new(client);
     let mail = Relayed::Mail {
         id: uuid::Uuid::now_v7().to_string(),
         from: "alice@hosta".into(),
-        to: vec!["bob".into()],
+        // A name twice is one recipient (it used to fail the batch, again and again).
+        to: vec!["bob".into(), "bob".into()],
         text: "only once".into(),
         in_reply_to: None,
         sent_at: 1,
@@ -247,7 +250,74 @@ async fn mail_relayed_twice_is_stored_once() {
     tokio::time::sleep(Duration::from_millis(500)).await;
     let again = bob.ok("check_messages", json!({})).await;
     assert_eq!(again["messages"], json!([]), "{again}");
+    // What was taken is gone from the stream (a work queue): NATS keeps no old mail.
+    let mut stream = jet.get_stream(opts.stream_name()).await.unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let info = stream.info().await.unwrap();
+        // bob's two receipts for hosta (queued, then delivered) stay: no broker of
+        // hosta reads them here. The two copies of the mail go.
+        let left = info.state.messages;
+        if left <= 2 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{left} messages left in the stream"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     bob.close().await;
+}
+
+/// Receipts may come twice or out of order (redelivered after a lost ack): an older one
+/// never takes a message's state back.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_older_receipt_never_takes_the_state_back() {
+    require!("nats-server");
+    let js = tempfile::tempdir().unwrap();
+    let nats = Nats::start(js.path(), free_port());
+    let a = Home::new();
+    let alice = session_on(&a, "hosta", "alice", &nats.url()).await;
+    connected(&a);
+    let sent = alice
+        .ok("send_message", json!({"to": "bob@hostb", "message": "hi"}))
+        .await;
+    let id = sent["message_id"].as_str().unwrap().to_string();
+    let opts = NetworkOptions {
+        url: nats.url(),
+        creds: None,
+        tls: Default::default(),
+        replicas: 1,
+        host: "hostb".into(),
+        user: user_name(),
+        instance: String::new(),
+    };
+    let jet = async_nats::jetstream::new(async_nats::connect(nats.url()).await.unwrap());
+    let receipts = [
+        (claude_peers::protocol::DeliveryState::Delivered, 2_000),
+        (claude_peers::protocol::DeliveryState::Queued, 1_000),
+    ];
+    for (state, at) in receipts {
+        let receipt = Relayed::Receipt {
+            id: id.clone(),
+            recipient: "bob@hostb".into(),
+            state,
+            at: Some(at),
+        };
+        let msg = async_nats::jetstream::message::PublishMessage::build()
+            .payload(serde_json::to_vec(&receipt).unwrap().into())
+            .message_id(format!("r{at}"));
+        jet.send_publish(opts.receipt_subject("hosta"), msg)
+            .await
+            .unwrap()
+            .await
+            .unwrap();
+    }
+    wait_for_state(&a, &id, "bob@hostb", "delivered");
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    wait_for_state(&a, &id, "bob@hostb", "delivered");
+    alice.close().await;
 }
 
 /// Mail to a machine whose broker is down waits in JetStream for its durable consumer:
@@ -342,7 +412,16 @@ async fn nats_killed_mid_stream_loses_nothing() {
             .map(|e| e["id"].as_str().unwrap().to_string())
             .collect::<Vec<_>>()
     };
-    wait_for(|| arrived().len() >= N, "every message to arrive");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while arrived().len() < N {
+        assert!(
+            Instant::now() < deadline,
+            "{} of {N} arrived\n{}",
+            arrived().len(),
+            a.broker_output()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
     let got = arrived();
     let unique: std::collections::BTreeSet<String> = got.iter().cloned().collect();
     assert_eq!(got.len(), N, "some arrived twice");
@@ -741,6 +820,7 @@ async fn a_cluster_losing_its_stream_leader_loses_nothing() {
         replicas: 3,
         host: "hosta".into(),
         user: user_name(),
+        instance: String::new(),
     }
     .stream_name();
 

@@ -43,6 +43,8 @@ pub struct NetworkOptions {
     /// Whose brokers these are: one user's brokers share subjects and see nothing of
     /// another's.
     pub user: String,
+    /// This broker's run, in its listings.
+    pub instance: String,
 }
 
 impl NetworkOptions {
@@ -83,6 +85,7 @@ impl NetworkOptions {
             replicas: args.nats_replicas.max(1),
             host,
             user: user_name(),
+            instance: uuid::Uuid::now_v7().to_string(),
         }))
     }
 
@@ -183,6 +186,10 @@ pub enum ToBridge {
 #[derive(Debug, Serialize, Deserialize)]
 pub struct NetworkListing {
     pub host: String,
+    /// Which broker answered (a random id of its run): two machines given one host name
+    /// are told apart, and warned of.
+    #[serde(default)]
+    pub instance: String,
     pub peers: Vec<crate::protocol::PeerInfo>,
 }
 
@@ -257,7 +264,7 @@ pub async fn run(
         backoff.reset();
         tracing::info!(url = %opts.shown_url(), host = %opts.host, "connected to NATS");
         let _ = core.send(Command::Network { connected: true });
-        let (client, js, consumer) = session;
+        let (client, js, consumer, mut links) = session;
         let mut asked = match client.subscribe(opts.listing_subject()).await {
             Ok(s) => s,
             Err(e) => {
@@ -280,17 +287,35 @@ pub async fn run(
                 continue;
             }
         };
-        // Publish what waits, oldest first, then whatever comes; read what arrives.
+        // Publish what waits, oldest first, one at a time (JetStream acks each), while
+        // listings and arrivals are served.
+        let mut inflight: Option<std::pin::Pin<Box<dyn std::future::Future<Output = Published>>>> =
+            None;
         'connected: loop {
-            while let Some((&seq, row)) = pending.iter().next() {
-                if let Err(e) = publish(&js, row).await {
-                    tracing::warn!("cannot publish to NATS: {e}");
-                    break 'connected;
-                }
-                pending.remove(&seq);
-                let _ = core.send(Command::Published { seq });
+            if inflight.is_none()
+                && let Some((&seq, row)) = pending.iter().next()
+            {
+                let (js, row) = (js.clone(), row.clone());
+                inflight = Some(Box::pin(async move { (seq, publish(&js, &row).await) }));
             }
             tokio::select! {
+                (seq, done) = async { inflight.as_mut().expect("guarded").await }, if inflight.is_some() => {
+                    inflight = None;
+                    if let Err(e) = done {
+                        tracing::warn!("cannot publish to NATS: {e}");
+                        break 'connected;
+                    }
+                    pending.remove(&seq);
+                    let _ = core.send(Command::Published { seq });
+                }
+                // The connection dropped: start over with a new one (a pull consumer's
+                // stream would only notice after missed heartbeats, minutes later).
+                up = links.recv() => {
+                    if up != Some(true) {
+                        tracing::warn!("lost the connection to NATS; connecting again");
+                        break 'connected;
+                    }
+                }
                 job = outbox.recv() => match job {
                     Some(ToBridge::Publish(r)) => { pending.insert(r.seq, r); }
                     Some(ToBridge::Gather { token }) => {
@@ -333,9 +358,8 @@ pub async fn run(
 /// A URL's `user:password@` or `token@`, taken out of it (the client does not read them
 /// from the URL).
 fn split_userinfo(url: &str) -> (String, Option<(String, Option<String>)>) {
-    let Some((scheme, rest)) = url.split_once("://") else {
-        return (url.to_string(), None);
-    };
+    // Without a scheme the client reads nats://.
+    let (scheme, rest) = url.split_once("://").unwrap_or(("nats", url));
     let authority_end = rest.find('/').unwrap_or(rest.len());
     let Some(at) = rest[..authority_end].rfind('@') else {
         return (url.to_string(), None);
@@ -353,7 +377,12 @@ type Session = (
     async_nats::Client,
     jetstream::Context,
     consumer::PullConsumer,
+    // The client's own reconnections: up or down.
+    mpsc::UnboundedReceiver<bool>,
 );
+
+/// A publication's sequence number and how publishing it went.
+type Published = (i64, Result<(), async_nats::Error>);
 
 /// Asks every machine who is online, and collects the answers that come within
 /// [`GATHER_WINDOW`] (ours among them; the core leaves it out).
@@ -379,9 +408,25 @@ async fn gather(client: &async_nats::Client, subject: String) -> Vec<Vec<u8>> {
 }
 
 async fn connect(opts: &NetworkOptions) -> Result<Session, async_nats::Error> {
+    // The client's connection events: a drop ends this session of the bridge, which
+    // connects again itself (to any server of the URL).
+    let (link, links) = mpsc::unbounded_channel();
     let mut connect = async_nats::ConnectOptions::new()
         .name(format!("claude-peers broker {}", opts.host))
-        .max_reconnects(Some(0));
+        .event_callback(move |event| {
+            let link = link.clone();
+            async move {
+                match event {
+                    async_nats::Event::Connected => {
+                        let _ = link.send(true);
+                    }
+                    async_nats::Event::Disconnected => {
+                        let _ = link.send(false);
+                    }
+                    _ => {}
+                }
+            }
+        });
     // One server, or several of a cluster (comma-separated): the client tries them in turn.
     let mut auth = None;
     let mut servers = Vec::new();
@@ -416,6 +461,10 @@ async fn connect(opts: &NetworkOptions) -> Result<Session, async_nats::Error> {
         storage: stream::StorageType::File,
         duplicate_window: Duration::from_secs(120),
         num_replicas: opts.replicas,
+        // A message goes once its machine acked it (each host reads its own subjects);
+        // what a machine that never comes back would have had goes after a week.
+        retention: stream::RetentionPolicy::WorkQueue,
+        max_age: Duration::from_secs(7 * 24 * 3600),
         ..Default::default()
     })
     .await?;
@@ -434,7 +483,7 @@ async fn connect(opts: &NetworkOptions) -> Result<Session, async_nats::Error> {
             },
         )
         .await?;
-    Ok((client, js, consumer))
+    Ok((client, js, consumer, links))
 }
 
 async fn publish(js: &jetstream::Context, row: &OutboxRow) -> Result<(), async_nats::Error> {
@@ -500,6 +549,13 @@ mod tests {
         assert_eq!(
             split_userinfo("nats://h:1"),
             ("nats://h:1".to_string(), None)
+        );
+        assert_eq!(
+            split_userinfo("ann:pw@devbox:4222"),
+            (
+                "nats://devbox:4222".to_string(),
+                Some(("ann".to_string(), Some("pw".to_string())))
+            )
         );
     }
 

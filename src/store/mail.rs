@@ -53,6 +53,7 @@ fn delivery_state(code: i64) -> DeliveryState {
         5 => DeliveryState::Damaged,
         super::RELAYING => DeliveryState::Relaying,
         super::UNDELIVERABLE => DeliveryState::Undeliverable,
+        super::QUEUED_THERE => DeliveryState::Queued,
         _ => DeliveryState::Queued,
     }
 }

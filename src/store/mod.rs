@@ -35,7 +35,7 @@ mod peers;
 mod tests;
 
 pub use mail::{Marked, REOPEN_GRACE};
-pub use outbox::{OutboxRow, RELAYING, UNDELIVERABLE};
+pub use outbox::{OutboxRow, QUEUED_THERE, RELAYING, UNDELIVERABLE};
 
 /// Schema steps; entry `i` moves `user_version` from `i` to `i + 1`.
 const MIGRATIONS: &[&str] = &[
@@ -102,6 +102,7 @@ CREATE TABLE outbox (
 "#,
     r#"
 ALTER TABLE peers ADD COLUMN git_remote TEXT;
+ALTER TABLE deliveries ADD COLUMN remote_at INTEGER;
 "#,
 ];
 

@@ -12,6 +12,9 @@ use super::{Store, StoreError};
 pub const RELAYING: i64 = 6;
 /// `deliveries.state` of mail another machine's broker had no session for.
 pub const UNDELIVERABLE: i64 = 7;
+/// `deliveries.state` of mail stored by another machine's broker and not yet read there
+/// (not 0: this machine's queued mail is counted and redelivered by state 0).
+pub const QUEUED_THERE: i64 = 8;
 
 /// One publication waiting for JetStream.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -85,21 +88,36 @@ impl Store {
     }
 
     /// Sets the state of a delivery to another machine's session, as its broker reported
-    /// it (`code` a `deliveries.state`). False when there is no such delivery.
+    /// it at `at` (its clock): `code` a `deliveries.state`, `acked` whether it is an ack's
+    /// (then `delivered_at` is `at`). A report older than the last one applied is passed
+    /// over (receipts may come again, or out of order). False when nothing changed.
     pub fn set_delivery_state(
         &self,
         id: &str,
         recipient: &str,
         code: i64,
-        at: Option<i64>,
+        at: i64,
+        acked: bool,
     ) -> Result<bool, StoreError> {
         let n = self
             .conn
             .prepare_cached(
-                "UPDATE deliveries SET state = ?3, delivered_at = coalesce(?4, delivered_at)
-                 WHERE message_id = ?1 AND recipient = ?2",
+                "UPDATE deliveries SET state = ?3, remote_at = ?4,
+                    delivered_at = CASE WHEN ?5 THEN ?4 ELSE delivered_at END
+                 WHERE message_id = ?1 AND recipient = ?2
+                   AND (remote_at IS NULL OR remote_at <= ?4)",
             )?
-            .execute(params![id, recipient, code, at])?;
+            .execute(params![id, recipient, code, at, acked])?;
         Ok(n > 0)
+    }
+
+    /// Marks a delivery to another machine's session as on its way there.
+    pub fn set_relaying(&self, id: &str, recipient: &str) -> Result<(), StoreError> {
+        self.conn
+            .prepare_cached(
+                "UPDATE deliveries SET state = ?3 WHERE message_id = ?1 AND recipient = ?2",
+            )?
+            .execute(params![id, recipient, RELAYING])?;
+        Ok(())
     }
 }

@@ -24,8 +24,22 @@ impl Core {
                         self.answer(conn, id, Err(refusal.clone()));
                     }
                 }
-                // Refused, the bridge hands it over again later.
-                Command::Relayed { .. } | Command::Published { .. } => {}
+                // Refused: JetStream hands it over again (a nak).
+                Command::Relayed { .. } => {}
+                // Its row is removed by the next batch.
+                Command::Published { seq } => self.published_retry.push(seq),
+                // A network broadcast would store its message without a transaction: it
+                // is refused as any send; a listing only reads.
+                Command::Gathered { token, replies } => {
+                    if let Some((conn, id, network::Gather::Broadcast(_))) =
+                        self.gathers.get(&token).map(|(c, i, g)| (*c, *i, g))
+                    {
+                        self.gathers.remove(&token);
+                        self.answer(conn, id, Err(refusal.clone()));
+                    } else {
+                        self.gathered(token, replies);
+                    }
+                }
                 // Pushing from the store reads only; handled now (deferring it could keep
                 // the core busy with it while the database refuses every batch).
                 other => self.handle(other),

@@ -495,7 +495,7 @@ impl Core {
                 if let Some(entry) = entry {
                     // Mail from another machine: its sender's broker hears what became of it.
                     if entry.from.contains('@') {
-                        self.receipt(&id, &entry.from, &name, a.state.into(), Some(now))
+                        self.receipt(&id, &entry.from, &name, a.state.into())
                             .map_err(|e| self.failed_write(e))?;
                     }
                     if subscribed {

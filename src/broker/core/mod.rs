@@ -152,6 +152,10 @@ pub struct Core {
     outbox_in_batch: Vec<crate::store::OutboxRow>,
     /// What the bridge handed over in the current batch, waiting to hear of the commit.
     relayed_in_batch: Vec<tokio::sync::oneshot::Sender<bool>>,
+    /// Outbox rows JetStream took, removed in the current batch; and those a failed batch
+    /// could not remove, for the next.
+    published_in_batch: Vec<i64>,
+    published_retry: Vec<i64>,
     /// Network listings waiting for the other machines' answers, by token.
     gathers: HashMap<u64, (ConnId, Option<u64>, network::Gather)>,
     next_gather: u64,
@@ -205,6 +209,8 @@ impl Core {
             outbox_in_batch: Vec::new(),
             relayed_in_batch: Vec::new(),
             gathers: HashMap::new(),
+            published_in_batch: Vec::new(),
+            published_retry: Vec::new(),
             next_gather: 0,
         })
     }
@@ -274,6 +280,7 @@ impl Core {
             return;
         }
         self.awaiting_in_batch.clear();
+        self.retry_published();
         self.registered_in_batch.clear();
         self.pushed_before.clear();
         let mut commands = batch.drain(..);

@@ -11,7 +11,7 @@ use super::mail::Draft;
 use super::*;
 use crate::broker::bridge::{NetworkListing, NetworkOptions, Relayed, ToBridge};
 use crate::names::PeerName;
-use crate::store::{NewMessage, OutboxRow, RELAYING, UNDELIVERABLE};
+use crate::store::{NewMessage, OutboxRow, QUEUED_THERE, RELAYING, UNDELIVERABLE};
 
 /// The core's link to the bridge.
 pub struct Network {
@@ -109,7 +109,7 @@ impl Core {
         let from = format!("{}@{}", m.sender, network.opts.host);
         let mut by_host: BTreeMap<&str, Vec<String>> = BTreeMap::new();
         for r in remote {
-            self.store.set_delivery_state(m.id, r, RELAYING, None)?;
+            self.store.set_relaying(m.id, r)?;
             if let Some((name, host)) = split_address(r) {
                 by_host.entry(host).or_default().push(name.to_string());
             }
@@ -141,19 +141,21 @@ impl Core {
         from: &str,
         recipient: &str,
         state: DeliveryState,
-        at: Option<Millis>,
     ) -> Result<(), StoreError> {
         let (Some(network), Some((_, host))) = (&self.network, split_address(from)) else {
             return Ok(());
         };
+        // Each receipt its own: a message may be queued, delivered, returned to the queue
+        // and delivered again; the time orders them at the sender's.
+        let at = now_millis();
         let relayed = Relayed::Receipt {
             id: id.to_string(),
             recipient: format!("{recipient}@{}", network.opts.host),
             state,
-            at,
+            at: Some(at),
         };
         let subject = network.opts.receipt_subject(host);
-        let msg_id = format!("{id}:{recipient}:{}", state.as_str());
+        let msg_id = format!("{id}:{recipient}:{}:{at}", state.as_str());
         let payload = serde_json::to_vec(&relayed).expect("serializable");
         let row = self.store.outbox_push(&subject, &msg_id, &payload)?;
         self.outbox_in_batch.push(row);
@@ -198,10 +200,15 @@ impl Core {
             // Relayed again (JetStream redelivers what was not acked in time): stored once.
             return Ok(());
         }
+        // Each name once (a repeated one would break the batch's insert), each a name.
+        let mut to = to;
+        to.sort();
+        to.dedup();
+        to.retain(|n| PeerName::new(n).is_ok());
         let (here, unknown): (Vec<String>, Vec<String>) =
             to.into_iter().partition(|n| self.peers.contains_key(n));
         for name in &unknown {
-            self.receipt(&id, &from, name, DeliveryState::Undeliverable, None)?;
+            self.receipt(&id, &from, name, DeliveryState::Undeliverable)?;
         }
         if here.is_empty() {
             return Ok(());
@@ -239,7 +246,7 @@ impl Core {
                 self.emit(to_conn, ServerFrame::deliver(d));
                 self.set_pushed_upto(to_conn, id.clone());
             }
-            self.receipt(&id, &from, r, state, None)?;
+            self.receipt(&id, &from, r, state)?;
             self.log_event(LogEventKind::Sent, || LogEntry {
                 id: id.clone(),
                 from: from.clone(),
@@ -269,9 +276,15 @@ impl Core {
             DeliveryState::Damaged => 5,
             DeliveryState::Relaying => RELAYING,
             DeliveryState::Undeliverable => UNDELIVERABLE,
-            DeliveryState::Queued => 0,
+            DeliveryState::Queued => QUEUED_THERE,
         };
-        if self.store.set_delivery_state(id, recipient, code, at)?
+        let acked = matches!(
+            state,
+            DeliveryState::Delivered | DeliveryState::Held | DeliveryState::Denied
+        );
+        if self
+            .store
+            .set_delivery_state(id, recipient, code, at.unwrap_or(0), acked)?
             && self.conns.values().any(|c| c.subscribed)
             && let Some(entry) = self.store.log_entry(id, recipient)?
         {
@@ -285,6 +298,14 @@ impl Core {
     pub(super) fn after_commit(&mut self, saved: bool) {
         for done in self.relayed_in_batch.drain(..) {
             let _ = done.send(saved);
+        }
+        let published = std::mem::take(&mut self.published_in_batch);
+        if saved {
+            if let Some(n) = &mut self.network {
+                n.waiting = n.waiting.saturating_sub(published.len() as u64);
+            }
+        } else {
+            self.published_retry.extend(published);
         }
         let rows = std::mem::take(&mut self.outbox_in_batch);
         if saved && let Some(n) = &mut self.network {
@@ -343,8 +364,18 @@ impl Core {
         };
         let token = self.next_gather;
         self.next_gather += 1;
+        // Not connected: no machine can answer; this one's peers (and the others', as
+        // unreachable) at once.
+        if !n.connected {
+            self.gathers.insert(token, (conn, id, what));
+            self.gathered(token, Vec::new());
+            return Outcome::Answered;
+        }
         if n.outbox.send(ToBridge::Gather { token }).is_err() {
-            return Outcome::Answer(Err(err(ErrorCode::Internal, "the bridge to NATS stopped")));
+            return Outcome::Answer(Err(err(
+                ErrorCode::Internal,
+                "the broker's bridge to NATS stopped (see the broker's log); restart the broker with `claude-peers stop`, and the next command starts it again",
+            )));
         }
         self.gathers.insert(token, (conn, id, what));
         Outcome::Deferred
@@ -405,6 +436,10 @@ impl Core {
                     answered.insert(theirs.host.clone());
                     n.seen.insert(theirs.host, theirs.peers);
                 }
+                Ok(theirs) if theirs.instance != n.opts.instance => tracing::warn!(
+                    host = %theirs.host,
+                    "another broker uses this machine's host name: they share one inbox on NATS and each takes part of the other's mail; give each machine its own name (CLAUDE_PEERS_HOST)"
+                ),
                 Ok(_) => {}
                 Err(e) => tracing::warn!("an unreadable listing from another machine: {e}"),
             }
@@ -513,17 +548,29 @@ impl Core {
             .collect();
         serde_json::to_vec(&NetworkListing {
             host: host.clone(),
+            instance: n.opts.instance.clone(),
             peers,
         })
         .expect("serializable")
     }
 
-    /// JetStream has publication `seq`.
+    /// JetStream has publication `seq`: its row goes, in this batch. (If the batch fails,
+    /// the next one removes it: the bridge does not hand it over again.)
     pub(super) fn published(&mut self, seq: i64) {
-        if let Err(e) = self.store.outbox_done(seq) {
-            self.batch_error.get_or_insert(e);
-        } else if let Some(n) = &mut self.network {
-            n.waiting = n.waiting.saturating_sub(1);
+        match self.store.outbox_done(seq) {
+            Ok(()) => self.published_in_batch.push(seq),
+            Err(e) => {
+                self.published_retry.push(seq);
+                self.batch_error.get_or_insert(e);
+            }
+        }
+    }
+
+    /// At the start of a write batch: removes the rows of publications an earlier failed
+    /// batch could not.
+    pub(super) fn retry_published(&mut self) {
+        for seq in std::mem::take(&mut self.published_retry) {
+            self.published(seq);
         }
     }
 }
