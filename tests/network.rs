@@ -49,6 +49,35 @@ fn connected(home: &Home) {
     );
 }
 
+/// Two machines bridged through a fresh NATS server (fsyncing every write if `synced`):
+/// alice on hosta, bob on hostb, both brokers connected.
+struct TwoMachines {
+    _js: tempfile::TempDir,
+    nats: Nats,
+    a: Home,
+    b: Home,
+    alice: Serve,
+    bob: Serve,
+}
+
+async fn two_machines(synced: bool) -> TwoMachines {
+    let js = tempfile::tempdir().unwrap();
+    let nats = Nats::start_as(js.path(), free_port(), synced);
+    let (a, b) = (Home::new(), Home::new());
+    let alice = session_on(&a, "hosta", "alice", &nats.url()).await;
+    let bob = session_on(&b, "hostb", "bob", &nats.url()).await;
+    connected(&a);
+    connected(&b);
+    TwoMachines {
+        _js: js,
+        nats,
+        a,
+        b,
+        alice,
+        bob,
+    }
+}
+
 /// `check_messages` of `s` until it returns some (15 s at most).
 async fn mail_of(s: &Serve) -> Vec<Value> {
     let deadline = Instant::now() + Duration::from_secs(15);
@@ -84,15 +113,16 @@ fn wait_for_state(home: &Home, id: &str, to: &str, want: &str) {
 #[tokio::test(flavor = "multi_thread")]
 async fn sessions_on_two_machines_message_each_other() {
     require!("nats-server");
-    let js = tempfile::tempdir().unwrap();
-    let nats = Nats::start(js.path(), free_port());
-    let (a, b) = (Home::new(), Home::new());
-    let alice = session_on(&a, "hosta", "alice", &nats.url()).await;
-    let bob = session_on(&b, "hostb", "bob", &nats.url()).await;
+    let TwoMachines {
+        _js,
+        nats: _nats,
+        a,
+        b,
+        alice,
+        bob,
+    } = two_machines(false).await;
 
     // Each sees the other in scope network, by the name to write to.
-    connected(&a);
-    connected(&b);
     let listed = alice.ok("list_peers", json!({"scope": "network"})).await;
     let names = common::peer_names(&listed);
     assert_eq!(names, ["bob@hostb"], "{listed}");
@@ -368,19 +398,65 @@ fn scope_network_without_a_bridge_says_how_to_make_one() {
     home.run(&["stop"]);
 }
 
+/// The ids of the messages from `sender@hosta` to bob in `home`'s history. `env` is added
+/// to the command (a broker it starts is then bridged as the machine's own).
+fn arrived(home: &Home, env: &[(&str, &str)]) -> Vec<String> {
+    let out = home
+        .cmd()
+        .args(["log", "--json", "-n", "1000", "--peer", "bob"])
+        .envs(env.iter().copied())
+        .output();
+    let log = out
+        .ok()
+        .and_then(|o| serde_json::from_slice::<Value>(&o.stdout).ok())
+        .and_then(|v| v.as_array().cloned())
+        .unwrap_or_default();
+    log.iter()
+        .filter(|e| e["from"] == "sender@hosta")
+        .map(|e| e["id"].as_str().unwrap().to_string())
+        .collect()
+}
+
+/// Waits (60 s at most) until every message of `ids` is in `home`'s history, and checks
+/// each is there once.
+async fn all_arrive_once(
+    home: &Home,
+    ids: &std::collections::BTreeSet<String>,
+    env: &[(&str, &str)],
+) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let got = arrived(home, env);
+        if got.len() >= ids.len() {
+            let unique: std::collections::BTreeSet<String> = got.iter().cloned().collect();
+            assert_eq!(got.len(), ids.len(), "some arrived twice");
+            assert_eq!(&unique, ids, "not the messages sent");
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{} of {} arrived",
+            got.len(),
+            ids.len()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
 /// `kill -9` of the NATS server (fsyncing every write) in the middle of 1,000 sends to
 /// another machine, started again a moment later: every answered send arrives there, each
 /// once.
 #[tokio::test(flavor = "multi_thread")]
 async fn nats_killed_mid_stream_loses_nothing() {
     require!("nats-server");
-    let js = tempfile::tempdir().unwrap();
-    let mut nats = Nats::start_as(js.path(), free_port(), true);
-    let (a, b) = (Home::new(), Home::new());
-    let alice = session_on(&a, "hosta", "alice", &nats.url()).await;
-    let bob = session_on(&b, "hostb", "bob", &nats.url()).await;
-    connected(&a);
-    connected(&b);
+    let TwoMachines {
+        _js,
+        mut nats,
+        a,
+        b,
+        alice,
+        bob,
+    } = two_machines(true).await;
     let (sender, _) = a.peer("sender", "/work/sender").await;
 
     const N: usize = 1_000;
@@ -402,30 +478,7 @@ async fn nats_killed_mid_stream_loses_nothing() {
         );
         ids.insert(sent.message_id);
     }
-    let arrived = || {
-        let out = b.run_ok(&["log", "--json", "-n", "1000", "--peer", "bob"]);
-        let log: Value = serde_json::from_slice(&out.stdout).unwrap();
-        log.as_array()
-            .unwrap()
-            .iter()
-            .filter(|e| e["from"] == "sender@hosta")
-            .map(|e| e["id"].as_str().unwrap().to_string())
-            .collect::<Vec<_>>()
-    };
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while arrived().len() < N {
-        assert!(
-            Instant::now() < deadline,
-            "{} of {N} arrived\n{}",
-            arrived().len(),
-            a.broker_output()
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
-    let got = arrived();
-    let unique: std::collections::BTreeSet<String> = got.iter().cloned().collect();
-    assert_eq!(got.len(), N, "some arrived twice");
-    assert_eq!(unique, ids, "not the messages sent");
+    all_arrive_once(&b, &ids, &[]).await;
     alice.close().await;
     bob.close().await;
 }
@@ -511,37 +564,21 @@ fn credentials_readable_by_others_are_refused() {
 #[tokio::test(flavor = "multi_thread")]
 async fn the_receiving_broker_killed_mid_stream_stores_each_message_once() {
     require!("nats-server");
-    let js = tempfile::tempdir().unwrap();
-    let nats = Nats::start(js.path(), free_port());
-    let (a, b) = (Home::new(), Home::new());
-    let alice = session_on(&a, "hosta", "alice", &nats.url()).await;
-    let bob = session_on(&b, "hostb", "bob", &nats.url()).await;
-    connected(&a);
-    connected(&b);
+    let TwoMachines {
+        _js,
+        nats,
+        a,
+        b,
+        alice,
+        bob,
+    } = two_machines(false).await;
     let (sender, _) = a.peer("sender", "/work/sender").await;
+    // A broker the history's command starts (after the kill) is bridged as bob's is.
     let url = nats.url();
-    let arrived = || {
-        // A broker this starts (after the kill) is bridged as bob's would be.
-        let Ok(out) = b
-            .cmd()
-            .args(["log", "--json", "-n", "1000", "--peer", "bob"])
-            .env("CLAUDE_PEERS_NATS_URL", &url)
-            .env("CLAUDE_PEERS_HOST", "hostb")
-            .output()
-        else {
-            return Vec::new();
-        };
-        let Ok(log) = serde_json::from_slice::<Value>(&out.stdout) else {
-            return Vec::new();
-        };
-        log.as_array()
-            .cloned()
-            .unwrap_or_default()
-            .iter()
-            .filter(|e| e["from"] == "sender@hosta")
-            .map(|e| e["id"].as_str().unwrap().to_string())
-            .collect::<Vec<_>>()
-    };
+    let env = [
+        ("CLAUDE_PEERS_NATS_URL", url.as_str()),
+        ("CLAUDE_PEERS_HOST", "hostb"),
+    ];
 
     const N: usize = 400;
     let mut ids = std::collections::BTreeSet::new();
@@ -552,7 +589,7 @@ async fn the_receiving_broker_killed_mid_stream_stores_each_message_once() {
             .await
             .unwrap();
         ids.insert(sent.message_id);
-        if !killed && i % 20 == 0 && arrived().len() >= 20 {
+        if !killed && i % 20 == 0 && arrived(&b, &env).len() >= 20 {
             let status = b.run_ok(&["status", "--json"]);
             let pid = serde_json::from_slice::<Value>(&status.stdout).unwrap()["pid"]
                 .as_u64()
@@ -567,19 +604,7 @@ async fn the_receiving_broker_killed_mid_stream_stores_each_message_once() {
     );
     // bob's session starts a broker again; JetStream redelivers what was not acked.
     bob.whoami_when_ready().await;
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while arrived().len() < N {
-        assert!(
-            Instant::now() < deadline,
-            "{} of {N} arrived",
-            arrived().len()
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
-    let got = arrived();
-    let unique: std::collections::BTreeSet<String> = got.iter().cloned().collect();
-    assert_eq!(got.len(), N, "some were stored twice");
-    assert_eq!(unique, ids);
+    all_arrive_once(&b, &ids, &env).await;
     alice.close().await;
     bob.close().await;
 }
@@ -753,13 +778,14 @@ async fn brokers_reach_nats_over_tls() {
 #[tokio::test(flavor = "multi_thread")]
 async fn a_machine_out_of_reach_is_unreachable_not_gone() {
     require!("nats-server");
-    let js = tempfile::tempdir().unwrap();
-    let nats = Nats::start(js.path(), free_port());
-    let (a, b) = (Home::new(), Home::new());
-    let alice = session_on(&a, "hosta", "alice", &nats.url()).await;
-    let bob = session_on(&b, "hostb", "bob", &nats.url()).await;
-    connected(&a);
-    connected(&b);
+    let TwoMachines {
+        _js,
+        nats,
+        a,
+        b,
+        alice,
+        bob,
+    } = two_machines(false).await;
     let listed = alice.ok("list_peers", json!({"scope": "network"})).await;
     assert_eq!(listed["peers"][0]["state"], "online", "{listed}");
 
@@ -846,29 +872,7 @@ async fn a_cluster_losing_its_stream_leader_loses_nothing() {
             .unwrap();
         ids.insert(sent.message_id);
     }
-    let arrived = || {
-        let out = b.run_ok(&["log", "--json", "-n", "1000", "--peer", "bob"]);
-        let log: Value = serde_json::from_slice(&out.stdout).unwrap();
-        log.as_array()
-            .unwrap()
-            .iter()
-            .filter(|e| e["from"] == "sender@hosta")
-            .map(|e| e["id"].as_str().unwrap().to_string())
-            .collect::<Vec<_>>()
-    };
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while arrived().len() < N {
-        assert!(
-            Instant::now() < deadline,
-            "{} of {N} arrived",
-            arrived().len()
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
-    let got = arrived();
-    let unique: std::collections::BTreeSet<String> = got.iter().cloned().collect();
-    assert_eq!(got.len(), N, "some arrived twice");
-    assert_eq!(unique, ids);
+    all_arrive_once(&b, &ids, &[]).await;
     alice.close().await;
     bob.close().await;
 }

@@ -182,6 +182,20 @@ impl Core {
         }
     }
 
+    /// Pushes message `m`, just stored, to its recipient `to` on connection `to_conn`.
+    pub(super) fn push_new(&mut self, to_conn: ConnId, to: &str, m: &NewMessage<'_>) {
+        let d = self.delivery(
+            m.id.to_string(),
+            m.sender.to_string(),
+            to,
+            m.text.to_string(),
+            m.in_reply_to.map(str::to_string),
+            m.sent_at,
+        );
+        self.emit(to_conn, ServerFrame::deliver(d));
+        self.set_pushed_upto(to_conn, m.id.to_string());
+    }
+
     pub(super) fn check_mailboxes(&self, recipients: &[String]) -> Result<(), ErrorBody> {
         for r in recipients {
             let queued = self.unread(r);
@@ -361,16 +375,7 @@ impl Core {
                 // (`drained`), in order after what waits before it.
                 Some(to_conn) if !self.may_push(to_conn) => DeliveryState::Queued,
                 Some(to_conn) => {
-                    let d = self.delivery(
-                        id.clone(),
-                        from.clone(),
-                        r,
-                        text.clone(),
-                        in_reply_to.clone(),
-                        sent_at,
-                    );
-                    self.emit(to_conn, ServerFrame::deliver(d));
-                    self.set_pushed_upto(to_conn, id.clone());
+                    self.push_new(to_conn, r, &new);
                     if self.conns[&to_conn].push {
                         unacked.insert(r.clone());
                         DeliveryState::Pushed

@@ -235,16 +235,7 @@ impl Core {
             if let Some(to_conn) = self.online.get(r).copied()
                 && self.may_push(to_conn)
             {
-                let d = self.delivery(
-                    id.clone(),
-                    from.clone(),
-                    r,
-                    text.clone(),
-                    in_reply_to.clone(),
-                    sent_at,
-                );
-                self.emit(to_conn, ServerFrame::deliver(d));
-                self.set_pushed_upto(to_conn, id.clone());
+                self.push_new(to_conn, r, &new);
             }
             self.receipt(&id, &from, r, state)?;
             self.log_event(LogEventKind::Sent, || LogEntry {
