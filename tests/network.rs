@@ -78,6 +78,20 @@ async fn two_machines(synced: bool) -> TwoMachines {
     }
 }
 
+/// The broker settings of machine `host` as far as NATS names go (its subjects, the
+/// stream), for tests that publish or look at the stream themselves.
+fn names_of(host: &str) -> NetworkOptions {
+    NetworkOptions {
+        url: String::new(),
+        creds: None,
+        tls: Default::default(),
+        replicas: 1,
+        host: host.into(),
+        user: user_name(),
+        instance: String::new(),
+    }
+}
+
 /// `check_messages` of `s` until it returns some (30 s at most: a broker that found NATS
 /// down tries again after up to 5 s, and CI runs every test at once on 2 cores).
 async fn mail_of(s: &Serve) -> Vec<Value> {
@@ -246,15 +260,7 @@ async fn mail_relayed_twice_is_stored_once() {
     let bob = session_on(&b, "hostb", "bob", &nats.url()).await;
     connected(&b);
 
-    let opts = NetworkOptions {
-        url: nats.url(),
-        creds: None,
-        tls: Default::default(),
-        replicas: 1,
-        host: "hosta".into(),
-        user: user_name(),
-        instance: String::new(),
-    };
+    let opts = names_of("hosta");
     let client = async_nats::connect(nats.url()).await.unwrap();
     let jet = async_nats::jetstream::new(client);
     let mail = Relayed::Mail {
@@ -315,15 +321,7 @@ async fn an_older_receipt_never_takes_the_state_back() {
         .ok("send_message", json!({"to": "bob@hostb", "message": "hi"}))
         .await;
     let id = sent["message_id"].as_str().unwrap().to_string();
-    let opts = NetworkOptions {
-        url: nats.url(),
-        creds: None,
-        tls: Default::default(),
-        replicas: 1,
-        host: "hostb".into(),
-        user: user_name(),
-        instance: String::new(),
-    };
+    let opts = names_of("hostb");
     let jet = async_nats::jetstream::new(async_nats::connect(nats.url()).await.unwrap());
     let receipts = [
         (claude_peers::protocol::DeliveryState::Delivered, 2_000),
@@ -840,16 +838,7 @@ async fn a_cluster_losing_its_stream_leader_loses_nothing() {
         }
     }
     let (sender, _) = a.peer("sender", "/work/sender").await;
-    let stream = NetworkOptions {
-        url: url.clone(),
-        creds: None,
-        tls: Default::default(),
-        replicas: 3,
-        host: "hosta".into(),
-        user: user_name(),
-        instance: String::new(),
-    }
-    .stream_name();
+    let stream = names_of("hosta").stream_name();
 
     const N: usize = 300;
     let mut ids = std::collections::BTreeSet::new();
