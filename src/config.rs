@@ -19,7 +19,7 @@ pub const PARTIAL_FRAMES_BYTES: usize = 64 << 20;
 pub const SMALL_FRAME_BYTES: usize = 64 * 1024;
 
 /// The defaults, each written once: for [`Limits::default`] and for the flags' help.
-mod defaults {
+pub(crate) mod defaults {
     pub const MAX_MESSAGE_BYTES: usize = 64 * 1024;
     pub const MAILBOX_LIMIT: u64 = 10_000;
     pub const SEND_RATE: u32 = 100;

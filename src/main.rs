@@ -11,7 +11,7 @@ use claude_peers::paths::Paths;
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    init_logging(matches!(cli.command, Command::Broker(_)));
+    init_logging(&cli.command);
     match run(cli) {
         Ok(code) => code,
         // The reader of our output went away (`claude-peers log | head`): end quietly.
@@ -78,9 +78,15 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
 }
 
 /// Logs go to stderr (the broker's stderr is its log file when started on demand); the
-/// level comes from `CLAUDE_PEERS_LOG`, default `info` for the broker and `warn` otherwise.
-fn init_logging(broker: bool) {
-    let default = if broker { "info" } else { "warn" };
+/// level comes from `CLAUDE_PEERS_LOG`, default `info` for the broker, `warn` for what
+/// agents run (`serve`, hooks) and `error` for the verbs people run, whose one error line
+/// says what went wrong (a warning beside it would say it twice).
+fn init_logging(command: &Command) {
+    let default = match command {
+        Command::Broker(_) => "info",
+        Command::Serve(_) | Command::Hook { .. } | Command::InboxRelay { .. } => "warn",
+        _ => "error",
+    };
     let filter = tracing_subscriber::EnvFilter::try_from_env("CLAUDE_PEERS_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
     tracing_subscriber::fmt()

@@ -79,10 +79,13 @@ impl PeerName {
         Ok(Self(s.to_string()))
     }
 
-    /// Turns arbitrary text (a directory name, say) into a valid name: runs of other
-    /// characters become one `-`, the result is trimmed of `-` and `.` at the ends and cut
-    /// to the length limit. Falls back to `session` when nothing usable is left.
+    /// Turns arbitrary text (a directory name, say) into a valid name a person still
+    /// recognises: letters of other scripts are transliterated (`日本語` → `Ri-Ben-Yu`,
+    /// `café` → `cafe`), runs of other characters become one `-`, the result is trimmed of
+    /// `-` and `.` at the ends and cut to the length limit. Falls back to `session` when
+    /// nothing usable is left.
     pub fn sanitize(s: &str) -> Self {
+        let s = &deunicode::deunicode(s);
         let mut out = String::with_capacity(s.len().min(MAX_NAME_LEN));
         let mut pending_dash = false;
         for c in s.chars() {
@@ -197,7 +200,11 @@ mod tests {
         assert_eq!(PeerName::sanitize("..").as_str(), "session");
         assert_eq!(PeerName::sanitize("").as_str(), "session");
         assert_eq!(PeerName::sanitize(".hidden").as_str(), "hidden");
-        assert_eq!(PeerName::sanitize("日本").as_str(), "session");
+        // Other scripts are transliterated, not dropped (a newcomer's run of issue 15:
+        // `日本語` gave `session`).
+        assert_eq!(PeerName::sanitize("日本語").as_str(), "Ri-Ben-Yu");
+        assert_eq!(PeerName::sanitize("café-app").as_str(), "cafe-app");
+        assert_eq!(PeerName::sanitize("\u{200b}").as_str(), "session");
         let long = PeerName::sanitize(&"x".repeat(200));
         assert_eq!(long.as_str().len(), MAX_NAME_LEN);
         for s in ["a b", "-x-", "a..b", "ü-ber", "\u{0}x"] {

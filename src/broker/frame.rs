@@ -199,7 +199,7 @@ pub fn validate(request: &Request, limits: &Limits) -> Result<(), ErrorBody> {
             q.peer.as_deref().map_or(Ok(()), |p| name("peer", p))
         }
         Request::Shutdown(s) => at_most("reason", s.reason.as_deref(), MAX_FIELD_BYTES),
-        Request::Whoami | Request::Status | Request::Subscribe => Ok(()),
+        Request::Whoami | Request::Status | Request::Subscribe(_) => Ok(()),
     }
 }
 
@@ -251,9 +251,12 @@ fn message(
             ),
         ));
     }
-    if in_reply_to.is_some_and(|r| r.is_empty() || r.len() > MAX_ID_BYTES) {
+    if let Some(r) = in_reply_to
+        && uuid::Uuid::try_parse(r).is_err()
+    {
         return Err(bad_request(format!(
-            "in_reply_to must be a message id (1 to {MAX_ID_BYTES} bytes)"
+            "in_reply_to {:?} is not a message id: ids are UUIDs like 019ad3c4-5e6f-7a8b-9c0d-1e2f3a4b5c6d; pass the message_id of the message this answers",
+            r.chars().take(40).collect::<String>()
         )));
     }
     match from {

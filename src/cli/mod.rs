@@ -14,161 +14,45 @@ macro_rules! out {
     ($($t:tt)*) => { $crate::cli::emit(format_args!($($t)*))? };
 }
 
+mod args;
 pub mod doctor;
+mod log;
 pub mod setup;
-pub use setup::SetupAgent;
 pub mod table;
+mod top;
+
+pub use args::{Cli, Command, ServeArgs};
+pub use setup::SetupAgent;
 
 use std::io::{Read, Write};
-use std::path::PathBuf;
 
 use anyhow::{Context, Result, bail};
-use clap::{Args, Parser, Subcommand};
 
-use crate::client::{Client, ClientError, ConnectOptions, Event, SEND_TRIES};
+use crate::client::{Client, ClientError, ConnectOptions, SEND_TRIES};
 use crate::paths::Paths;
 use crate::protocol::*;
 
-#[derive(Debug, Parser)]
-#[command(
-    name = "claude-peers",
-    version,
-    about = "Let coding-agent sessions on this machine find each other and exchange messages.",
-    long_about = None,
-)]
-pub struct Cli {
-    /// Directory for the socket, lock, database and log [default: /run/user/<uid> and ~/.local/state, or ~/.claude-peers]. Empty is the default.
-    #[arg(long, global = true, env = "CLAUDE_PEERS_HOME", value_name = "DIR", value_parser = path_or_default)]
-    pub home: Option<PathBuf>,
-    /// Database file [default: peers.db in the state directory]. Empty is the default.
-    #[arg(long, global = true, env = "CLAUDE_PEERS_DB", value_name = "FILE", value_parser = path_or_default)]
-    pub db: Option<PathBuf>,
-    #[command(subcommand)]
-    pub command: Command,
-}
-
-#[derive(Debug, Subcommand)]
-pub enum Command {
-    /// Run the MCP channel server for one Claude Code session (stdio).
-    Serve(ServeArgs),
-    /// Why mail does or does not arrive: the broker, Claude Code and how claude-peers is
-    /// set up in it, the path each live session's mail takes and why.
-    Doctor {
-        /// One JSON object.
-        #[arg(long)]
-        json: bool,
-    },
-    /// Register the MCP server and the mail hooks with an agent (for people who do not
-    /// use the plugin); --uninstall takes them out. Changed files are backed up first.
-    Setup {
-        #[arg(value_enum)]
-        agent: SetupAgent,
-        /// Remove what setup added.
-        #[arg(long)]
-        uninstall: bool,
-        /// Show the files as they would be, and write nothing.
-        #[arg(long)]
-        print: bool,
-    },
-    /// Internal: write a session's mail into its Claude Code inbox from outside the
-    /// session's process tree (started by `serve`; see src/serve/relay.rs).
-    #[command(hide = true)]
-    InboxRelay { session_socket: PathBuf },
-    /// Run as an agent hook: `prompt` adds unread mail to the prompt (UserPromptSubmit,
-    /// SessionStart); `wait` sleeps until mail arrives, then wakes the session with it
-    /// (Stop/SessionStart with async and asyncRewake; exits 2 with the mail on stderr);
-    /// `stop` returns the mail now as the reason the turn goes on (Codex's Stop, Gemini
-    /// CLI's AfterAgent, Cursor's stop), once per batch.
-    Hook {
-        #[arg(value_enum)]
-        kind: crate::hook::HookKind,
-    },
-    /// Run the broker in the foreground (clients start one on demand).
-    Broker(crate::config::BrokerArgs),
-    /// Show the broker: pid, version, uptime, socket, database, peers, queued mail.
-    Status {
-        #[arg(long)]
-        json: bool,
-    },
-    /// List sessions.
-    Peers {
-        /// machine, directory or repo (as seen from the current directory).
-        #[arg(long, default_value = "machine")]
-        scope: Scope,
-        /// Include offline peers.
-        #[arg(long)]
-        all: bool,
-        #[arg(long)]
-        json: bool,
-    },
-    /// Send a message to a peer ("-" reads it from stdin).
-    Send {
-        /// The recipient's name.
-        to: String,
-        /// The message text, or "-" for stdin.
-        message: String,
-        /// The name to send as.
-        #[arg(long, value_name = "NAME", default_value = "cli")]
-        from: String,
-        /// Reply to this message id.
-        #[arg(long, value_name = "ID")]
-        in_reply_to: Option<String>,
-        #[arg(long)]
-        json: bool,
-    },
-    /// Show message history; -f follows new messages as they happen.
-    Log {
-        #[arg(short = 'f', long)]
-        follow: bool,
-        /// How many recent messages to show.
-        #[arg(short = 'n', long, default_value_t = 50)]
-        limit: u32,
-        /// Only messages from or to this peer.
-        #[arg(long, value_name = "NAME")]
-        peer: Option<String>,
-        #[arg(long)]
-        json: bool,
-    },
-    /// Ask the broker to shut down cleanly.
-    #[command(alias = "kill-broker")]
-    Stop,
-}
-
-/// A path argument; empty (as `CLAUDE_PEERS_HOME=` leaves it) means the default, as the
-/// variable's absence does.
-fn path_or_default(s: &str) -> Result<PathBuf, std::convert::Infallible> {
-    Ok(PathBuf::from(s))
-}
-
-impl Cli {
-    /// `--home`, unless empty.
-    pub fn home(&self) -> Option<&std::path::Path> {
-        self.home.as_deref().filter(|p| !p.as_os_str().is_empty())
-    }
-
-    /// `--db`, unless empty.
-    pub fn db(&self) -> Option<&std::path::Path> {
-        self.db.as_deref().filter(|p| !p.as_os_str().is_empty())
-    }
-}
-
-#[derive(Debug, Args)]
-pub struct ServeArgs {
-    /// This session's name [default: CLAUDE_PEERS_NAME, PEER_CHANNEL_SESSION_NAME, or the directory name].
-    #[arg(long, value_name = "NAME")]
-    pub name: Option<String>,
-    /// How mail reaches the model: auto (Claude Code's inbox when the session has one, else channel events when the host enabled this server's channel, else polling), inbox, channel (alias always), never.
-    #[arg(long, env = "CLAUDE_PEERS_PUSH", default_value = "auto")]
-    pub push: crate::serve::PushMode,
-    /// Write mail into the inbox of a Claude Code session that bypasses permissions too. Such a session holds messages from other sessions for its user's approval, but takes its own server's unasked; by default its mail waits for check_messages instead.
-    #[arg(long, env = "CLAUDE_PEERS_BYPASS_INBOX")]
-    pub bypass_inbox: bool,
-}
-
-async fn connect(paths: &Paths, autostart: bool) -> Result<Client, ClientError> {
+/// Connects to the broker, starting one if allowed and none runs.
+async fn open(paths: &Paths, autostart: bool) -> Result<Client, ClientError> {
     let mut opts = ConnectOptions::new("claude-peers-cli");
     opts.autostart = autostart;
     Client::connect(paths, &opts).await
+}
+
+/// Connects to the broker, starting one if allowed and none runs; says so on stderr when
+/// it did, so that a first `claude-peers peers` that finds nobody is not a mystery.
+async fn connect(paths: &Paths, autostart: bool) -> Result<Client, ClientError> {
+    let client = open(paths, autostart).await?;
+    if client.started_broker() {
+        let _ = writeln!(
+            std::io::stderr(),
+            "claude-peers: started the broker (pid {}, socket {}, log {})",
+            client.broker().pid,
+            paths.socket.display(),
+            paths.log.display()
+        );
+    }
+    Ok(client)
 }
 
 fn print_json<T: serde::Serialize>(value: &T) -> Result<()> {
@@ -213,8 +97,11 @@ pub async fn run(command: Command, paths: Paths) -> Result<std::process::ExitCod
             limit,
             peer,
             json,
-        } => log(&paths, follow, limit, peer, json).await,
+        } => log::run(&paths, follow, limit, peer, json).await,
         Command::Stop => stop(&paths).await,
+        Command::Top => top::run(&paths).await,
+        Command::Completions { shell } => completions(shell),
+        Command::Man => man(),
         Command::Doctor { json } => doctor::run(&paths, json).await,
         Command::Setup {
             agent,
@@ -284,7 +171,7 @@ async fn status(paths: &Paths, json: bool) -> Result<std::process::ExitCode> {
             format!("{} online, {} offline", s.peers_online, s.peers_offline),
         ),
         ("queued", format!("{} unread messages", s.queued)),
-        ("connections", s.connections.to_string()),
+        ("connections", format!("{} besides this one", s.connections)),
     ];
     let mut rows = rows.to_vec();
     if let Some(n) = &s.network {
@@ -456,114 +343,20 @@ async fn send(
     Ok(())
 }
 
-fn print_entry(e: &LogEntry, json: bool) -> Result<()> {
-    if json {
-        outln!("{}", serde_json::to_string(e)?);
-        return Ok(());
-    }
-    let reply = e
-        .in_reply_to
-        .as_ref()
-        .map(|r| format!(" (re {})", table::clip(r, 13)))
-        .unwrap_or_default();
-    outln!(
-        "{}  {} -> {}  [{}]{}  {}",
-        table::timestamp(e.sent_at),
-        e.from,
-        e.to,
-        e.state.as_str(),
-        reply,
-        table::clip(&e.text, 100)
-    );
+fn completions(shell: clap_complete::Shell) -> Result<()> {
+    let mut cmd = <Cli as clap::CommandFactory>::command();
+    let mut script = Vec::new();
+    clap_complete::generate(shell, &mut cmd, "claude-peers", &mut script);
+    out!("{}", String::from_utf8_lossy(&script));
     Ok(())
 }
 
-async fn log(
-    paths: &Paths,
-    follow: bool,
-    limit: u32,
-    peer: Option<String>,
-    json: bool,
-) -> Result<()> {
-    let query = LogQuery {
-        limit: Some(limit),
-        peer: peer.clone(),
-        before: None,
-    };
-    let mut client = connect(paths, true).await?;
-    if !follow {
-        let history = client.log(query).await?;
-        if json {
-            return print_json(&history);
-        }
-        for e in &history {
-            print_entry(e, false)?;
-        }
-        if history.is_empty() {
-            let _ = writeln!(std::io::stderr(), "no messages yet");
-        }
-        return Ok(());
-    }
-    // What was printed as sent, so history read again after a reconnect prints only
-    // what is new.
-    let mut seen = std::collections::HashSet::new();
-    loop {
-        // Subscribe first so nothing falls between the history and the live tail.
-        client.call(SubscribeCall).await?;
-        for e in client.log(query.clone()).await? {
-            if seen.insert((e.id.clone(), e.to.clone())) {
-                print_entry(&e, json)?;
-            }
-        }
-        while let Some(event) = client.next_event().await {
-            let ev = match event {
-                Event::Log(ev) => ev,
-                Event::Lagged(missed) => {
-                    let _ = writeln!(
-                        std::io::stderr(),
-                        "claude-peers: {missed} events were missed because this reader fell behind; `claude-peers log` shows them"
-                    );
-                    continue;
-                }
-                Event::Deliver(_) | Event::Closed(_) => continue,
-            };
-            let e = ev.entry;
-            if peer.as_ref().is_some_and(|p| *p != e.from && *p != e.to) {
-                continue;
-            }
-            if ev.kind == LogEventKind::Sent && !seen.insert((e.id.clone(), e.to.clone())) {
-                continue;
-            }
-            print_entry(&e, json)?;
-        }
-        let _ = writeln!(
-            std::io::stderr(),
-            "claude-peers: the broker went away; following again when it is back (Ctrl-C ends)"
-        );
-        client = reconnect(paths).await?;
-    }
-}
-
-/// A connection to the broker after the last one was lost: after `claude-peers stop`, the
-/// next broker someone starts (waiting asleep for its socket); otherwise one started now.
-async fn reconnect(paths: &Paths) -> Result<Client> {
-    let mut backoff = crate::client::Backoff::new(
-        std::time::Duration::from_millis(100),
-        std::time::Duration::from_secs(2),
-    );
-    loop {
-        let stopped = paths.stopped.exists();
-        if stopped {
-            crate::platform::wait_until_exists(&paths.socket).await?;
-        }
-        match connect(paths, !stopped).await {
-            Ok(c) => return Ok(c),
-            Err(ClientError::NotRunning { .. }) | Err(ClientError::Disconnected) => {
-                backoff.wait().await;
-            }
-            Err(e) => return Err(e.into()),
-        }
-    }
+fn man() -> Result<()> {
+    let cmd = <Cli as clap::CommandFactory>::command();
+    let mut page = Vec::new();
+    clap_mangen::Man::new(cmd).render(&mut page)?;
+    out!("{}", String::from_utf8_lossy(&page));
+    Ok(())
 }
 
 async fn stop(paths: &Paths) -> Result<()> {

@@ -143,6 +143,9 @@ pub(super) async fn read_loop(
             Ok(ServerMessage::Event(ev)) => {
                 let _ = events.send(Event::Log(ev));
             }
+            Ok(ServerMessage::Peer(p)) => {
+                let _ = events.send(Event::Peer(p));
+            }
             Ok(ServerMessage::Lagged(l)) => {
                 let _ = events.send(Event::Lagged(l.missed));
             }

@@ -80,6 +80,8 @@ impl ClientError {
 pub enum Event {
     Deliver(Delivery),
     Log(LogEvent),
+    /// A session came, went or changed (after `subscribe` with `peers`).
+    Peer(PeerEvent),
     /// This subscriber read too slowly and missed this many log events.
     Lagged(u64),
     /// The broker closed the connection, saying why (`replaced`, `shutting_down`, …).
@@ -185,6 +187,8 @@ pub struct Client {
     next_id: AtomicU64,
     events: mpsc::UnboundedReceiver<Event>,
     hello: HelloReply,
+    /// The broker answering is one this connect started.
+    started_broker: bool,
 }
 
 impl Client {
@@ -213,7 +217,9 @@ impl Client {
                         });
                     }
                     match Self::handshake(stream, opts).await {
-                        Ok(client) if client.hello.protocol == opts.protocol => {
+                        Ok(mut client) if client.hello.protocol == opts.protocol => {
+                            client.started_broker =
+                                started.as_ref().is_some_and(|c| c.id() == client.hello.pid);
                             reap(started);
                             return Ok(client);
                         }
@@ -325,6 +331,7 @@ impl Client {
                 broker_version: String::new(),
                 pid: 0,
             },
+            started_broker: false,
         };
         client.hello = client
             .call(Hello {
@@ -334,6 +341,11 @@ impl Client {
             })
             .await?;
         Ok(client)
+    }
+
+    /// Whether connecting started the broker that answered (none was running).
+    pub fn started_broker(&self) -> bool {
+        self.started_broker
     }
 
     /// What the broker said in answer to hello.
@@ -389,7 +401,7 @@ impl Client {
     /// History, oldest first: the newest `limit` entries (as [`LogQuery`] says), from as
     /// many pages as they take.
     pub async fn log(&self, mut q: LogQuery) -> Result<Vec<LogEntry>, ClientError> {
-        let mut left = q.limit.unwrap_or(LOG_DEFAULT).clamp(1, LOG_MAX);
+        let mut left = q.limit.unwrap_or(LOG_DEFAULT).min(LOG_MAX);
         let mut pages = Vec::new();
         loop {
             q.limit = Some(left);
@@ -419,6 +431,20 @@ impl Client {
             },
             &mut buf,
         );
+        // The broker would close the connection on a frame this long: refuse it here,
+        // and keep the connection.
+        if buf.len() > MAX_FRAME_BYTES + 1 {
+            self.pending.take(id);
+            return Err(ClientError::Refused(ErrorBody::new(
+                ErrorCode::MessageTooLarge,
+                format!(
+                    "the request is {} bytes, and one may be at most {MAX_FRAME_BYTES}; a message may be as long as the broker's CLAUDE_PEERS_MAX_MESSAGE_BYTES ({} by default, {} at most). Send a shorter message, or put the content in a file and send its path",
+                    buf.len() - 1,
+                    crate::config::defaults::MAX_MESSAGE_BYTES,
+                    crate::config::MAX_MESSAGE_BYTES_CEILING
+                ),
+            )));
+        }
         if self.out.send(buf).is_err() {
             self.pending.take(id);
             return Err(ClientError::Disconnected);

@@ -7,7 +7,7 @@ use serde::de::{self, Deserializer, IgnoredAny, MapAccess, Visitor};
 use serde::ser::{SerializeMap, Serializer};
 use serde::{Deserialize, Serialize};
 
-use super::{Delivery, ErrorBody, Lagged, LogEvent};
+use super::{Delivery, ErrorBody, Lagged, LogEvent, PeerEvent};
 
 /// Every frame the broker writes: on the wire `{"id":…,"<key>":…}`, the `id` first (when
 /// the request had one that could be read) and then the one key of its [`Body`]. The
@@ -33,6 +33,8 @@ pub enum Body<R> {
     Event(LogEvent),
     /// `lagged`: events this subscriber missed because it read too slowly.
     Lagged(Lagged),
+    /// `peer`: a session came, went or changed, for a subscriber that asked.
+    Peer(PeerEvent),
 }
 
 impl<R> ServerFrame<R> {
@@ -60,6 +62,12 @@ impl<R> ServerFrame<R> {
             body: Body::Event(event),
         }
     }
+    pub fn peer(event: PeerEvent) -> Self {
+        Self {
+            id: None,
+            body: Body::Peer(event),
+        }
+    }
     pub fn lagged(missed: u64) -> Self {
         Self {
             id: None,
@@ -82,6 +90,7 @@ impl<R> ServerFrame<R> {
             (_, Body::Deliver(d)) => ServerMessage::Deliver(d),
             (_, Body::Event(e)) => ServerMessage::Event(e),
             (_, Body::Lagged(l)) => ServerMessage::Lagged(l),
+            (_, Body::Peer(p)) => ServerMessage::Peer(p),
         })
     }
 }
@@ -99,6 +108,7 @@ pub enum ServerMessage<R> {
     Deliver(Delivery),
     Event(LogEvent),
     Lagged(Lagged),
+    Peer(PeerEvent),
 }
 
 impl<R: Serialize> Serialize for ServerFrame<R> {
@@ -114,6 +124,7 @@ impl<R: Serialize> Serialize for ServerFrame<R> {
             Body::Deliver(d) => map.serialize_entry("deliver", d)?,
             Body::Event(e) => map.serialize_entry("event", e)?,
             Body::Lagged(l) => map.serialize_entry("lagged", l)?,
+            Body::Peer(p) => map.serialize_entry("peer", p)?,
         }
         map.end()
     }
@@ -148,6 +159,7 @@ impl<'de, R: Deserialize<'de>> Visitor<'de> for FrameVisitor<R> {
                 "deliver" => Body::Deliver(map.next_value()?),
                 "event" => Body::Event(map.next_value()?),
                 "lagged" => Body::Lagged(map.next_value()?),
+                "peer" => Body::Peer(map.next_value()?),
                 // A key of a later protocol: not ours to read.
                 _ => {
                     map.next_value::<IgnoredAny>()?;

@@ -92,8 +92,9 @@ pub enum Request {
     Status,
     /// Message history, newest last. Answered with [`LogReply`].
     Log(LogQuery),
-    /// Starts the live log: [`LogEvent`]s follow as `event` frames. Answered with [`Done`].
-    Subscribe,
+    /// Starts the live log: [`LogEvent`]s follow as `event` frames, and with `peers`
+    /// [`PeerEvent`]s as `peer` frames. Answered with [`Done`].
+    Subscribe(Subscribe),
     /// Asks the broker to finish its writes, close every connection and exit. Kept
     /// unchanged across protocol versions so any client can ask any broker to hand over.
     Shutdown(Shutdown),
@@ -153,13 +154,13 @@ calls! {
     ListPeers => PeerList,
     SetSummary => Done,
     Log => LogReply,
+    Subscribe => Done,
     Shutdown => Done,
 }
 
 unit_calls! {
     WhoamiCall: Whoami => PeerInfo,
     StatusCall: Status => Status,
-    SubscribeCall: Subscribe => Done,
 }
 
 /// Alias so the log request reads well at call sites.

@@ -165,6 +165,7 @@ pub struct Status {
     pub peers_online: u64,
     pub peers_offline: u64,
     pub queued: u64,
+    /// Open connections besides the one asking.
     pub connections: u64,
     /// Deliveries put aside because their stored message could not be read.
     #[serde(default)]
@@ -246,6 +247,22 @@ pub struct LogEvent {
 pub enum LogEventKind {
     Sent,
     Delivered,
+}
+
+/// A session that came online, went offline or changed what it shows (summary), streamed
+/// after `subscribe` with `peers` (for live views: `claude-peers top`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PeerEvent {
+    pub name: String,
+    pub change: PeerChange,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum PeerChange {
+    Online,
+    Offline,
+    Summary,
 }
 
 /// Sent to a subscriber that fell behind: the broker keeps at most about 1 MiB of events

@@ -215,6 +215,15 @@ pub struct SetSummary {
     pub summary: String,
 }
 
+/// Starts the live log (see [`Request::Subscribe`]).
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Subscribe {
+    /// Also stream sessions coming, going and changing ([`PeerEvent`]).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub peers: bool,
+}
+
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct LogQuery {

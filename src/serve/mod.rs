@@ -81,10 +81,16 @@ pub struct Session {
     inbound: tokio::sync::mpsc::UnboundedSender<Inbound>,
     /// The broker executable to start when none runs (this binary).
     broker_exe: Option<std::path::PathBuf>,
+    /// Why the name the user chose could not be used as given ([`wanted_name`]): told
+    /// to the model in the instructions and with every tool result.
+    pub name_problem: Option<String>,
 }
 
-/// The name this session asks for, and whether the user chose it.
-pub fn wanted_name(flag: Option<&str>, cwd: &std::path::Path) -> Result<(PeerName, bool)> {
+/// The name this session asks for, whether the user chose it, and, when the name the
+/// user chose cannot be used as given, why (the session then takes it made valid, and
+/// says so to the model, rather than exit: Claude Code shows an exited server only as
+/// "connection closed").
+pub fn wanted_name(flag: Option<&str>, cwd: &std::path::Path) -> (PeerName, bool, Option<String>) {
     let chosen = [
         flag.map(str::to_string),
         std::env::var("CLAUDE_PEERS_NAME").ok(),
@@ -94,14 +100,23 @@ pub fn wanted_name(flag: Option<&str>, cwd: &std::path::Path) -> Result<(PeerNam
     .flatten()
     .find(|v| !v.is_empty());
     if let Some(v) = chosen {
-        let name = PeerName::registrable(&v).map_err(|e| anyhow::anyhow!("session name: {e}"))?;
-        return Ok((name, true));
+        return match PeerName::registrable(&v) {
+            Ok(name) => (name, true, None),
+            Err(e) => {
+                let name = PeerName::sanitize(&v);
+                let problem = format!(
+                    "The session name this server was given (--name, CLAUDE_PEERS_NAME or PEER_CHANNEL_SESSION_NAME) cannot be used: {e}. This session goes by {name} instead; tell your user to fix the name in the MCP server's settings."
+                );
+                tracing::warn!("{problem}");
+                (name, true, Some(problem))
+            }
+        };
     }
     let base = cwd
         .file_name()
         .map(|s| s.to_string_lossy().into_owned())
         .unwrap_or_default();
-    Ok((PeerName::sanitize(&base), false))
+    (PeerName::sanitize(&base), false, None)
 }
 
 /// The agent session we serve (see [`SessionKey`]): `CLAUDE_PEERS_SESSION` when set
@@ -123,7 +138,7 @@ fn session_key(host: u32, shared_host: bool) -> Option<SessionKey> {
 impl Session {
     pub fn new(paths: Paths, name_flag: Option<&str>) -> Result<Arc<Self>> {
         let cwd = std::env::current_dir()?;
-        let (name, explicit) = wanted_name(name_flag, &cwd)?;
+        let (name, explicit, name_problem) = wanted_name(name_flag, &cwd);
         let git = GitInfo::discover(&cwd);
         // Codex's app-server (`codex app-server`, measured with 0.171) runs the servers of
         // every window and thread: one process, many sessions.
@@ -164,6 +179,7 @@ impl Session {
             replies: Replies::default(),
             inbound,
             broker_exe: std::env::current_exe().ok(),
+            name_problem,
         }))
     }
 

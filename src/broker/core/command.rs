@@ -73,7 +73,7 @@ pub(super) fn writes_nothing(request: &Request) -> bool {
             | Request::Whoami
             | Request::Status
             | Request::Log(_)
-            | Request::Subscribe
+            | Request::Subscribe(_)
             | Request::Shutdown(_)
     )
 }

@@ -430,6 +430,31 @@ impl Core {
         Outcome::Deferred
     }
 
+    /// Tells the subscribers that asked that session `name` came, went or changed.
+    pub(super) fn peer_event(&mut self, name: &str, change: PeerChange) {
+        let subscribers: Vec<ConnId> = self
+            .conns
+            .iter()
+            .filter(|(_, c)| c.peer_events)
+            .map(|(id, _)| *id)
+            .collect();
+        for s in subscribers {
+            let c = self.conns.get_mut(&s).expect("a subscriber is connected");
+            if !c.outq.has_room_for_push() {
+                c.missed += 1;
+                self.want_room(s);
+                continue;
+            }
+            self.emit(
+                s,
+                ServerFrame::peer(PeerEvent {
+                    name: name.to_string(),
+                    change,
+                }),
+            );
+        }
+    }
+
     pub(super) fn log_event(&mut self, kind: LogEventKind, entry: impl FnOnce() -> LogEntry) {
         let subscribers: Vec<ConnId> = self
             .conns
@@ -528,7 +553,8 @@ impl Core {
     }
 
     pub(super) fn log(&self, q: LogQuery) -> Result<LogReply, ErrorBody> {
-        let limit = q.limit.unwrap_or(LOG_DEFAULT).clamp(1, LOG_MAX);
+        // 0 asks for none (`log -f -n 0`: only what comes next); the peer is checked even so.
+        let limit = q.limit.unwrap_or(LOG_DEFAULT).min(LOG_MAX);
         let before = match &q.before {
             None => None,
             Some(c) => Some(c.split_once(':').ok_or_else(|| {
@@ -553,6 +579,14 @@ impl Core {
                 messages.truncate(i);
                 break;
             }
+        }
+        if let Some(p) = &q.peer
+            && messages.is_empty()
+            && !self.peers.contains_key(p)
+            && self.store.log(1, Some(p), None).map_err(internal)?.is_empty()
+        {
+            // Nobody of that name, nor mail from or to it (`cli`, a --from name): a typo.
+            return Err(self.unknown_peer(p));
         }
         messages.reverse();
         Ok(LogReply { messages, next })

@@ -93,6 +93,8 @@ struct Conn {
     push: bool,
     /// Gets the live log.
     subscribed: bool,
+    /// Gets sessions coming, going and changing ([`Core::peer_event`]).
+    peer_events: bool,
     /// The id of the last message delivered on this connection: mail is pushed in id
     /// order, so what is queued after it has not been pushed here yet.
     pushed_upto: Option<String>,
@@ -365,7 +367,9 @@ impl Core {
                 bytes,
                 lagged: l.missed,
             },
-            Body::Deliver(_) | Body::Event(_) => Effect::Push { bytes, lagged: 0 },
+            Body::Deliver(_) | Body::Event(_) | Body::Peer(_) => {
+                Effect::Push { bytes, lagged: 0 }
+            }
         };
         self.effects.push((conn, effect));
         true
@@ -401,6 +405,7 @@ impl Core {
                         session: None,
                         push: false,
                         subscribed: false,
+                        peer_events: false,
                         pushed_upto: None,
                         holding: false,
                         missed: 0,
@@ -456,6 +461,7 @@ impl Core {
                 tracing::warn!("cannot record last_seen of {name}: {e}");
             }
             tracing::info!(peer = %name, "offline");
+            self.peer_event(&name, PeerChange::Offline);
         }
         if self.conns.is_empty() {
             self.idle_since = Some(Instant::now());
@@ -503,9 +509,10 @@ impl Core {
             Request::SetSummary(s) => self.set_summary(conn, s).map(|()| Reply::Done(Done {})),
             Request::Status => Ok(Reply::Status(self.status())),
             Request::Log(q) => self.log(q).map(Reply::Log),
-            Request::Subscribe => {
+            Request::Subscribe(s) => {
                 if let Some(c) = self.conns.get_mut(&conn) {
                     c.subscribed = true;
+                    c.peer_events |= s.peers;
                 }
                 Ok(Reply::Done(Done {}))
             }

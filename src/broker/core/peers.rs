@@ -102,6 +102,7 @@ impl Core {
         }
         let queued = self.unread(&name);
         tracing::info!(peer = %name, reclaimed, queued, "online");
+        self.peer_event(&name, PeerChange::Online);
         Ok(Registered {
             name,
             reclaimed,
@@ -338,6 +339,7 @@ impl Core {
         if let Some(p) = self.peers.get_mut(&name) {
             p.summary = s.summary;
         }
+        self.peer_event(&name, PeerChange::Summary);
         Ok(())
     }
 
@@ -354,7 +356,8 @@ impl Core {
             peers_online: online,
             peers_offline: (self.peers.len() as u64).saturating_sub(online),
             queued: self.queued.values().sum(),
-            connections: self.conns.len() as u64,
+            // Besides the one asking.
+            connections: (self.conns.len() as u64).saturating_sub(1),
             quarantined: self.quarantined,
             network: self.network_status(),
         }

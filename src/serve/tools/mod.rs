@@ -432,7 +432,10 @@ impl ServerHandler for PeersServer {
             "claude-peers",
             env!("CARGO_PKG_VERSION"),
         ))
-        .with_instructions(instructions(&name, &self.session.route()))
+        .with_instructions(match &self.session.name_problem {
+            Some(p) => format!("{}\n\n{p}", instructions(&name, &self.session.route())),
+            None => instructions(&name, &self.session.route()),
+        })
         .with_protocol_version(ProtocolVersion::V_2025_11_25)
     }
 
@@ -460,8 +463,24 @@ impl ServerHandler for PeersServer {
         if let Some(id) = context.meta.get("sessionId").and_then(|v| v.as_str()) {
             self.session.learn_agent_session(id);
         }
-        let call = rmcp::handler::server::tool::ToolCallContext::new(self, request, context);
-        let response = self.tool_router.call(call).await?;
+        let checked = match self.tool_router.get(&request.name) {
+            Some(tool) => args::check(request.arguments.as_ref(), &tool.input_schema),
+            None => Ok(()),
+        };
+        let mut response = match checked {
+            Err(why) => CallToolResult::error(vec![ContentBlock::text(why)]).into(),
+            Ok(()) => {
+                let call =
+                    rmcp::handler::server::tool::ToolCallContext::new(self, request, context);
+                self.tool_router.call(call).await?
+            }
+        };
+        // A name the user gave that could not be used: said with every result, errors too.
+        if let (Some(problem), CallToolResponse::Complete(r)) =
+            (&self.session.name_problem, &mut response)
+        {
+            r.content.push(ContentBlock::text(problem.clone()));
+        }
         Ok(if text_only {
             answers::text_alone(response)
         } else {

@@ -1,0 +1,158 @@
+//! `claude-peers log`: the history, and with `-f` each message as it is sent and its
+//! receipts as they come, following the broker through restarts.
+
+use std::io::Write;
+
+use anyhow::Result;
+
+use super::{connect, print_json, table};
+use crate::client::{Client, ClientError, Event};
+use crate::paths::Paths;
+use crate::protocol::*;
+
+/// One message to one recipient, on one line: when, who to whom, its state, what it
+/// answers, and its text.
+fn print_entry(e: &LogEntry, json: bool) -> Result<()> {
+    if json {
+        outln!("{}", serde_json::to_string(e)?);
+        return Ok(());
+    }
+    let reply = e
+        .in_reply_to
+        .as_ref()
+        .map(|r| format!(" (re {})", table::clip(r, 13)))
+        .unwrap_or_default();
+    outln!(
+        "{}  {} -> {}  [{}]{}  {}",
+        table::timestamp(e.sent_at),
+        e.from,
+        e.to,
+        e.state.as_str(),
+        reply,
+        table::clip(&e.text, 100)
+    );
+    Ok(())
+}
+
+/// A later state of a message already shown, compactly: when, the new state and who,
+/// and the start of the text to tell which message.
+fn print_change(e: &LogEntry) -> Result<()> {
+    let at = e.delivered_at.unwrap_or(e.sent_at);
+    outln!(
+        "{}  ↳ {} {} \"{}\"",
+        table::timestamp(at),
+        e.state.as_str(),
+        e.to,
+        table::clip(&e.text, 40)
+    );
+    Ok(())
+}
+
+pub async fn run(
+    paths: &Paths,
+    follow: bool,
+    limit: u32,
+    peer: Option<String>,
+    json: bool,
+) -> Result<()> {
+    let query = LogQuery {
+        limit: Some(limit),
+        peer: peer.clone(),
+        before: None,
+    };
+    let mut client = connect(paths, true).await?;
+    if !follow {
+        let history = client.log(query).await?;
+        if json {
+            return print_json(&history);
+        }
+        for e in &history {
+            print_entry(e, false)?;
+        }
+        if history.is_empty() && limit > 0 {
+            let _ = writeln!(
+                std::io::stderr(),
+                "no messages yet{}",
+                peer.map(|p| format!(" from or to {p}")).unwrap_or_default()
+            );
+        }
+        return Ok(());
+    }
+    // The state each message was last shown in, per recipient: a message is one line,
+    // and a later state one short line under it; history read again after a reconnect
+    // shows only what changed.
+    let mut shown = std::collections::HashMap::new();
+    loop {
+        // Subscribe first so nothing falls between the history and the live tail.
+        client.call(Subscribe::default()).await?;
+        for e in client.log(query.clone()).await? {
+            show(&mut shown, &e, json)?;
+        }
+        while let Some(event) = client.next_event().await {
+            let e = match event {
+                Event::Log(ev) => ev.entry,
+                Event::Lagged(missed) => {
+                    let _ = writeln!(
+                        std::io::stderr(),
+                        "claude-peers: {missed} events were missed because this reader fell behind; `claude-peers log` shows them"
+                    );
+                    continue;
+                }
+                Event::Deliver(_) | Event::Peer(_) | Event::Closed(_) => continue,
+            };
+            if peer.as_ref().is_some_and(|p| *p != e.from && *p != e.to) {
+                continue;
+            }
+            show(&mut shown, &e, json)?;
+        }
+        let _ = writeln!(
+            std::io::stderr(),
+            "claude-peers: the broker went away; following again when it is back (Ctrl-C ends)"
+        );
+        client = reconnect(paths, true).await?;
+    }
+}
+
+/// Shows `e` unless it was shown in this state: the whole line the first time, a short
+/// one for a new state (JSON: the entry again).
+fn show(
+    shown: &mut std::collections::HashMap<(String, String), DeliveryState>,
+    e: &LogEntry,
+    json: bool,
+) -> Result<()> {
+    match shown.insert((e.id.clone(), e.to.clone()), e.state) {
+        None => print_entry(e, json),
+        Some(before) if before == e.state => Ok(()),
+        Some(_) if json => print_entry(e, json),
+        Some(_) => print_change(e),
+    }
+}
+
+/// A connection to the broker after the last one was lost: after `claude-peers stop`, the
+/// next broker someone starts (waiting asleep for its socket); otherwise one started now.
+/// `loud`: say on stderr when it started one.
+pub(super) async fn reconnect(paths: &Paths, loud: bool) -> Result<Client> {
+    let mut backoff = crate::client::Backoff::new(
+        std::time::Duration::from_millis(100),
+        std::time::Duration::from_secs(2),
+    );
+    loop {
+        let stopped = paths.stopped.exists();
+        if stopped {
+            crate::platform::wait_until_exists(&paths.socket).await?;
+        }
+        let client = if loud {
+            connect(paths, !stopped).await
+        } else {
+            super::open(paths, !stopped).await
+        };
+        match client {
+            Ok(c) => return Ok(c),
+            Err(ClientError::NotRunning { .. }) | Err(ClientError::Disconnected) => {
+                backoff.wait().await;
+            }
+            Err(e) => return Err(e.into()),
+        }
+    }
+}
+
