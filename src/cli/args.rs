@@ -177,4 +177,3 @@ pub struct ServeArgs {
     #[arg(long, env = "CLAUDE_PEERS_BYPASS_INBOX")]
     pub bypass_inbox: bool,
 }
-

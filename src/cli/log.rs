@@ -14,7 +14,8 @@ use crate::protocol::*;
 /// answers, and its text.
 fn print_entry(e: &LogEntry, json: bool) -> Result<()> {
     if json {
-        outln!("{}", serde_json::to_string(e)?);
+        let e = super::json_times(serde_json::to_value(e)?);
+        outln!("{}", serde_json::to_string(&e)?);
         return Ok(());
     }
     let reply = e
@@ -155,4 +156,3 @@ pub(super) async fn reconnect(paths: &Paths, loud: bool) -> Result<Client> {
         }
     }
 }
-

@@ -56,9 +56,40 @@ async fn connect(paths: &Paths, autostart: bool) -> Result<Client, ClientError> 
 }
 
 fn print_json<T: serde::Serialize>(value: &T) -> Result<()> {
-    let text = serde_json::to_string_pretty(value)?;
+    let text = serde_json::to_string_pretty(&json_times(serde_json::to_value(value)?))?;
     outln!("{text}");
     Ok(())
+}
+
+/// The times a verb's JSON carries, in milliseconds on the wire, as RFC 3339 (UTC), as
+/// scripts read times: `"sent_at": "2026-12-01T16:30:45.123Z"`.
+fn json_times(mut value: serde_json::Value) -> serde_json::Value {
+    const TIMES: &[&str] = &[
+        "sent_at",
+        "delivered_at",
+        "first_seen",
+        "last_seen",
+        "started_at",
+    ];
+    match &mut value {
+        serde_json::Value::Object(map) => {
+            for (k, v) in map.iter_mut() {
+                *v = match v.as_i64() {
+                    Some(ms) if TIMES.contains(&k.as_str()) => {
+                        crate::time::timestamp_rfc3339(ms).into()
+                    }
+                    _ => json_times(v.take()),
+                };
+            }
+        }
+        serde_json::Value::Array(items) => {
+            for v in items {
+                *v = json_times(v.take());
+            }
+        }
+        _ => {}
+    }
+    value
 }
 
 /// Writes to stdout and flushes; never panics. The error keeps its kind, so `main` can

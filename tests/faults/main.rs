@@ -188,7 +188,7 @@ async fn bob_receives(
             .expect("bob received nothing for 10s");
         let d = match event {
             Some(Event::Deliver(d)) => d,
-            Some(Event::Log(_) | Event::Lagged(_) | Event::Closed(_)) => continue,
+            Some(Event::Log(_) | Event::Peer(_) | Event::Lagged(_) | Event::Closed(_)) => continue,
             None => {
                 // The broker is gone: come back under the same name.
                 c = connect_as(&paths, &opts, "bob", "/b", &down, &mut got.connect_errors).await;

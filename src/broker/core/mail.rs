@@ -583,7 +583,11 @@ impl Core {
         if let Some(p) = &q.peer
             && messages.is_empty()
             && !self.peers.contains_key(p)
-            && self.store.log(1, Some(p), None).map_err(internal)?.is_empty()
+            && self
+                .store
+                .log(1, Some(p), None)
+                .map_err(internal)?
+                .is_empty()
         {
             // Nobody of that name, nor mail from or to it (`cli`, a --from name): a typo.
             return Err(self.unknown_peer(p));

@@ -367,9 +367,7 @@ impl Core {
                 bytes,
                 lagged: l.missed,
             },
-            Body::Deliver(_) | Body::Event(_) | Body::Peer(_) => {
-                Effect::Push { bytes, lagged: 0 }
-            }
+            Body::Deliver(_) | Body::Event(_) | Body::Peer(_) => Effect::Push { bytes, lagged: 0 },
         };
         self.effects.push((conn, effect));
         true

@@ -48,12 +48,18 @@ pub enum Ask {
 }
 
 /// Runs until the view goes (`asks` closes).
-pub async fn run(paths: Paths, mut asks: mpsc::UnboundedReceiver<Ask>, view: mpsc::UnboundedSender<Update>) {
+pub async fn run(
+    paths: Paths,
+    mut asks: mpsc::UnboundedReceiver<Ask>,
+    view: mpsc::UnboundedSender<Update>,
+) {
     let mut scope = Scope::Machine;
     let mut first = true;
     loop {
         let client = if first {
-            super::super::open(&paths, true).await.map_err(anyhow::Error::from)
+            super::super::open(&paths, true)
+                .await
+                .map_err(anyhow::Error::from)
         } else {
             super::super::log::reconnect(&paths, false).await
         };
@@ -144,7 +150,11 @@ async fn follow(
     }
 }
 
-async fn reload(client: &Client, scope: Scope, view: &mpsc::UnboundedSender<Update>) -> Result<(), ClientError> {
+async fn reload(
+    client: &Client,
+    scope: Scope,
+    view: &mpsc::UnboundedSender<Update>,
+) -> Result<(), ClientError> {
     list(client, scope, view).await?;
     let history = client
         .log(LogQuery {
@@ -156,7 +166,11 @@ async fn reload(client: &Client, scope: Scope, view: &mpsc::UnboundedSender<Upda
     Ok(())
 }
 
-async fn list(client: &Client, scope: Scope, view: &mpsc::UnboundedSender<Update>) -> Result<(), ClientError> {
+async fn list(
+    client: &Client,
+    scope: Scope,
+    view: &mpsc::UnboundedSender<Update>,
+) -> Result<(), ClientError> {
     let (cwd, git_common_dir) = super::super::here();
     let peers = client
         .list_peers(ListPeers {
@@ -202,9 +216,7 @@ async fn send(
     let _ = view.send(match said {
         Ok(sent) => Update::Said(format!(
             "sent to {to}: {}",
-            sent.recipients
-                .first()
-                .map_or("sent", |r| r.state.as_str())
+            sent.recipients.first().map_or("sent", |r| r.state.as_str())
         )),
         Err(e) => Update::Failed(e.to_string()),
     });

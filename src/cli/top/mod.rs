@@ -309,7 +309,9 @@ impl App {
                 Focus::Sessions => {
                     self.peer_at = (self.peer_at + 1).min(self.peers.len().saturating_sub(1))
                 }
-                Focus::Messages => self.message_at = (self.message_at + 1).min(shown.saturating_sub(1)),
+                Focus::Messages => {
+                    self.message_at = (self.message_at + 1).min(shown.saturating_sub(1))
+                }
             },
             KeyCode::Char('s') => {
                 let network = matches!(self.broker, Broker::Up { network: true, .. });

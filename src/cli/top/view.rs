@@ -5,7 +5,9 @@ use ratatui::Frame;
 use ratatui::layout::{Constraint, Layout};
 use ratatui::style::{Modifier, Style, Stylize};
 use ratatui::text::{Line, Span};
-use ratatui::widgets::{Block, Borders, Cell, List, ListItem, ListState, Paragraph, Row, Table, TableState};
+use ratatui::widgets::{
+    Block, Borders, Cell, List, ListItem, ListState, Paragraph, Row, Table, TableState,
+};
 
 use super::{App, Broker, Focus, Message};
 use crate::cli::table::{clip, short_path};
@@ -13,7 +15,8 @@ use crate::protocol::{DeliveryState, PeerInfo};
 use crate::time::clock;
 
 pub fn draw(f: &mut Frame, app: &mut App) {
-    let sessions = (app.peers.len() as u16 + 3).clamp(4, f.area().height.saturating_sub(6).max(4) / 2 + 2);
+    let sessions =
+        (app.peers.len() as u16 + 3).clamp(4, f.area().height.saturating_sub(6).max(4) / 2 + 2);
     let [head, top, bottom, foot] = Layout::vertical([
         Constraint::Length(1),
         Constraint::Length(sessions),
@@ -70,8 +73,10 @@ fn draw_sessions(f: &mut Frame, app: &App, area: ratatui::layout::Rect) {
         ],
     )
     .header(
-        Row::new(["NAME", "STATE", "WHERE", "BRANCH", "UNREAD", "ACTIVE", "DELIVERY", "SUMMARY"])
-            .style(Style::new().add_modifier(Modifier::BOLD)),
+        Row::new([
+            "NAME", "STATE", "WHERE", "BRANCH", "UNREAD", "ACTIVE", "DELIVERY", "SUMMARY",
+        ])
+        .style(Style::new().add_modifier(Modifier::BOLD)),
     )
     .block(block(" sessions ", app.focus == Focus::Sessions))
     .row_highlight_style(Style::new().reversed());
@@ -98,7 +103,11 @@ fn session_row<'a>(app: &App, p: &'a PeerInfo) -> Row<'a> {
         .unwrap_or(p.last_seen);
     let delivery = match (&p.context.client_name, p.online) {
         (_, false) => "-".to_string(),
-        (Some(c), true) => format!("{} {}", if p.context.push { "push" } else { "poll" }, short_client(c)),
+        (Some(c), true) => format!(
+            "{} {}",
+            if p.context.push { "push" } else { "poll" },
+            short_client(c)
+        ),
         (None, true) => if p.context.push { "push" } else { "poll" }.to_string(),
     };
     Row::new(vec![
@@ -124,7 +133,10 @@ fn draw_messages(f: &mut Frame, app: &App, area: ratatui::layout::Rect) {
         Some(_) => format!(" thread ({} messages; Esc: all messages) ", shown.len()),
         None => format!(" messages ({}) ", shown.len()),
     };
-    let items: Vec<ListItem> = shown.iter().map(|m| ListItem::new(message_line(app, m))).collect();
+    let items: Vec<ListItem> = shown
+        .iter()
+        .map(|m| ListItem::new(message_line(app, m)))
+        .collect();
     let list = List::new(items)
         .block(block(&title, app.focus == Focus::Messages))
         .highlight_style(Style::new().reversed());
@@ -182,7 +194,11 @@ fn mark(s: DeliveryState) -> Span<'static> {
 
 fn footer(app: &App) -> Line<'static> {
     if let Some(d) = &app.draft {
-        let what = if d.in_reply_to.is_some() { "reply to" } else { "to" };
+        let what = if d.in_reply_to.is_some() {
+            "reply to"
+        } else {
+            "to"
+        };
         return Line::from(vec![
             Span::styled(format!("{what} {}: ", d.to), Style::new().bold()),
             Span::raw(d.text.clone()),
@@ -203,5 +219,9 @@ fn footer(app: &App) -> Line<'static> {
 
 fn block(title: &str, focused: bool) -> Block<'static> {
     let b = Block::new().borders(Borders::ALL).title(title.to_string());
-    if focused { b.border_style(Style::new().cyan()) } else { b }
+    if focused {
+        b.border_style(Style::new().cyan())
+    } else {
+        b
+    }
 }

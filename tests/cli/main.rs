@@ -1,7 +1,10 @@
 //! Every CLI verb, run as a person or a script would: the real binary, its output and exit
 //! codes.
 
+#[path = "../common/mod.rs"]
 mod common;
+mod first_hour;
+mod top;
 
 use std::io::{BufRead, BufReader, Write};
 use std::process::Stdio;
@@ -9,15 +12,15 @@ use std::process::Stdio;
 use common::*;
 use serde_json::Value;
 
-fn stdout(o: &std::process::Output) -> String {
+pub fn stdout(o: &std::process::Output) -> String {
     String::from_utf8_lossy(&o.stdout).into_owned()
 }
 
-fn stderr(o: &std::process::Output) -> String {
+pub fn stderr(o: &std::process::Output) -> String {
     String::from_utf8_lossy(&o.stderr).into_owned()
 }
 
-fn json(o: &std::process::Output) -> Value {
+pub fn json(o: &std::process::Output) -> Value {
     assert!(o.status.success(), "{}", stderr(o));
     serde_json::from_slice(&o.stdout).unwrap_or_else(|e| panic!("{e}: {}", stdout(o)))
 }
@@ -216,6 +219,7 @@ fn stop_is_clean_and_idempotent() {
 #[test]
 fn failures_and_usage_errors_have_distinct_exit_codes() {
     let home = Home::new();
+    home.run_ok(&["peers"]);
     let o = home.run(&["send", "ghost", "boo"]);
     assert_eq!(o.status.code(), Some(1));
     let err = stderr(&o);
