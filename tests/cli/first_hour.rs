@@ -332,7 +332,7 @@ fn completions_man_page_and_licence() {
     let home = Home::new();
     let bash = stdout(&home.run_ok(&["completions", "bash"]));
     assert!(
-        bash.contains("_claude-peers()") && bash.contains("kill-broker"),
+        bash.contains("complete -F") && bash.contains("kill-broker") && bash.contains("top"),
         "{bash}"
     );
     let zsh = stdout(&home.run_ok(&["completions", "zsh"]));
