@@ -6,11 +6,13 @@
 
 mod broker;
 mod claude;
+mod floor;
 mod hooks;
 mod network;
 // The tests' support: homes, brokers, `serve` sessions, the Claude Code harness.
 #[path = "../../tests/common/mod.rs"]
 mod common;
+mod ratios;
 mod raw;
 mod scale;
 mod serve;
@@ -101,6 +103,10 @@ fn machine() -> String {
 }
 
 fn main() {
+    // The floor's processes are this binary, run again in a role.
+    if floor::role() {
+        return;
+    }
     let only = std::env::var("BENCH_ONLY").unwrap_or_default();
     let wanted = |g: &str| only.is_empty() || only.split(',').any(|o| o.trim() == g);
     let rt = tokio::runtime::Builder::new_current_thread()
@@ -110,6 +116,9 @@ fn main() {
     let mut rows: Vec<Row> = Vec::new();
     let yard_before = yardstick();
     let steal_before = steal();
+    if wanted("floor") {
+        rt.block_on(ratios::run(&mut rows));
+    }
     if wanted("broker") {
         rt.block_on(broker::run(&mut rows));
     }

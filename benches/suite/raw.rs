@@ -13,8 +13,8 @@ use crate::common::Home;
 
 pub struct RawSession {
     pub child: tokio::process::Child,
-    stdin: tokio::process::ChildStdin,
-    stdout: tokio::io::Lines<tokio::io::BufReader<tokio::process::ChildStdout>>,
+    pub stdin: tokio::process::ChildStdin,
+    pub stdout: tokio::io::Lines<tokio::io::BufReader<tokio::process::ChildStdout>>,
     next_id: u64,
 }
 
@@ -22,7 +22,13 @@ impl RawSession {
     /// Starts `serve` and completes the MCP handshake; with `channel`, the client declares
     /// `experimental["claude/channel"]`, so peer mail is pushed as notifications.
     pub async fn start(home: &Home, name: &str, channel: bool) -> Self {
-        let mut child = crate::serve::command(home, name)
+        Self::spawn(crate::serve::command(home, name), channel).await
+    }
+
+    /// Starts `cmd`, a program that speaks MCP on its stdio (`serve`, or the floor's
+    /// session), and completes the handshake.
+    pub async fn spawn(mut cmd: tokio::process::Command, channel: bool) -> Self {
+        let mut child = cmd
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .kill_on_drop(true)

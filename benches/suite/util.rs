@@ -26,6 +26,10 @@ pub enum Target {
     Count(usize),
     /// A claim in words, which the figure says holds or not ([`Measured::Holds`]).
     Claim(&'static str),
+    /// Ours at most this many times the floor's ([`Measured::Ratio`]).
+    TimesFloorAtMost(f64),
+    /// Ours at least this many times the floor's (a rate).
+    TimesFloorAtLeast(f64),
 }
 
 /// A measured figure, in the unit its target checks.
@@ -36,6 +40,8 @@ pub enum Measured {
     Count(usize),
     /// Whether a [`Target::Claim`] holds.
     Holds(bool),
+    /// Ours divided by the floor's, with both figures in words.
+    Ratio(f64, String),
     /// Words only (a breakdown): never checked.
     Text(String),
 }
@@ -53,6 +59,8 @@ impl Target {
             Target::Megabytes(mb) => format!("<= {mb:.0} MB"),
             Target::Count(n) => n.to_string(),
             Target::Claim(words) => words.into(),
+            Target::TimesFloorAtMost(x) => format!("<= {x}x floor"),
+            Target::TimesFloorAtLeast(x) => format!(">= {x}x floor"),
         }
     }
 
@@ -64,6 +72,8 @@ impl Target {
             (Target::Megabytes(t), Measured::Megabytes(mb)) => Some(*mb <= t),
             (Target::Count(t), Measured::Count(n)) => Some(*n == t),
             (Target::Claim(_), Measured::Holds(yes)) => Some(*yes),
+            (Target::TimesFloorAtMost(t), Measured::Ratio(r, _)) => Some(*r <= t),
+            (Target::TimesFloorAtLeast(t), Measured::Ratio(r, _)) => Some(*r >= t),
             (Target::None, _) => None,
             _ => panic!("a figure measured in another unit than its target checks"),
         }
@@ -79,6 +89,7 @@ impl Measured {
             Measured::Count(n) => n.to_string(),
             Measured::Holds(yes) => if *yes { "holds" } else { "does not hold" }.into(),
             Measured::Text(t) => t.clone(),
+            Measured::Ratio(r, detail) => format!("{r:.2}x ({detail})"),
         }
     }
 }
@@ -126,7 +137,7 @@ pub fn duration(d: Duration) -> String {
     }
 }
 
-fn thousands(n: f64) -> String {
+pub fn thousands(n: f64) -> String {
     let digits = format!("{n:.0}");
     let mut out = String::new();
     for (i, c) in digits.chars().enumerate() {
