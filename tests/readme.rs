@@ -55,14 +55,23 @@ fn strip_comment(line: &str) -> &str {
 
 /// Programs whose lines are not run here: the toolchain (CI runs it), the agents, and
 /// what needs a machine of its own.
-const NOT_RUN: &[&str] = &["cargo", "claude", "codex", "gemini", "cursor-agent", "git", "nats-server", "sudo"];
+const NOT_RUN: &[&str] = &[
+    "cargo",
+    "claude",
+    "codex",
+    "gemini",
+    "cursor-agent",
+    "git",
+    "nats-server",
+    "sudo",
+];
 
 /// The arguments of the `claude-peers` a line runs, if it runs one and nothing in
 /// [`NOT_RUN`].
 fn our_command(line: &str) -> Option<Vec<&str>> {
     let first = line
         .split_whitespace()
-        .find(|w| !(w.contains('=') && !w.starts_with('-')))?;
+        .find(|w| !w.contains('=') || w.starts_with('-'))?;
     if NOT_RUN.contains(&first) {
         return None;
     }
@@ -87,7 +96,11 @@ async fn the_readmes_commands_run() {
     let project = home.dir.path().join("project");
     std::fs::create_dir(&project).unwrap();
     let bin_dir = std::path::Path::new(BIN).parent().unwrap();
-    let path = format!("{}:{}", bin_dir.display(), std::env::var("PATH").unwrap_or_default());
+    let path = format!(
+        "{}:{}",
+        bin_dir.display(),
+        std::env::var("PATH").unwrap_or_default()
+    );
     // The session the examples write to.
     home.run_ok(&["peers"]);
     let (_api, _) = home.peer("api", "/srv/api").await;
@@ -97,7 +110,11 @@ async fn the_readmes_commands_run() {
         let Some(args) = our_command(&line) else {
             continue;
         };
-        let verb = args.iter().find(|a| !a.starts_with('-')).copied().unwrap_or("");
+        let verb = args
+            .iter()
+            .find(|a| !a.starts_with('-'))
+            .copied()
+            .unwrap_or("");
         let follows = verb == "log" && args.iter().any(|a| *a == "-f" || *a == "--follow");
         let script = if matches!(verb, "top" | "serve" | "broker") {
             format!("{line} --help")
@@ -128,7 +145,10 @@ async fn the_readmes_commands_run() {
         } else {
             let deadline = Instant::now() + Duration::from_secs(20);
             while child.try_wait().unwrap().is_none() {
-                assert!(Instant::now() < deadline, "README.md:{n}: `{line}` still runs after 20 s");
+                assert!(
+                    Instant::now() < deadline,
+                    "README.md:{n}: `{line}` still runs after 20 s"
+                );
                 std::thread::sleep(Duration::from_millis(20));
             }
             let o = child.wait_with_output().unwrap();
@@ -142,18 +162,39 @@ async fn the_readmes_commands_run() {
         }
         ran += 1;
     }
-    assert!(ran >= 10, "only {ran} README lines ran: are the blocks still ```sh?");
+    assert!(
+        ran >= 10,
+        "only {ran} README lines ran: are the blocks still ```sh?"
+    );
     eprintln!("{ran} README commands ran");
 }
 
 #[test]
 fn comments_and_commands_are_read_as_a_shell_would() {
-    assert_eq!(strip_comment("claude-peers peers   # list"), "claude-peers peers   ");
-    assert_eq!(strip_comment("claude-peers send api \"#1 is done\""), "claude-peers send api \"#1 is done\"");
-    assert_eq!(our_command("echo hi | claude-peers send api -"), Some(vec!["send", "api", "-"]));
-    assert_eq!(our_command("CLAUDE_PEERS_HOST=box claude-peers peers"), Some(vec!["peers"]));
+    assert_eq!(
+        strip_comment("claude-peers peers   # list"),
+        "claude-peers peers   "
+    );
+    assert_eq!(
+        strip_comment("claude-peers send api \"#1 is done\""),
+        "claude-peers send api \"#1 is done\""
+    );
+    assert_eq!(
+        our_command("echo hi | claude-peers send api -"),
+        Some(vec!["send", "api", "-"])
+    );
+    assert_eq!(
+        our_command("CLAUDE_PEERS_HOST=box claude-peers peers"),
+        Some(vec!["peers"])
+    );
     assert_eq!(our_command("cargo install --locked --path ."), None);
-    assert_eq!(our_command("cargo install --path . && claude-peers peers"), None);
-    assert_eq!(our_command("source <(claude-peers completions bash)"), Some(vec!["completions", "bash"]));
+    assert_eq!(
+        our_command("cargo install --path . && claude-peers peers"),
+        None
+    );
+    assert_eq!(
+        our_command("source <(claude-peers completions bash)"),
+        Some(vec!["completions", "bash"])
+    );
     assert_eq!(our_command("claude-peers man > x.1"), Some(vec!["man"]));
 }
