@@ -164,6 +164,22 @@ pub async fn run(rows: &mut Vec<Row>) {
     };
     let send =
         json!({"name": "send_message", "arguments": {"to": "b", "message": "x".repeat(100)}});
+    // Where the time goes: CPU and wake-ups per message of each process on the path.
+    let ours_pids = [
+        ours.a.child.id().unwrap(),
+        broker_pid(&home),
+        ours.b.child.id().unwrap(),
+    ];
+    let sql_pids = [
+        sql.a.child.id().unwrap(),
+        floor_sql.child.id(),
+        sql.b.child.id().unwrap(),
+    ];
+    let before: Vec<(Duration, u64)> = ours_pids
+        .iter()
+        .chain(&sql_pids)
+        .map(|&p| (util::cpu_time(p), util::wakeups(p)))
+        .collect();
     let (mut lat_ours, mut lat_sql, mut lat_mem) = (Vec::new(), Vec::new(), Vec::new());
     for _ in 0..ROUNDS {
         for (pair, lat) in [
@@ -182,6 +198,19 @@ pub async fn run(rows: &mut Vec<Row>) {
     for lat in [&mut lat_ours, &mut lat_sql, &mut lat_mem] {
         lat.sort();
     }
+    let per_message: Vec<String> = ours_pids
+        .iter()
+        .chain(&sql_pids)
+        .zip(&before)
+        .map(|(&p, (cpu, wakes))| {
+            let n = (ROUNDS * 330) as f64;
+            format!(
+                "{:.0} us/{:.1}",
+                (util::cpu_time(p) - *cpu).as_secs_f64() * 1e6 / n,
+                (util::wakeups(p) - wakes) as f64 / n
+            )
+        })
+        .collect();
 
     // Bursts of 1,000 in flight, alternating.
     let (mut burst_ours, mut burst_sql) = (Vec::new(), Vec::new());
@@ -220,6 +249,18 @@ pub async fn run(rows: &mut Vec<Row>) {
         Target::None,
         ratio(o50, m50),
     ));
+    rows.push(Row::new(
+        "floor",
+        "CPU/wake-ups per message: A / broker / B, ours",
+        Target::None,
+        Measured::Text(per_message[..3].join(" / ")),
+    ));
+    rows.push(Row::new(
+        "floor",
+        "same, floor+SQLite",
+        Target::None,
+        Measured::Text(per_message[3..].join(" / ")),
+    ));
     let (bo, bs) = (burst_ours[2], burst_sql[2]);
     rows.push(Row::new(
         "floor",
@@ -248,6 +289,15 @@ pub async fn run(rows: &mut Vec<Row>) {
         Target::TimesFloorAtMost(2.0),
         ratio(util::p50(&mut spawn_ours), util::p50(&mut spawn_floor)),
     ));
+}
+
+/// The pid of the broker of `home` (from its lock file).
+fn broker_pid(home: &Home) -> u32 {
+    std::fs::read_to_string(&home.paths.lock)
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap()
 }
 
 /// Send -> deliver -> ack round trips: ours with the library client and a receiver that

@@ -218,6 +218,19 @@ pub fn cpu_time(pid: u32) -> Duration {
         .sum()
 }
 
+/// How many times a process's threads have been put on a CPU so far (the scheduler's
+/// count in `schedstat`): per message, the wake-ups it took.
+pub fn wakeups(pid: u32) -> u64 {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return 0;
+    };
+    tasks
+        .flatten()
+        .filter_map(|t| std::fs::read_to_string(t.path().join("schedstat")).ok())
+        .filter_map(|s| s.split_whitespace().nth(2)?.parse::<u64>().ok())
+        .sum()
+}
+
 /// Times `n` runs of `f` after `warm` unmeasured ones.
 pub async fn time_calls<F, Fut>(warm: usize, n: usize, mut f: F) -> Vec<Duration>
 where
