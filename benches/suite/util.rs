@@ -204,6 +204,15 @@ pub fn rss_mb(pid: u32) -> f64 {
         / 1024.0
 }
 
+/// A line of `/proc/<pid>/status`, as written there (`1234 kB`).
+pub fn status_field(pid: u32, key: &str) -> String {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix(key))
+        .map_or_else(String::new, |v| v.trim().to_string())
+}
+
 /// CPU time a process has run so far, all its threads, from the scheduler's own
 /// nanosecond counts (zero when it is gone).
 pub fn cpu_time(pid: u32) -> Duration {

@@ -19,6 +19,7 @@ mod relay;
 mod route;
 mod state;
 mod tools;
+mod trim;
 
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
@@ -84,6 +85,8 @@ pub struct Session {
     /// Why the name the user chose could not be used as given ([`wanted_name`]): told
     /// to the model in the instructions and with every tool result.
     pub name_problem: Option<String>,
+    /// Gives memory back after a burst of work.
+    trimmer: trim::Trimmer,
 }
 
 /// The name this session asks for, whether the user chose it, and, when the name the
@@ -180,6 +183,7 @@ impl Session {
             inbound,
             broker_exe: std::env::current_exe().ok(),
             name_problem,
+            trimmer: trim::Trimmer::default(),
         }))
     }
 
@@ -403,9 +407,15 @@ impl Session {
         Ok(events)
     }
 
+    /// One piece of work for the [`trim::Trimmer`] (a tool call).
+    pub(crate) fn note_work(&self) {
+        self.trimmer.note();
+    }
+
     /// Shows one delivery to the model by the session's route, or keeps it for
     /// `check_messages`.
     async fn deliver(self: &Arc<Self>, d: Delivery) {
+        self.trimmer.note();
         let route = {
             let st = self.state();
             if st.in_inbox.contains_key(&d.id) || st.lent.contains(&d.id) {
@@ -522,6 +532,10 @@ pub async fn run(
             .clone()
             .serve_hooks(crate::hook::socket_path(&session.paths, parent)),
     );
+    {
+        let session = session.clone();
+        tokio::spawn(async move { session.trimmer.run().await });
+    }
     let mcp = async {
         let service = server.serve(stdio_pipes()).await?;
         session.state().peer = Some(service.peer().clone());

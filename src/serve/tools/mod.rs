@@ -459,6 +459,7 @@ impl ServerHandler for PeersServer {
         context: RequestContext<RoleServer>,
     ) -> Result<CallToolResponse, McpError> {
         let text_only = text_only(&context);
+        self.session.note_work();
         // Codex names the session (its thread) in every call.
         if let Some(id) = context.meta.get("sessionId").and_then(|v| v.as_str()) {
             self.session.learn_agent_session(id);
