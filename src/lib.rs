@@ -27,6 +27,7 @@ pub mod names;
 pub mod paths;
 pub mod platform;
 pub mod protocol;
+pub mod quiet;
 pub mod serve;
 pub mod store;
 pub mod time;

@@ -169,7 +169,11 @@ fn runner_finds_the_binary_or_says_how_to_install_it() {
         "{err:?}"
     );
 
-    let version = format!("claude-peers {}\n", env!("CARGO_PKG_VERSION"));
+    let version = format!(
+        "claude-peers {} (broker protocol {})\n",
+        env!("CARGO_PKG_VERSION"),
+        claude_peers::protocol::PROTOCOL_VERSION
+    );
     let found = |env: &[(&str, &str)], how: &str| {
         let out = run_runner(home, env, &["--version"]);
         assert!(out.status.success(), "{how}: {out:?}");

@@ -57,7 +57,11 @@ proptest! {
     fn a_send_validates_exactly_when_it_keeps_the_rules(
         to in prop::collection::vec("[a-z./ ]{0,6}", 0..4),
         text in "[ a\n]{0,8}",
-        reply in prop::option::of("[0-9a-f-]{0,3}"),
+        // A message id (a UUID) or something that is not one.
+        reply in prop::option::of(prop_oneof![
+            "[0-9a-f-]{0,3}",
+            "[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}",
+        ]),
         from in prop::option::of("[a-z/]{0,3}"),
     ) {
         let limits = Limits::default();
@@ -69,7 +73,7 @@ proptest! {
         let expected_ok = !to.is_empty()
             && to.iter().all(|t| is_valid_name(t))
             && !text.trim().is_empty()
-            && reply.as_ref().is_none_or(|r| !r.is_empty())
+            && reply.as_ref().is_none_or(|r| uuid::Uuid::try_parse(r).is_ok())
             && from.as_ref().is_none_or(|f| is_valid_name(f));
         prop_assert_eq!(verdict.is_ok(), expected_ok, "{:?}", verdict);
         if let Err(e) = verdict {

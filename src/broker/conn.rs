@@ -6,9 +6,9 @@ use std::rc::Rc;
 use std::sync::Arc;
 use std::time::Instant;
 
+use crate::quiet::SocketWriter;
 use tokio::io::{AsyncWriteExt, BufReader};
 use tokio::net::UnixStream;
-use tokio::net::unix::OwnedWriteHalf;
 use tokio::sync::mpsc::{UnboundedReceiver, UnboundedSender};
 
 use super::core::{Command, ConnId};
@@ -94,7 +94,14 @@ pub fn refuse_over_limit(stream: UnixStream, limit: usize) {
 
 /// Serves one accepted connection until it closes.
 pub async fn serve(stream: UnixStream, conn: ConnId, ctx: Rc<ConnContext>) {
-    let (read, write) = stream.into_split();
+    let peer = platform::peer_uid(&stream);
+    let (read, write) = match crate::quiet::split(stream) {
+        Ok(halves) => halves,
+        Err(e) => {
+            tracing::warn!(conn, "cannot watch the connection: {e}");
+            return;
+        }
+    };
     let (outq, rx) = Outq::new();
     let outq = Rc::new(outq);
     let writer = tokio::task::spawn_local(write_frames(
@@ -104,7 +111,7 @@ pub async fn serve(stream: UnixStream, conn: ConnId, ctx: Rc<ConnContext>) {
         conn,
         ctx.core.clone(),
     ));
-    match platform::peer_uid(read.as_ref()) {
+    match peer {
         Ok(uid) if uid == ctx.uid => {}
         other => {
             let who = other.map_or_else(|e| format!("unknown ({e})"), |u| u.to_string());
@@ -139,12 +146,7 @@ pub async fn serve(stream: UnixStream, conn: ConnId, ctx: Rc<ConnContext>) {
     let _ = writer.await;
 }
 
-async fn read_frames(
-    read: tokio::net::unix::OwnedReadHalf,
-    conn: ConnId,
-    ctx: &ConnContext,
-    outbox: &Outq,
-) {
+async fn read_frames(read: crate::quiet::ReadHalf, conn: ConnId, ctx: &ConnContext, outbox: &Outq) {
     let mut frames =
         FrameReader::new(BufReader::new(read), MAX_FRAME_BYTES).with_budget(ctx.frames.clone());
     let mut greeted = false;
@@ -291,7 +293,7 @@ async fn read_frames(
 }
 
 async fn write_frames(
-    write: OwnedWriteHalf,
+    write: SocketWriter,
     rx: UnboundedReceiver<Outbound>,
     outq: Rc<Outq>,
     conn: ConnId,
@@ -303,7 +305,7 @@ async fn write_frames(
 }
 
 async fn write_until_done(
-    mut write: OwnedWriteHalf,
+    mut write: SocketWriter,
     mut rx: UnboundedReceiver<Outbound>,
     outq: &Outq,
     conn: ConnId,

@@ -77,7 +77,7 @@ pub(super) fn split_answer(frame: &[u8]) -> Option<(u64, Range<usize>)> {
 /// connections do it ([`wire::gather`]). It ends, closing our side of the connection,
 /// when the [`Client`] is dropped (after writing what is queued) or a write fails.
 pub(super) async fn write_loop(
-    mut write: OwnedWriteHalf,
+    mut write: crate::quiet::SocketWriter,
     mut rx: mpsc::UnboundedReceiver<Vec<u8>>,
     pending: Pending,
 ) {
@@ -100,7 +100,7 @@ pub(super) async fn write_loop(
 }
 
 pub(super) async fn read_loop(
-    read: tokio::net::unix::OwnedReadHalf,
+    read: crate::quiet::ReadHalf,
     pending: Pending,
     events: mpsc::UnboundedSender<Event>,
 ) {

@@ -13,7 +13,6 @@ use std::time::{Duration, Instant};
 use serde_json::value::RawValue;
 use tokio::io::{AsyncWriteExt, BufReader};
 use tokio::net::UnixStream;
-use tokio::net::unix::OwnedWriteHalf;
 use tokio::sync::{mpsc, oneshot};
 
 use crate::paths::{PathError, Paths};
@@ -315,7 +314,10 @@ impl Client {
     }
 
     async fn handshake(stream: UnixStream, opts: &ConnectOptions) -> Result<Self, ClientError> {
-        let (read, write) = stream.into_split();
+        let (read, write) = crate::quiet::split(stream).map_err(|source| ClientError::Connect {
+            socket: std::path::PathBuf::new(),
+            source,
+        })?;
         let (out, outgoing) = mpsc::unbounded_channel();
         let (events_tx, events) = mpsc::unbounded_channel();
         let pending = Pending::new();
