@@ -291,7 +291,11 @@ async fn bad_tool_input_is_a_clear_tool_error() {
         .call("send_message", json!({"to": "bob", "message": 42}))
         .await;
     assert_eq!(r.is_error, Some(true));
-    assert!(text_of(&r).contains("invalid type"), "{}", text_of(&r));
+    assert!(
+        text_of(&r).contains("message must be text, not 42"),
+        "{}",
+        text_of(&r)
+    );
     let r = a.call("list_peers", json!({"scope": "galaxy"})).await;
     assert_eq!(r.is_error, Some(true));
     let r = a
