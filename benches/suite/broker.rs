@@ -75,7 +75,8 @@ async fn round_trip(rows: &mut Vec<Row>) {
     rows.push(Row::new(
         "broker",
         "send -> deliver -> ack round trip, p50",
-        Target::AtMost(Duration::from_micros(100)),
+        // Issue 16: stated as a ratio to the floor (group `floor`), not absolutely.
+        Target::None,
         Measured::Time(median),
     ));
     rows.push(Row::new(
@@ -116,7 +117,8 @@ async fn throughput(rows: &mut Vec<Row>) {
     rows.push(Row::new(
         "broker",
         "sustained 1 -> 1, persisted and acked",
-        Target::PerSecond(50_000.0),
+        // Issue 16: stated as a ratio to the floor (group `floor`), not absolutely.
+        Target::None,
         Measured::PerSecond(rate),
     ));
 }

@@ -137,13 +137,15 @@ pub async fn run(rows: &mut Vec<Row>) {
     rows.push(Row::new(
         "serve",
         "send_message in A -> channel event in B, p50",
-        Target::AtMost(Duration::from_micros(300)),
+        // Issue 16: stated as a ratio to the floor (group `floor`), not absolutely.
+        Target::None,
         Measured::Time(median),
     ));
     rows.push(Row::new(
         "serve",
         "send_message in A -> channel event in B, p99",
-        Target::AtMost(Duration::from_millis(2)),
+        // Issue 16: stated as a ratio to the floor (group `floor`), not absolutely.
+        Target::None,
         Measured::Time(p99),
     ));
     rows.push(Row::new(
@@ -159,7 +161,8 @@ pub async fn run(rows: &mut Vec<Row>) {
     rows.push(Row::new(
         "serve",
         "messages/s, 64 sends in flight",
-        Target::PerSecond(5000.0),
+        // Issue 16: stated as a ratio to the floor (group `floor`), not absolutely.
+        Target::None,
         Measured::PerSecond(rate),
     ));
     rows.push(

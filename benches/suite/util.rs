@@ -18,8 +18,6 @@ pub enum Target {
     None,
     /// A time of at most this.
     AtMost(Duration),
-    /// At least this many per second.
-    PerSecond(f64),
     /// Resident memory of at most this many MB.
     Megabytes(f64),
     /// Exactly this count.
@@ -55,7 +53,6 @@ impl Target {
                 format!("<= {} ms", d.as_millis())
             }
             Target::AtMost(d) => format!("<= {}", duration(d)),
-            Target::PerSecond(n) => format!(">= {}/s", thousands(n)),
             Target::Megabytes(mb) => format!("<= {mb:.0} MB"),
             Target::Count(n) => n.to_string(),
             Target::Claim(words) => words.into(),
@@ -68,7 +65,6 @@ impl Target {
     fn met(self, m: &Measured) -> Option<bool> {
         match (self, m) {
             (Target::AtMost(t), Measured::Time(d)) => Some(*d <= t),
-            (Target::PerSecond(t), Measured::PerSecond(n)) => Some(*n >= t),
             (Target::Megabytes(t), Measured::Megabytes(mb)) => Some(*mb <= t),
             (Target::Count(t), Measured::Count(n)) => Some(*n == t),
             (Target::Claim(_), Measured::Holds(yes)) => Some(*yes),
