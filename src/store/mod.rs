@@ -420,12 +420,13 @@ impl Store {
     /// Starts a write transaction. The core groups everything it handles in one wake-up
     /// into one transaction, so many sends share one commit.
     pub fn begin(&self) -> Result<(), StoreError> {
-        self.conn.execute_batch("BEGIN IMMEDIATE")?;
+        // Prepared once: parsing the statement again was a visible part of every batch.
+        self.conn.prepare_cached("BEGIN IMMEDIATE")?.execute([])?;
         Ok(())
     }
 
     pub fn commit(&self) -> Result<(), StoreError> {
-        self.conn.execute_batch("COMMIT")?;
+        self.conn.prepare_cached("COMMIT")?.execute([])?;
         let changed = self.conn.total_changes();
         if changed != self.changed.replace(changed)
             && let Some(wrote) = &self.wrote
