@@ -114,18 +114,42 @@ pub async fn run(
     }
 }
 
-/// Shows `e` unless it was shown in this state: the whole line the first time, a short
-/// one for a new state (JSON: the entry again).
+/// Shows `e` unless it was shown in this state or a later one: the whole line the first
+/// time, a short one for a later state (JSON: the entry again). A message sent while the
+/// history was read comes twice, in the history (perhaps delivered already) and as the
+/// live `sent` event after it: the event, older news, is not shown.
 fn show(
     shown: &mut std::collections::HashMap<(String, String), DeliveryState>,
     e: &LogEntry,
     json: bool,
 ) -> Result<()> {
-    match shown.insert((e.id.clone(), e.to.clone()), e.state) {
-        None => print_entry(e, json),
-        Some(before) if before == e.state => Ok(()),
-        Some(_) if json => print_entry(e, json),
-        Some(_) => print_change(e),
+    let key = (e.id.clone(), e.to.clone());
+    match shown.get(&key) {
+        None => {
+            shown.insert(key, e.state);
+            print_entry(e, json)
+        }
+        Some(&before) if progress(e.state) <= progress(before) => Ok(()),
+        Some(_) => {
+            shown.insert(key, e.state);
+            if json {
+                print_entry(e, json)
+            } else {
+                print_change(e)
+            }
+        }
+    }
+}
+
+/// How far along a delivery a state is: a state is news only after an earlier one.
+fn progress(s: DeliveryState) -> u8 {
+    match s {
+        DeliveryState::Queued | DeliveryState::Relaying => 0,
+        DeliveryState::Pushed | DeliveryState::Held => 1,
+        DeliveryState::Delivered
+        | DeliveryState::Denied
+        | DeliveryState::Damaged
+        | DeliveryState::Undeliverable => 2,
     }
 }
 
@@ -154,5 +178,39 @@ pub(super) async fn reconnect(paths: &Paths, loud: bool) -> Result<Client> {
             }
             Err(e) => return Err(e.into()),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn entry(state: DeliveryState) -> LogEntry {
+        LogEntry {
+            id: "019ad3c4-5e6f-7a8b-9c0d-1e2f3a4b5c6d".into(),
+            from: "cli".into(),
+            to: "bob".into(),
+            text: "hi".into(),
+            in_reply_to: None,
+            sent_at: 0,
+            state,
+            delivered_at: None,
+        }
+    }
+
+    /// A `sent` event read after the history showed the message delivered is older news:
+    /// the state shown stays delivered.
+    #[test]
+    fn a_state_never_goes_back() {
+        let mut shown = std::collections::HashMap::new();
+        let key = (entry(DeliveryState::Queued).id, "bob".to_string());
+        show(&mut shown, &entry(DeliveryState::Delivered), true).unwrap();
+        show(&mut shown, &entry(DeliveryState::Queued), true).unwrap();
+        assert_eq!(shown[&key], DeliveryState::Delivered);
+        let mut shown = std::collections::HashMap::new();
+        show(&mut shown, &entry(DeliveryState::Queued), true).unwrap();
+        show(&mut shown, &entry(DeliveryState::Held), true).unwrap();
+        show(&mut shown, &entry(DeliveryState::Delivered), true).unwrap();
+        assert_eq!(shown[&key], DeliveryState::Delivered);
     }
 }
