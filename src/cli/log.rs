@@ -142,7 +142,7 @@ fn show(
 }
 
 /// How far along a delivery a state is: a state is news only after an earlier one.
-fn progress(s: DeliveryState) -> u8 {
+pub(super) fn progress(s: DeliveryState) -> u8 {
     match s {
         DeliveryState::Queued | DeliveryState::Relaying => 0,
         DeliveryState::Pushed | DeliveryState::Held => 1,

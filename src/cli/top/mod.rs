@@ -205,7 +205,12 @@ impl App {
         if let Some(&i) = self.index.get(&e.id) {
             let m = &mut self.messages[i];
             match m.to.iter_mut().find(|(to, _)| *to == e.to) {
-                Some((_, state)) => *state = e.state,
+                // History and live events may cross: keep the later state.
+                Some((_, state)) => {
+                    if super::log::progress(e.state) > super::log::progress(*state) {
+                        *state = e.state;
+                    }
+                }
                 None => m.to.push((e.to, e.state)),
             }
             return;
