@@ -141,6 +141,17 @@ async fn top_shows_sessions_and_messages_live() {
     pane.keys(&["Escape"]);
     pane.wait_for(&["messages (2)"]);
 
+    // Nothing happening costs nothing: no timer wakes `top` (its pid is the pane's).
+    let pid: u32 = pane
+        .tmux(&["list-panes", "-F", "#{pane_pid}"])
+        .trim()
+        .parse()
+        .unwrap();
+    let before = wakeups(pid);
+    std::thread::sleep(Duration::from_secs(2));
+    let idle = wakeups(pid) - before;
+    assert!(idle <= 2, "top woke {idle} times in 2 idle seconds");
+
     // The broker goes; the session goes offline with it; the next broker is found.
     let before: u32 = home.client().await.broker().pid;
     drop(bob);
@@ -161,6 +172,16 @@ async fn top_shows_sessions_and_messages_live() {
         );
         std::thread::sleep(Duration::from_millis(50));
     }
+}
+
+/// How many times the threads of `pid` have been put on a CPU (`schedstat`).
+fn wakeups(pid: u32) -> u64 {
+    std::fs::read_dir(format!("/proc/{pid}/task"))
+        .unwrap()
+        .flatten()
+        .filter_map(|t| std::fs::read_to_string(t.path().join("schedstat")).ok())
+        .filter_map(|s| s.split_whitespace().nth(2)?.parse::<u64>().ok())
+        .sum()
 }
 
 /// Without a terminal, `top` says what to use instead.
