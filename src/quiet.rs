@@ -21,8 +21,8 @@ use tokio::io::{AsyncRead, AsyncWrite, Interest, ReadBuf};
 /// The reading half: registered for input alone.
 pub struct ReadHalf(Arc<AsyncFd<OwnedFd>>);
 
-/// The writing half of any descriptor: it writes directly, and waits for room only when
-/// a write would block.
+/// The writing half: it writes directly, and waits for room only when a write would
+/// block.
 pub struct WriteHalf<T: AsFd> {
     fd: T,
     room: Option<AsyncFd<OwnedFd>>,
@@ -49,11 +49,6 @@ fn register(fd: OwnedFd, interest: Interest) -> io::Result<AsyncFd<OwnedFd>> {
     // SAFETY: an OwnedFd is an open descriptor, and stays the same one until it is
     // dropped with the AsyncFd that owns it.
     unsafe { AsyncFd::register_with_interest(fd, interest) }.map_err(io::Error::from)
-}
-
-/// A writer for a non-blocking descriptor that is never read (a pipe to our parent).
-pub fn writer(fd: OwnedFd) -> WriteHalf<OwnedFd> {
-    WriteHalf { fd, room: None }
 }
 
 impl AsyncRead for ReadHalf {
@@ -98,7 +93,10 @@ impl<T: AsFd + Unpin> AsyncWrite for WriteHalf<T> {
         loop {
             match rustix::io::write(&self.fd, data) {
                 Ok(n) => {
-                    self.room = None;
+                    // The buffer had room for all of it: stop watching for room.
+                    if n == data.len() {
+                        self.room = None;
+                    }
                     return Poll::Ready(Ok(n));
                 }
                 Err(rustix::io::Errno::INTR) => continue,
@@ -122,10 +120,8 @@ impl<T: AsFd + Unpin> AsyncWrite for WriteHalf<T> {
     }
 
     fn poll_shutdown(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        // A socket stops sending; a pipe is closed when the half is dropped.
-        match rustix::net::shutdown(&self.fd, rustix::net::Shutdown::Write) {
-            Ok(()) | Err(rustix::io::Errno::NOTSOCK) => Poll::Ready(Ok(())),
-            Err(e) => Poll::Ready(Err(e.into())),
-        }
+        Poll::Ready(
+            rustix::net::shutdown(&self.fd, rustix::net::Shutdown::Write).map_err(Into::into),
+        )
     }
 }

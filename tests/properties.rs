@@ -73,7 +73,7 @@ proptest! {
         let expected_ok = !to.is_empty()
             && to.iter().all(|t| is_valid_name(t))
             && !text.trim().is_empty()
-            && reply.as_ref().is_none_or(|r| uuid::Uuid::try_parse(r).is_ok())
+            && reply.as_ref().is_none_or(|r| claude_peers::protocol::is_message_id(r))
             && from.as_ref().is_none_or(|f| is_valid_name(f));
         prop_assert_eq!(verdict.is_ok(), expected_ok, "{:?}", verdict);
         if let Err(e) = verdict {

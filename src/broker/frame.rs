@@ -252,7 +252,7 @@ fn message(
         ));
     }
     if let Some(r) = in_reply_to
-        && uuid::Uuid::try_parse(r).is_err()
+        && !crate::protocol::is_message_id(r)
     {
         return Err(bad_request(format!(
             "in_reply_to {:?} is not a message id: ids are UUIDs like 019ad3c4-5e6f-7a8b-9c0d-1e2f3a4b5c6d; pass the message_id of the message this answers",

@@ -144,9 +144,11 @@ pub enum Command {
 /// variable's absence does.
 /// A message id: a UUID, as the broker gives them.
 fn message_id(s: &str) -> Result<String, String> {
-    uuid::Uuid::try_parse(s)
-        .map(|_| s.to_string())
-        .map_err(|_| "not a message id: ids are UUIDs like 019ad3c4-5e6f-7a8b-9c0d-1e2f3a4b5c6d, as `claude-peers log --json` shows them".to_string())
+    if crate::protocol::is_message_id(s) {
+        Ok(s.to_string())
+    } else {
+        Err("not a message id: ids are lowercase UUIDs like 019ad3c4-5e6f-7a8b-9c0d-1e2f3a4b5c6d, as `claude-peers log --json` shows them".to_string())
+    }
 }
 
 fn path_or_default(s: &str) -> Result<PathBuf, std::convert::Infallible> {

@@ -86,7 +86,21 @@ pub async fn run(
     loop {
         // Subscribe first so nothing falls between the history and the live tail.
         client.call(Subscribe::default()).await?;
-        for e in client.log(query.clone()).await? {
+        let history = match client.log(query.clone()).await {
+            // Following a peer that has not come yet (nor had mail) is waiting for it.
+            Err(ClientError::Refused(e)) if e.code == ErrorCode::UnknownPeer => {
+                if shown.is_empty() {
+                    let _ = writeln!(
+                        std::io::stderr(),
+                        "claude-peers: no peer is named {:?} yet; following until one is",
+                        peer.as_deref().unwrap_or_default()
+                    );
+                }
+                Vec::new()
+            }
+            other => other?,
+        };
+        for e in history {
             show(&mut shown, &e, json)?;
         }
         while let Some(event) = client.next_event().await {
@@ -144,12 +158,14 @@ fn show(
 /// How far along a delivery a state is: a state is news only after an earlier one.
 pub(super) fn progress(s: DeliveryState) -> u8 {
     match s {
-        DeliveryState::Queued | DeliveryState::Relaying => 0,
-        DeliveryState::Pushed | DeliveryState::Held => 1,
+        DeliveryState::Relaying => 0,
+        // Stored here, or (after relaying) on the recipient's machine.
+        DeliveryState::Queued => 1,
+        DeliveryState::Pushed | DeliveryState::Held => 2,
         DeliveryState::Delivered
         | DeliveryState::Denied
         | DeliveryState::Damaged
-        | DeliveryState::Undeliverable => 2,
+        | DeliveryState::Undeliverable => 3,
     }
 }
 

@@ -215,7 +215,7 @@ impl Client {
                             uid,
                         });
                     }
-                    match Self::handshake(stream, opts).await {
+                    match Self::handshake(stream, &paths.socket, opts).await {
                         Ok(mut client) if client.hello.protocol == opts.protocol => {
                             client.started_broker =
                                 started.as_ref().is_some_and(|c| c.id() == client.hello.pid);
@@ -313,9 +313,13 @@ impl Client {
         }
     }
 
-    async fn handshake(stream: UnixStream, opts: &ConnectOptions) -> Result<Self, ClientError> {
+    async fn handshake(
+        stream: UnixStream,
+        socket: &std::path::Path,
+        opts: &ConnectOptions,
+    ) -> Result<Self, ClientError> {
         let (read, write) = crate::quiet::split(stream).map_err(|source| ClientError::Connect {
-            socket: std::path::PathBuf::new(),
+            socket: socket.to_path_buf(),
             source,
         })?;
         let (out, outgoing) = mpsc::unbounded_channel();

@@ -34,6 +34,12 @@ pub const MAX_FRAME_BYTES: usize = 1 << 20;
 /// [`MAX_FRAME_BYTES`] with room for the frame around it.
 pub const MAX_PAGE_BYTES: usize = MAX_FRAME_BYTES - 16 * 1024;
 
+/// Whether `s` is a message id as the broker writes them: a UUID, lowercase and
+/// hyphenated (the other spellings a UUID parser takes would not match the message's id).
+pub fn is_message_id(s: &str) -> bool {
+    uuid::Uuid::try_parse(s).is_ok_and(|u| u.hyphenated().to_string() == s)
+}
+
 /// Entries a `log` answers when it names no `limit`, and the most it answers.
 pub const LOG_DEFAULT: u32 = 50;
 pub const LOG_MAX: u32 = 1000;

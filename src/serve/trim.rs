@@ -1,9 +1,9 @@
 //! Giving memory back after a burst. glibc keeps what a burst of work freed (a thousand
 //! tool calls in flight, a thousand deliveries) for later, so a `serve` that once took a
 //! burst stayed at its peak: 18.5 MB after 5,000 messages against 8.5 MB before (issue
-//! 16's floor group). Once a burst is over (a second without work), `malloc_trim` hands
-//! the free pages back. Quiet sessions never run it: it waits for a burst's worth of
-//! work, and costs one timer per burst, none while idle.
+//! 16's floor group). Once 256 pieces of work have been done and a second has passed
+//! without more, `malloc_trim` hands the free pages back: at most once per 256 pieces of
+//! work, one timer while that work goes on, nothing while a session is idle.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;

@@ -353,3 +353,31 @@ fn completions_man_page_and_licence() {
         std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/Cargo.toml")).unwrap();
     assert!(manifest.contains("license = \"MIT\""));
 }
+
+/// `log -f --peer` for a session that has not come yet waits for it, rather than failing
+/// as a typo would in plain `log`.
+#[tokio::test(flavor = "multi_thread")]
+async fn log_follow_waits_for_a_peer_not_yet_seen() {
+    let home = Home::new();
+    home.run_ok(&["peers"]);
+    let mut follow = home
+        .cmd()
+        .args(["log", "-f", "--peer", "carol"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut err = BufReader::new(follow.stderr.take().unwrap()).lines();
+    let said = err.next().unwrap().unwrap();
+    assert!(said.contains("no peer is named \"carol\" yet"), "{said}");
+    let (_carol, _) = home.peer("carol", "/c").await;
+    home.run_ok(&["send", "carol", "welcome"]);
+    let mut lines = BufReader::new(follow.stdout.take().unwrap()).lines();
+    let line = lines.next().unwrap().unwrap();
+    assert!(
+        line.contains("cli -> carol") && line.contains("welcome"),
+        "{line}"
+    );
+    let _ = follow.kill();
+    let _ = follow.wait();
+}
