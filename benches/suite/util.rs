@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 use claude_peers::client::{Client, ConnectOptions};
 use claude_peers::paths::Paths;
 
-pub use crate::common::BIN;
+pub use crate::common::{BIN, wakeups};
 use crate::common::{Broker, Home};
 
 /// What a figure must reach. It is both the table's "target" column and the check of the
@@ -220,19 +220,6 @@ pub fn cpu_time(pid: u32) -> Duration {
         .filter_map(|t| std::fs::read_to_string(t.path().join("schedstat")).ok())
         .filter_map(|s| s.split_whitespace().next()?.parse::<u64>().ok())
         .map(Duration::from_nanos)
-        .sum()
-}
-
-/// How many times a process's threads have been put on a CPU so far (the scheduler's
-/// count in `schedstat`): per message, the wake-ups it took.
-pub fn wakeups(pid: u32) -> u64 {
-    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
-        return 0;
-    };
-    tasks
-        .flatten()
-        .filter_map(|t| std::fs::read_to_string(t.path().join("schedstat")).ok())
-        .filter_map(|s| s.split_whitespace().nth(2)?.parse::<u64>().ok())
         .sum()
 }
 

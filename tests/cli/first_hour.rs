@@ -269,7 +269,7 @@ async fn serve_with_a_bad_name_starts_and_says_why() {
         ("send_message", json!({"to": "ghost", "message": "hi"})),
     ] {
         let r = serve.call(tool, args).await;
-        let text = texts(&r);
+        let text = serve::text_of(&r);
         assert!(
             text.contains("my api") && text.contains("goes by my-api"),
             "{tool}: {text}"
@@ -308,21 +308,13 @@ async fn tool_errors_name_the_argument() {
     ] {
         let r = serve.call(tool, args.clone()).await;
         assert_eq!(r.is_error, Some(true), "{tool} {args}");
-        let text = texts(&r);
+        let text = serve::text_of(&r);
         assert!(text.starts_with(want), "{tool} {args}: {text}");
         assert!(
             !text.contains("unknown variant") && !text.contains("deserialize"),
             "{text}"
         );
     }
-}
-
-fn texts(r: &rmcp::model::CallToolResult) -> String {
-    r.content
-        .iter()
-        .filter_map(|c| c.as_text().map(|t| t.text.clone()))
-        .collect::<Vec<_>>()
-        .join("\n")
 }
 
 /// Completions and a man page come from the same definitions as the help; the licence

@@ -174,16 +174,6 @@ async fn top_shows_sessions_and_messages_live() {
     }
 }
 
-/// How many times the threads of `pid` have been put on a CPU (`schedstat`).
-fn wakeups(pid: u32) -> u64 {
-    std::fs::read_dir(format!("/proc/{pid}/task"))
-        .unwrap()
-        .flatten()
-        .filter_map(|t| std::fs::read_to_string(t.path().join("schedstat")).ok())
-        .filter_map(|s| s.split_whitespace().nth(2)?.parse::<u64>().ok())
-        .sum()
-}
-
 /// Without a terminal, `top` says what to use instead.
 #[test]
 fn top_without_a_terminal_points_to_the_json_verbs() {

@@ -415,3 +415,17 @@ pub fn peer_names(listed: &Value) -> Vec<&str> {
 pub fn error_code(v: &Value) -> Option<&str> {
     v.pointer("/error/code").and_then(Value::as_str)
 }
+
+/// How many times the threads of process `pid` have been put on a CPU so far (the
+/// scheduler's count in `schedstat`): per message, the wake-ups it took; while idle,
+/// whether anything wakes it.
+pub fn wakeups(pid: u32) -> u64 {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return 0;
+    };
+    tasks
+        .flatten()
+        .filter_map(|t| std::fs::read_to_string(t.path().join("schedstat")).ok())
+        .filter_map(|s| s.split_whitespace().nth(2)?.parse::<u64>().ok())
+        .sum()
+}

@@ -181,3 +181,12 @@ impl Serve {
         }
     }
 }
+
+/// A tool result's text, its blocks joined by newlines.
+pub fn text_of(r: &CallToolResult) -> String {
+    r.content
+        .iter()
+        .filter_map(|c| c.as_text().map(|t| t.text.clone()))
+        .collect::<Vec<_>>()
+        .join("\n")
+}

@@ -9,18 +9,9 @@ use std::path::Path;
 use std::process::Stdio;
 use std::time::Duration;
 
-use common::serve::Serve;
+use common::serve::{Serve, text_of};
 use common::*;
-use rmcp::model::CallToolResult;
 use serde_json::{Value, json};
-
-fn text_of(r: &CallToolResult) -> String {
-    r.content
-        .iter()
-        .filter_map(|c| c.as_text().map(|t| t.text.clone()))
-        .collect::<Vec<_>>()
-        .join("\n")
-}
 
 #[test]
 fn discover_probe_then_initialize_handshake() {

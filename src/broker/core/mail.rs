@@ -432,47 +432,44 @@ impl Core {
 
     /// Tells the subscribers that asked that session `name` came, went or changed.
     pub(super) fn peer_event(&mut self, name: &str, change: PeerChange) {
-        let subscribers: Vec<ConnId> = self
-            .conns
-            .iter()
-            .filter(|(_, c)| c.peer_events)
-            .map(|(id, _)| *id)
-            .collect();
-        for s in subscribers {
-            let c = self.conns.get_mut(&s).expect("a subscriber is connected");
-            if !c.outq.has_room_for_push() {
-                c.missed += 1;
-                self.want_room(s);
-                continue;
-            }
-            self.emit(
-                s,
-                ServerFrame::peer(PeerEvent {
-                    name: name.to_string(),
-                    change,
-                }),
-            );
-        }
+        let name = name.to_string();
+        self.push_to_subscribers(
+            |c| c.peer_events,
+            || ServerFrame::peer(PeerEvent { name, change }),
+        );
     }
 
     pub(super) fn log_event(&mut self, kind: LogEventKind, entry: impl FnOnce() -> LogEntry) {
-        let subscribers: Vec<ConnId> = self
-            .conns
-            .iter()
-            .filter(|(_, c)| c.subscribed)
+        self.push_to_subscribers(
+            |c| c.subscribed,
+            || {
+                ServerFrame::event(LogEvent {
+                    kind,
+                    entry: entry(),
+                })
+            },
+        );
+    }
+
+    /// Pushes one frame, made only if someone wants it, to the subscribers `wants`. A
+    /// subscriber that reads too slowly misses frames, and is told how many
+    /// (`lagged`) before the next one it gets.
+    fn push_to_subscribers(
+        &mut self,
+        wants: impl Fn(&super::Conn) -> bool,
+        frame: impl FnOnce() -> ServerFrame<Reply>,
+    ) {
+        let subscribers: Vec<ConnId> = (self.conns.iter())
+            .filter(|(_, c)| wants(c))
             .map(|(id, _)| *id)
             .collect();
         if subscribers.is_empty() {
             return;
         }
-        let event = LogEvent {
-            kind,
-            entry: entry(),
-        };
+        let frame = frame();
         for s in subscribers {
             let c = self.conns.get_mut(&s).expect("a subscriber is connected");
             if !c.outq.has_room_for_push() {
-                // A subscriber that reads too slowly misses events, and is told so.
                 c.missed += 1;
                 self.want_room(s);
                 continue;
@@ -481,7 +478,7 @@ impl Core {
             if missed > 0 {
                 self.emit(s, ServerFrame::lagged(missed));
             }
-            self.emit(s, ServerFrame::event(event.clone()));
+            self.emit(s, frame.clone());
         }
     }
 
