@@ -143,7 +143,7 @@ fn show(
             shown.insert(key, e.state);
             print_entry(e, json)
         }
-        Some(&before) if progress(e.state) <= progress(before) => Ok(()),
+        Some(&before) if e.state.progress() <= before.progress() => Ok(()),
         Some(_) => {
             shown.insert(key, e.state);
             if json {
@@ -152,20 +152,6 @@ fn show(
                 print_change(e)
             }
         }
-    }
-}
-
-/// How far along a delivery a state is: a state is news only after an earlier one.
-pub(super) fn progress(s: DeliveryState) -> u8 {
-    match s {
-        DeliveryState::Relaying => 0,
-        // Stored here, or (after relaying) on the recipient's machine.
-        DeliveryState::Queued => 1,
-        DeliveryState::Pushed | DeliveryState::Held => 2,
-        DeliveryState::Delivered
-        | DeliveryState::Denied
-        | DeliveryState::Damaged
-        | DeliveryState::Undeliverable => 3,
     }
 }
 

@@ -51,6 +51,21 @@ pub enum DeliveryState {
 }
 
 impl DeliveryState {
+    /// How far along a delivery the state is, for readers of history and live events,
+    /// which may cross: a state is news only after an earlier one.
+    pub fn progress(self) -> u8 {
+        match self {
+            DeliveryState::Relaying => 0,
+            // Stored here, or (after relaying) on the recipient's machine.
+            DeliveryState::Queued => 1,
+            DeliveryState::Pushed | DeliveryState::Held => 2,
+            DeliveryState::Delivered
+            | DeliveryState::Denied
+            | DeliveryState::Damaged
+            | DeliveryState::Undeliverable => 3,
+        }
+    }
+
     pub fn as_str(self) -> &'static str {
         match self {
             DeliveryState::Delivered => "delivered",

@@ -207,7 +207,7 @@ impl App {
             match m.to.iter_mut().find(|(to, _)| *to == e.to) {
                 // History and live events may cross: keep the later state.
                 Some((_, state)) => {
-                    if super::log::progress(e.state) > super::log::progress(*state) {
+                    if e.state.progress() > state.progress() {
                         *state = e.state;
                     }
                 }
@@ -236,27 +236,29 @@ impl App {
         }
     }
 
-    /// The first message of `id`'s thread among those in view.
-    pub fn root_of<'a>(&'a self, mut id: &'a str) -> &'a str {
+    /// The message `m` answers, if it is in view.
+    pub fn parent(&self, m: &Message) -> Option<&Message> {
+        let i = *self.index.get(m.in_reply_to.as_deref()?)?;
+        Some(&self.messages[i])
+    }
+
+    /// The first message of `m`'s thread among those in view.
+    pub fn root_of<'a>(&'a self, mut m: &'a Message) -> &'a Message {
+        // At most one step per message: a loop in the replies ends.
         for _ in 0..self.messages.len() {
-            match self
-                .index
-                .get(id)
-                .and_then(|&i| self.messages[i].in_reply_to.as_deref())
-                .filter(|p| self.index.contains_key(*p))
-            {
-                Some(parent) => id = parent,
+            match self.parent(m) {
+                Some(parent) => m = parent,
                 None => break,
             }
         }
-        id
+        m
     }
 
     /// The messages shown: the open thread's, or all.
     pub fn shown(&self) -> Vec<&Message> {
         match &self.thread {
             Some(root) => (self.messages.iter())
-                .filter(|m| self.root_of(&m.id) == root)
+                .filter(|m| self.root_of(m).id == *root)
                 .collect(),
             None => self.messages.iter().collect(),
         }
@@ -356,7 +358,7 @@ impl App {
             },
             KeyCode::Enter => match self.selected() {
                 Some(m) => {
-                    let root = self.root_of(&m.id).to_string();
+                    let root = self.root_of(m).id.clone();
                     self.thread = Some(root);
                     self.message_at = 0;
                     self.focus = Focus::Messages;

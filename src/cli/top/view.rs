@@ -1,6 +1,8 @@
 //! Drawing `top`: a header, the sessions, the messages (or one thread), and a footer with
 //! the keys, what just happened, or the message being written.
 
+use std::collections::HashMap;
+
 use ratatui::Frame;
 use ratatui::layout::{Constraint, Layout};
 use ratatui::style::{Modifier, Style, Stylize};
@@ -11,7 +13,7 @@ use ratatui::widgets::{
 
 use super::{App, Broker, Focus, Message};
 use crate::cli::table::{clip, short_path};
-use crate::protocol::{DeliveryState, PeerInfo};
+use crate::protocol::{DeliveryState, Millis, PeerInfo};
 use crate::time::clock;
 
 pub fn draw(f: &mut Frame, app: &mut App) {
@@ -58,7 +60,16 @@ fn scope_name(s: crate::protocol::Scope) -> &'static str {
 }
 
 fn draw_sessions(f: &mut Frame, app: &App, area: ratatui::layout::Rect) {
-    let rows: Vec<Row> = app.peers.iter().map(|p| session_row(app, p)).collect();
+    // Each session's last message in view, from one pass over the messages.
+    let mut last: HashMap<&str, Millis> = HashMap::new();
+    for m in &app.messages {
+        for name in std::iter::once(&m.from).chain(m.to.iter().map(|(to, _)| to)) {
+            last.insert(name, m.sent_at);
+        }
+    }
+    let rows: Vec<Row> = (app.peers.iter())
+        .map(|p| session_row(p, last.get(p.name.as_str()).copied()))
+        .collect();
     let table = Table::new(
         rows,
         [
@@ -87,20 +98,14 @@ fn draw_sessions(f: &mut Frame, app: &App, area: ratatui::layout::Rect) {
     f.render_stateful_widget(table, area, &mut state);
 }
 
-fn session_row<'a>(app: &App, p: &'a PeerInfo) -> Row<'a> {
+fn session_row(p: &PeerInfo, last_message: Option<Millis>) -> Row<'_> {
     let state = match (p.online, p.unreachable) {
         (true, _) => Span::raw("online").green(),
         (false, true) => Span::raw("unreach").red(),
         (false, false) => Span::raw("offline").dim(),
     };
     // Last activity: its last message in view, else when it was last seen.
-    let active = app
-        .messages
-        .iter()
-        .rev()
-        .find(|m| m.from == p.name || m.to.iter().any(|(to, _)| *to == p.name))
-        .map(|m| m.sent_at)
-        .unwrap_or(p.last_seen);
+    let active = last_message.unwrap_or(p.last_seen);
     let delivery = match (&p.context.client_name, p.online) {
         (_, false) => "-".to_string(),
         (Some(c), true) => format!(
@@ -149,18 +154,9 @@ fn draw_messages(f: &mut Frame, app: &App, area: ratatui::layout::Rect) {
 
 fn message_line(app: &App, m: &Message) -> Line<'static> {
     // A reply to a message in view is set in under it.
-    let depth = {
-        let mut d = 0;
-        let mut at = m.in_reply_to.as_deref();
-        while let Some(parent) = at.and_then(|p| app.messages.iter().find(|x| x.id == p)) {
-            d += 1;
-            at = parent.in_reply_to.as_deref();
-            if d > 3 {
-                break;
-            }
-        }
-        d
-    };
+    let depth = std::iter::successors(app.parent(m), |p| app.parent(p))
+        .take(4)
+        .count();
     let mut spans = vec![
         Span::raw(clock(m.sent_at)).dim(),
         Span::raw(format!("  {}", "  ".repeat(depth))),
