@@ -25,6 +25,7 @@ pub mod git;
 pub mod hook;
 pub mod names;
 pub mod paths;
+pub mod peer_channel;
 pub mod platform;
 pub mod protocol;
 pub mod quiet;

@@ -32,6 +32,7 @@ fn main() -> ExitCode {
 
 fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     let paths = Paths::resolve(cli.home(), cli.db())?;
+    let pc = claude_peers::peer_channel::Sessions::resolve(cli.peer_channel);
     match cli.command {
         Command::Broker(args) => {
             let network = args.network()?;
@@ -64,6 +65,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 args.name.as_deref(),
                 args.push,
                 args.bypass_inbox,
+                pc,
             ))?;
             // Do not wait for background tasks (the broker connection): the session is over.
             std::process::exit(0)
@@ -72,7 +74,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             let rt = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
                 .build()?;
-            rt.block_on(cli::run(command, paths))
+            rt.block_on(cli::run(command, paths, pc))
         }
     }
 }

@@ -266,7 +266,11 @@ fn message(
                 "sender: {f:?} is reserved, so no message can pose as coming from the user or the model; sign with another name"
             ),
         )),
-        Some(f) => name("sender", f),
+        // `pc:<name>`: a peer-channel session, its mail carried in by the `serve` it wrote to.
+        Some(f) => name(
+            "sender",
+            f.strip_prefix(crate::peer_channel::PREFIX).unwrap_or(f),
+        ),
         None => Ok(()),
     }
 }

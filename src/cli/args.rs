@@ -31,6 +31,15 @@ pub struct Cli {
     /// Database file [default: peers.db in the state directory]. Empty is the default.
     #[arg(long, global = true, env = "CLAUDE_PEERS_DB", value_name = "FILE", value_parser = path_or_default)]
     pub db: Option<PathBuf>,
+    /// Join peer-channel's sessions (~/.peer-channel/sessions, or CLAUDE_PEERS_PEER_CHANNEL_DIR): `serve` holds its name there and answers peer-channel's ping and deliver; `peers` lists peer-channel sessions as pc:<name>, `send pc:<name>` reaches them.
+    #[arg(
+        long,
+        global = true,
+        env = "CLAUDE_PEERS_PEER_CHANNEL",
+        value_name = "WHEN",
+        default_value = "on"
+    )]
+    pub peer_channel: crate::peer_channel::Toggle,
     #[command(subcommand)]
     pub command: Command,
 }

@@ -30,6 +30,7 @@ use anyhow::{Context, Result, bail};
 
 use crate::client::{Client, ClientError, ConnectOptions, SEND_TRIES};
 use crate::paths::Paths;
+use crate::peer_channel::{self, Sessions};
 use crate::protocol::*;
 
 /// Connects to the broker, starting one if allowed and none runs.
@@ -112,17 +113,21 @@ pub fn is_closed_stdout(e: &anyhow::Error) -> bool {
 
 /// Runs a client verb (everything but `serve` and `broker`), and says how the program
 /// should exit.
-pub async fn run(command: Command, paths: Paths) -> Result<std::process::ExitCode> {
+pub async fn run(
+    command: Command,
+    paths: Paths,
+    pc: Option<Sessions>,
+) -> Result<std::process::ExitCode> {
     let done = match command {
         Command::Status { json } => return status(&paths, json).await,
-        Command::Peers { scope, all, json } => peers(&paths, scope, all, json).await,
+        Command::Peers { scope, all, json } => peers(&paths, pc.as_ref(), scope, all, json).await,
         Command::Send {
             to,
             message,
             from,
             in_reply_to,
             json,
-        } => send(&paths, to, message, from, in_reply_to, json).await,
+        } => send(&paths, pc.as_ref(), to, message, from, in_reply_to, json).await,
         Command::Log {
             follow,
             limit,
@@ -247,7 +252,13 @@ fn here() -> (Option<String>, Option<String>) {
     (cwd.map(|c| c.display().to_string()), git_common_dir)
 }
 
-async fn peers(paths: &Paths, scope: Scope, all: bool, json: bool) -> Result<()> {
+async fn peers(
+    paths: &Paths,
+    pc: Option<&Sessions>,
+    scope: Scope,
+    all: bool,
+    json: bool,
+) -> Result<()> {
     let client = connect(paths, true).await?;
     let (cwd, git_common_dir) = here();
     let peers = client
@@ -259,10 +270,30 @@ async fn peers(paths: &Paths, scope: Scope, all: bool, json: bool) -> Result<()>
             after: None,
         })
         .await?;
+    // peer-channel's sessions are on this machine, in no directory or repository we know.
+    let theirs = match (pc, scope) {
+        (Some(pc), Scope::Machine) => {
+            let ours = peers.iter().filter(|p| p.online).map(|p| p.name.clone());
+            pc.live(&ours.collect(), &paths.socket).await
+        }
+        _ => Vec::new(),
+    };
     if json {
-        return print_json(&peers);
+        let mut all: Vec<serde_json::Value> = peers
+            .iter()
+            .map(serde_json::to_value)
+            .collect::<Result<_, _>>()?;
+        all.extend(theirs.iter().map(|t| {
+            serde_json::json!({
+                "name": format!("{}{}", peer_channel::PREFIX, t.name),
+                "online": true,
+                "kind": "peer-channel",
+                "version": t.version,
+            })
+        }));
+        return print_json(&all);
     }
-    if peers.is_empty() {
+    if peers.is_empty() && theirs.is_empty() {
         outln!(
             "no {}peers{}",
             if all { "" } else { "online " },
@@ -301,6 +332,23 @@ async fn peers(paths: &Paths, scope: Scope, all: bool, json: bool) -> Result<()>
                 p.unread.to_string(),
             ]
         })
+        .chain(theirs.iter().map(|t| {
+            vec![
+                format!("{}{}", peer_channel::PREFIX, t.name),
+                "online".into(),
+                "-".into(),
+                "-".into(),
+                format!(
+                    "(peer-channel{})",
+                    t.version
+                        .as_deref()
+                        .map(|v| format!(" {v}"))
+                        .unwrap_or_default()
+                ),
+                "now".into(),
+                "-".into(),
+            ]
+        }))
         .collect();
     out!(
         "{}",
@@ -322,6 +370,7 @@ async fn peers(paths: &Paths, scope: Scope, all: bool, json: bool) -> Result<()>
 
 async fn send(
     paths: &Paths,
+    pc: Option<&Sessions>,
     to: String,
     message: String,
     from: String,
@@ -337,6 +386,34 @@ async fn send(
     } else {
         message
     };
+    if to.starts_with(peer_channel::PREFIX) {
+        let Some(pc) = pc else {
+            bail!(
+                "{to} is a peer-channel session, and peer-channel is turned off here (--peer-channel off or CLAUDE_PEERS_PEER_CHANNEL=off)"
+            );
+        };
+        let id = pc
+            .deliver(&to, &from, &text, in_reply_to.as_deref())
+            .await
+            .map_err(anyhow::Error::msg)?;
+        let sent = Sent {
+            message_id: id,
+            sent_at: now_millis(),
+            recipients: vec![RecipientState {
+                name: to,
+                state: DeliveryState::Delivered,
+            }],
+        };
+        if json {
+            return print_json(&sent);
+        }
+        outln!(
+            "delivered to {} (peer-channel message {})",
+            sent.recipients[0].name,
+            sent.message_id
+        );
+        return Ok(());
+    }
     // One key for every try: a try whose answer was lost (the broker restarted) may have
     // stored the message, and the broker answers a retry with that message.
     let request = Send {

@@ -15,6 +15,7 @@ mod hooks;
 mod inbox;
 mod native;
 mod paced;
+mod peer_channel;
 mod relay;
 mod route;
 mod state;
@@ -87,6 +88,8 @@ pub struct Session {
     pub name_problem: Option<String>,
     /// Gives memory back after a burst of work.
     trimmer: trim::Trimmer,
+    /// peer-channel's sessions directory, and our name held there.
+    pc: peer_channel::PcLink,
 }
 
 /// The name this session asks for, whether the user chose it, and, when the name the
@@ -139,7 +142,11 @@ fn session_key(host: u32, shared_host: bool) -> Option<SessionKey> {
 }
 
 impl Session {
-    pub fn new(paths: Paths, name_flag: Option<&str>) -> Result<Arc<Self>> {
+    pub fn new(
+        paths: Paths,
+        name_flag: Option<&str>,
+        pc: Option<crate::peer_channel::Sessions>,
+    ) -> Result<Arc<Self>> {
         let cwd = std::env::current_dir()?;
         let (name, explicit, name_problem) = wanted_name(name_flag, &cwd);
         let git = GitInfo::discover(&cwd);
@@ -184,6 +191,7 @@ impl Session {
             broker_exe: std::env::current_exe().ok(),
             name_problem,
             trimmer: trim::Trimmer::default(),
+            pc: peer_channel::PcLink::new(pc),
         }))
     }
 
@@ -391,7 +399,7 @@ impl Session {
     }
 
     async fn connect_once(
-        &self,
+        self: &Arc<Self>,
         autostart: bool,
     ) -> Result<tokio::sync::mpsc::UnboundedReceiver<Event>, ClientError> {
         let mut opts = ConnectOptions::new("claude-peers-serve");
@@ -399,11 +407,13 @@ impl Session {
         opts.autostart = autostart;
         let mut client = Client::connect(&self.paths, &opts).await?;
         let events = client.take_events();
-        let request = self.state().identity.clone();
+        let mut request = self.state().identity.clone();
+        request.name = self.pc_free_name(&request.name).await;
         let reg = client.call(request).await?;
         tracing::info!(name = %reg.name, queued = reg.queued, "registered");
-        self.state().registered(reg.name);
+        self.state().registered(reg.name.clone());
         self.conn.send_replace(Some(Arc::new(client)));
+        self.pc_claim(&reg.name).await;
         Ok(events)
     }
 
@@ -486,6 +496,7 @@ impl Session {
             st.unread.clear();
             st.last_error = Some(why);
         }
+        self.pc.release();
         self.wanted.send_replace(false);
     }
 
@@ -493,6 +504,7 @@ impl Session {
     /// sockets), before it exits.
     fn clean_up(&self) {
         self.replies.remove_all();
+        self.pc.release();
         let sockets = std::mem::take(&mut self.state().hook_sockets);
         for (path, inode) in sockets {
             // Not a newer serve's socket in its place.
@@ -512,8 +524,9 @@ pub async fn run(
     name: Option<&str>,
     push: PushMode,
     bypass_inbox: bool,
+    pc: Option<crate::peer_channel::Sessions>,
 ) -> Result<()> {
-    let session = Session::new(paths, name)?;
+    let session = Session::new(paths, name, pc)?;
     let server = tools::PeersServer::new(session.clone(), push, bypass_inbox);
     let parent = platform::parent_pid();
     let inbound = session.state().inbound_rx.take();

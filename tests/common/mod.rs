@@ -51,6 +51,12 @@ impl Home {
         &self.paths.runtime_dir
     }
 
+    /// peer-channel's sessions directory for this home's sessions (beside the home, not
+    /// in the user's real `~/.peer-channel`).
+    pub fn pc_dir(&self) -> PathBuf {
+        self.dir.path().join("pc")
+    }
+
     /// The real binary, with this home and nothing inherited from the caller's own
     /// claude-peers settings.
     pub fn cmd(&self) -> Command {
@@ -65,6 +71,7 @@ impl Home {
         static SESSIONS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
         let session = SESSIONS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         cmd.env("CLAUDE_PEERS_HOME", self.root())
+            .env("CLAUDE_PEERS_PEER_CHANNEL_DIR", self.pc_dir())
             .env("CLAUDE_PEERS_SESSION", format!("test-{session}"))
             // A broker a test forgets to stop goes away by itself.
             .env("CLAUDE_PEERS_IDLE_TIMEOUT", "20s")

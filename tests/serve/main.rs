@@ -385,6 +385,7 @@ fn parent_death_means_exit() {
     let mut sh = std::process::Command::new("sh")
         .args(["-c", &script])
         .env("CLAUDE_PEERS_HOME", home.root())
+        .env("CLAUDE_PEERS_PEER_CHANNEL_DIR", home.pc_dir())
         .env("CLAUDE_PEERS_NAME", "orphan")
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())

@@ -7,14 +7,15 @@ use super::*;
 /// they can be: a listing of hundreds of peers copies each string once, into the result.
 #[derive(Debug, Serialize, JsonSchema)]
 pub struct PeerOut<'a> {
-    /// The address to send to: a peer name, or `cc:<name>` for a Claude Code session
-    /// that does not run claude-peers.
+    /// The address to send to: a peer name, `cc:<name>` for a Claude Code session that
+    /// does not run claude-peers, or `pc:<name>` for a peer-channel session.
     pub name: Cow<'a, str>,
     /// "online" or "offline".
     pub state: &'static str,
-    /// "claude-peers" (a peer: offline mail, history, broadcast) or "claude-code" (a
+    /// "claude-peers" (a peer: offline mail, history, broadcast), "claude-code" (a
     /// Claude Code session without claude-peers, reached through its own inbox while
-    /// it runs).
+    /// it runs) or "peer-channel" (a peer-channel session, reached through its socket
+    /// while it runs).
     pub kind: &'static str,
     pub cwd: Cow<'a, str>,
     pub repo: Option<Cow<'a, str>>,
@@ -36,7 +37,7 @@ pub struct PeersOut<'a> {
 #[derive(Deserialize)]
 pub(super) struct ListedPeer<'a> {
     #[serde(borrow)]
-    name: Cow<'a, str>,
+    pub(super) name: Cow<'a, str>,
     pub(super) online: bool,
     #[serde(borrow)]
     pub(super) context: ListedContext<'a>,
@@ -145,13 +146,18 @@ impl PeerListing {
         };
         for p in peers {
             let _ = write!(text, "\n- {} ({}", p.name, p.state);
-            if p.kind == "claude-code" {
-                let _ = write!(text, ", Claude Code without claude-peers");
+            match p.kind {
+                "claude-code" => text.push_str(", Claude Code without claude-peers"),
+                "peer-channel" => text.push_str(", peer-channel: no mail kept while it is away"),
+                _ => {}
             }
             if p.state != "online" {
                 let _ = write!(text, ", last seen {}", p.last_seen);
             }
-            let _ = write!(text, ") in {}", p.cwd);
+            text.push(')');
+            if !p.cwd.is_empty() {
+                let _ = write!(text, " in {}", p.cwd);
+            }
             if let Some(branch) = &p.branch {
                 let _ = write!(text, " on {branch}");
             }

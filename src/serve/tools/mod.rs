@@ -180,6 +180,31 @@ impl PeersServer {
         }))
     }
 
+    /// To a peer-channel session: over its own socket, not the broker. Delivered when it
+    /// answered with its message id; peer-channel keeps no mail, so there is no queue.
+    async fn send_pc(
+        &self,
+        to: String,
+        message: String,
+        in_reply_to: Option<String>,
+    ) -> Result<Answer<SentOut>, String> {
+        let pc = self.session.pc.sessions.as_ref().ok_or_else(|| {
+            format!("{to} is a peer-channel session, and this session has peer-channel turned off (CLAUDE_PEERS_PEER_CHANNEL=off)")
+        })?;
+        let me = self.session.name_or_wanted();
+        let id = pc
+            .deliver(&to, &me, &message, in_reply_to.as_deref())
+            .await?;
+        Ok(Answer::new(SentOut {
+            message_id: id,
+            recipients: vec![RecipientOut {
+                name: to,
+                state: "delivered".into(),
+            }],
+            notice: self.notice(),
+        }))
+    }
+
     fn sent_out(&self, sent: protocol::Sent) -> SentOut {
         SentOut {
             message_id: sent.message_id,
@@ -256,11 +281,22 @@ impl PeersServer {
             .await
             .map_err(|e| e.to_string())?;
         let listed = read_pages(&pages)?;
-        let natives = match args.scope {
-            ScopeArg::Machine => self
-                .session
-                .natives(listed.iter().filter(|p| p.online).map(|p| p.context.pid)),
-            _ => Vec::new(),
+        let (natives, theirs) = match (args.scope, &self.session.pc.sessions) {
+            (ScopeArg::Machine, pc) => {
+                let online = || listed.iter().filter(|p| p.online);
+                let mut ours: std::collections::HashSet<String> =
+                    online().map(|p| p.name.to_string()).collect();
+                ours.extend(self.session.name());
+                let theirs = match pc {
+                    Some(pc) => pc.live(&ours, &self.session.paths.socket).await,
+                    None => Vec::new(),
+                };
+                (
+                    self.session.natives(online().map(|p| p.context.pid)),
+                    theirs,
+                )
+            }
+            _ => (Vec::new(), Vec::new()),
         };
         let mut peers: Vec<PeerOut<'_>> = listed.into_iter().map(PeerOut::from).collect();
         peers.extend(natives.into_iter().map(|n| {
@@ -274,6 +310,22 @@ impl PeersServer {
                 summary: n
                     .status
                     .map(|s| format!("({s})"))
+                    .unwrap_or_default()
+                    .into(),
+                last_seen: "now".into(),
+            }
+        }));
+        peers.extend(theirs.into_iter().map(|t| {
+            PeerOut {
+                name: format!("{}{}", crate::peer_channel::PREFIX, t.name).into(),
+                state: "online",
+                kind: "peer-channel",
+                cwd: "".into(),
+                repo: None,
+                branch: None,
+                summary: t
+                    .version
+                    .map(|v| format!("(peer-channel {v})"))
                     .unwrap_or_default()
                     .into(),
                 last_seen: "now".into(),
@@ -321,6 +373,9 @@ impl PeersServer {
         };
         if to.starts_with("cc:") {
             return self.send_native(to, args.message, args.in_reply_to).await;
+        }
+        if to.starts_with(crate::peer_channel::PREFIX) {
+            return self.send_pc(to, args.message, args.in_reply_to).await;
         }
         self.do_send(to, args.message, args.in_reply_to).await
     }

@@ -1,0 +1,268 @@
+//! The session's side of peer-channel interop ([`crate::peer_channel`]): once registered,
+//! it holds its name in peer-channel's sessions directory too (the lock directory,
+//! refreshed every 5 s) and answers `ping` and `deliver` on the name's socket. A
+//! delivered message enters the broker as mail to us from `pc:<from>`, on a connection of
+//! its own, and is answered with our message id only once the broker stored it; it
+//! then reaches the model by the session's route, like any mail.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde_json::{Value, json};
+use tokio::io::AsyncWriteExt;
+use tokio::net::UnixStream;
+
+use super::*;
+use crate::client::SEND_TRIES;
+use crate::peer_channel::rpc::{self, Call, RpcError};
+use crate::peer_channel::{Claim, Holder, PREFIX, Sessions};
+
+/// How long a connection may take to send its request.
+const READ_TIMEOUT: Duration = Duration::from_secs(10);
+/// Connections answered at once; more are closed unanswered.
+const MAX_CONNECTIONS: usize = 32;
+/// Suffixes tried when peer-channel sessions hold the name wanted.
+const MAX_SUFFIX: u32 = 20;
+
+/// What a session keeps for peer-channel: the directory (none when turned off), the
+/// name held there and the task serving it, and the connection delivered mail goes in by.
+#[derive(Default)]
+pub(super) struct PcLink {
+    pub sessions: Option<Sessions>,
+    held: Mutex<Option<(Arc<Claim>, tokio::task::AbortHandle)>>,
+    sender: tokio::sync::Mutex<Option<Arc<Client>>>,
+}
+
+impl PcLink {
+    pub fn new(sessions: Option<Sessions>) -> Self {
+        Self {
+            sessions,
+            ..Self::default()
+        }
+    }
+
+    fn held(&self) -> std::sync::MutexGuard<'_, Option<(Arc<Claim>, tokio::task::AbortHandle)>> {
+        self.held.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Gives the name back (a registration under another name, stepping aside, exit).
+    pub fn release(&self) {
+        if let Some((claim, task)) = self.held().take() {
+            task.abort();
+            claim.release();
+        }
+    }
+}
+
+impl Session {
+    /// The name to register under: `wanted`, or the first `wanted-N` no peer-channel
+    /// session holds, so that no name is held twice across the two systems. A name held
+    /// by one of our own sessions is left for the broker to settle.
+    pub(super) async fn pc_free_name(&self, wanted: &str) -> String {
+        let (Some(pc), Ok(name)) = (&self.pc.sessions, PeerName::new(wanted)) else {
+            return wanted.to_string();
+        };
+        if self
+            .pc
+            .held()
+            .as_ref()
+            .is_some_and(|(c, _)| c.name == name && c.held())
+        {
+            return wanted.to_string();
+        }
+        for n in 1..=MAX_SUFFIX {
+            let candidate = if n == 1 {
+                name.clone()
+            } else {
+                name.with_suffix(n)
+            };
+            if pc.holder(&candidate, &self.paths.socket).await != Holder::Theirs {
+                return candidate.to_string();
+            }
+        }
+        wanted.to_string()
+    }
+
+    /// After registering as `name`: holds the name in peer-channel's directory and serves
+    /// its socket, unless that is already done. A failure is logged and leaves the
+    /// session without peer-channel, never without claude-peers.
+    pub(super) async fn pc_claim(self: &Arc<Self>, name: &str) {
+        let Some(pc) = &self.pc.sessions else { return };
+        let Ok(name) = PeerName::new(name) else {
+            return;
+        };
+        if self
+            .pc
+            .held()
+            .as_ref()
+            .is_some_and(|(c, task)| c.name == name && c.held() && !task.is_finished())
+        {
+            return;
+        }
+        self.pc.release();
+        if let Err(e) = pc.prepare() {
+            tracing::warn!("not joining peer-channel's sessions: {e}");
+            return;
+        }
+        // The broker gave us the name: an older `serve` of ours holding it there was
+        // replaced by us, or died, and its lock is taken over.
+        let take_over = matches!(
+            pc.holder(&name, &self.paths.socket).await,
+            Holder::Ours | Holder::Dead
+        );
+        let mut claim = match pc.claim(&name, take_over) {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::warn!(%name, "not reachable from peer-channel: {e}");
+                return;
+            }
+        };
+        let len = claim.socket.as_os_str().len();
+        let listener = if len > crate::platform::MAX_SOCKET_PATH {
+            Err(std::io::Error::other(format!(
+                "the socket path is {len} bytes, too long for this OS"
+            )))
+        } else {
+            tokio::net::UnixListener::bind(&claim.socket)
+        };
+        let listener = match listener.and_then(|l| {
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(&claim.socket, std::fs::Permissions::from_mode(0o600))?;
+            Ok(l)
+        }) {
+            Ok(l) => l,
+            Err(e) => {
+                tracing::warn!(%name, socket = %claim.socket.display(), "cannot listen for peer-channel: {e}");
+                claim.release();
+                return;
+            }
+        };
+        claim.bound();
+        let claim = Arc::new(claim);
+        let task = tokio::spawn(self.clone().pc_listen(listener, claim.clone()));
+        tracing::info!(%name, socket = %claim.socket.display(), "joined peer-channel's sessions");
+        *self.pc.held() = Some((claim, task.abort_handle()));
+    }
+
+    /// Answers connections on the name's socket and keeps its lock fresh, until the lock
+    /// is no longer ours or the task is aborted.
+    async fn pc_listen(self: Arc<Self>, listener: tokio::net::UnixListener, claim: Arc<Claim>) {
+        let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
+        let mut refresh = tokio::time::interval(crate::peer_channel::REFRESH);
+        refresh.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = refresh.tick() => {
+                    if !claim.refresh() {
+                        tracing::warn!(name = %claim.name, "the peer-channel lock of this name is no longer ours; not serving it there");
+                        return;
+                    }
+                }
+                accepted = listener.accept() => {
+                    let Ok((stream, _)) = accepted else { continue };
+                    let Ok(slot) = slots.clone().try_acquire_owned() else { continue };
+                    let session = self.clone();
+                    tokio::spawn(async move {
+                        session.pc_answer(stream).await;
+                        drop(slot);
+                    });
+                }
+            }
+        }
+    }
+
+    /// One connection: one request, one answer. Another uid's process gets nothing.
+    async fn pc_answer(&self, mut stream: UnixStream) {
+        if platform::peer_uid(&stream).ok() != Some(platform::current_uid()) {
+            return;
+        }
+        let (read, mut write) = stream.split();
+        let line = match tokio::time::timeout(READ_TIMEOUT, rpc::read_line(read)).await {
+            Ok(Ok(Ok(l))) if l.is_empty() => return,
+            Ok(Ok(line)) => line,
+            _ => return,
+        };
+        let (id, result) = match line {
+            Err(too_long) => (Value::Null, Err(too_long)),
+            Ok(line) => {
+                let (id, call) = rpc::parse(&line);
+                let result = match call {
+                    Ok(Call::Ping) => Ok(self.pc_ping()),
+                    Ok(Call::Deliver(d)) => self.pc_deliver(d).await,
+                    Err(e) => Err(e),
+                };
+                (id, result)
+            }
+        };
+        let _ = write.write_all(&rpc::answer(&id, result)).await;
+        let _ = write.shutdown().await;
+    }
+
+    fn pc_ping(&self) -> Value {
+        json!({
+            "name": self.name_or_wanted(),
+            "version": env!("CARGO_PKG_VERSION"),
+            "protocol": crate::peer_channel::PROTOCOL,
+            "server": crate::peer_channel::SERVER,
+            "broker": self.paths.socket,
+        })
+    }
+
+    /// A `deliver`: stored by the broker as mail to us from `pc:<from>` (its idempotency
+    /// key kept across a reconnection, so a retry never stores it twice), answered with
+    /// our message id.
+    async fn pc_deliver(&self, d: rpc::Deliver) -> Result<Value, RpcError> {
+        let Some(me) = self.name() else {
+            return Err(RpcError::new(
+                rpc::INTERNAL_ERROR,
+                "this session is not registered yet; try again in a moment",
+            ));
+        };
+        let from = PeerName::new(&d.from).unwrap_or_else(|_| PeerName::sanitize(&d.from));
+        let request = crate::protocol::Send {
+            to: vec![me],
+            text: d.text,
+            // Our ids only: a peer-channel id would not name any message of ours.
+            in_reply_to: d.in_reply_to.filter(|r| crate::protocol::is_message_id(r)),
+            from: Some(format!("{PREFIX}{from}")),
+            key: Some(uuid::Uuid::now_v7().to_string()),
+        };
+        let internal =
+            |e: &dyn std::fmt::Display| RpcError::new(rpc::INTERNAL_ERROR, e.to_string());
+        for _ in 0..SEND_TRIES {
+            let client = self.pc_sender().await.map_err(|e| internal(&e))?;
+            match client.call(request.clone()).await {
+                Ok(sent) => return Ok(json!({ "message_id": sent.message_id })),
+                Err(ClientError::Disconnected) => {
+                    self.pc.sender.lock().await.take();
+                }
+                Err(ClientError::Refused(e)) => {
+                    let code = match e.code {
+                        ErrorCode::EmptyMessage
+                        | ErrorCode::MessageTooLarge
+                        | ErrorCode::BadName
+                        | ErrorCode::BadRequest => rpc::INVALID_PARAMS,
+                        _ => rpc::INTERNAL_ERROR,
+                    };
+                    return Err(RpcError::new(code, e.message));
+                }
+                Err(e) => return Err(internal(&e)),
+            }
+        }
+        Err(internal(&ClientError::Disconnected))
+    }
+
+    /// The connection delivered mail goes in by: not registered, so that it may send as
+    /// `pc:<from>`.
+    async fn pc_sender(&self) -> Result<Arc<Client>, ClientError> {
+        let mut sender = self.pc.sender.lock().await;
+        if let Some(c) = &*sender {
+            return Ok(c.clone());
+        }
+        let mut opts = ConnectOptions::new("claude-peers-serve");
+        opts.broker_exe = self.broker_exe.clone();
+        let client = Arc::new(Client::connect(&self.paths, &opts).await?);
+        *sender = Some(client.clone());
+        Ok(client)
+    }
+}
