@@ -11,6 +11,7 @@
 //!
 //! Shared pieces: [`protocol`] (the wire types, one definition for both ends), [`wire`]
 //! (newline-delimited frames), [`client`] (connect, auto-start, typed calls, events),
+//! [`peer_channel`] (peer-channel's sessions directory and wire, for a mixed fleet),
 //! [`names`] (the peer name rules), [`time`] (how times are shown), [`paths`] (where files live, and the checks that keep
 //! them private), [`config`] (limits), [`git`] (repository context), and [`platform`]
 //! (every OS-specific call).

@@ -279,6 +279,12 @@ async fn our_sends_reach_peer_channel_sessions_over_their_sockets() {
         err.contains("not running") && err.contains("Nothing was sent"),
         "{err}"
     );
+    // A name is checked before it becomes a path.
+    let bad = home.run(&["send", "pc:../dave", "hi"]);
+    assert_eq!(bad.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&bad.stderr);
+    assert!(err.contains("pc:../dave") && err.contains("'/'"), "{err}");
+    assert_eq!(dave.delivered().len(), 2);
     assert!(dave.lock.exists() && dave.socket.exists());
 }
 

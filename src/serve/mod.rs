@@ -413,7 +413,9 @@ impl Session {
         tracing::info!(name = %reg.name, queued = reg.queued, "registered");
         self.state().registered(reg.name.clone());
         self.conn.send_replace(Some(Arc::new(client)));
-        self.pc_claim(&reg.name).await;
+        // Off the path of the backlog's deliveries, which wait for this to return.
+        let (session, name) = (self.clone(), reg.name);
+        tokio::spawn(async move { session.pc_claim(&name).await });
         Ok(events)
     }
 

@@ -348,6 +348,21 @@ impl Session {
                         .await;
                     return;
                 }
+                if peer.starts_with(crate::peer_channel::PREFIX) {
+                    // To a peer-channel session: over its socket, as send_message does.
+                    let me = self.name_or_wanted();
+                    let sent = match &self.pc.sessions {
+                        Some(pc) => pc.deliver(&peer, &me, &text, in_reply_to.as_deref()).await,
+                        None => Err("peer-channel is turned off".into()),
+                    };
+                    match sent {
+                        Ok(id) => tracing::info!(to = %peer, %id, "relayed a reply from the inbox"),
+                        Err(e) => {
+                            tracing::warn!(to = %peer, "could not relay a reply from the inbox: {e}")
+                        }
+                    }
+                    return;
+                }
                 let sent = match self.client().await {
                     Ok(c) => c
                         .call(crate::protocol::Send {

@@ -30,6 +30,8 @@ const MAX_SUFFIX: u32 = 20;
 pub(super) struct PcLink {
     pub sessions: Option<Sessions>,
     held: Mutex<Option<(Arc<Claim>, tokio::task::AbortHandle)>>,
+    /// One claim at a time (a claim waits for pings).
+    claiming: tokio::sync::Mutex<()>,
     sender: tokio::sync::Mutex<Option<Arc<Client>>>,
 }
 
@@ -91,6 +93,10 @@ impl Session {
         let Ok(name) = PeerName::new(name) else {
             return;
         };
+        let _one = self.pc.claiming.lock().await;
+        if self.name().as_deref() != Some(name.as_str()) {
+            return; // stepped aside, or registered again under another name, since
+        }
         if self
             .pc
             .held()
