@@ -430,8 +430,8 @@ fn foreign_client_helper() {
     };
     let mut s = UnixStream::connect(&socket).unwrap();
     s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-    s.write_all(b"{\"jsonrpc\":\"2.0\",\"id\":1,\"method\":\"ping\"}\n")
-        .unwrap();
+    // The session may close the connection before this is written (EPIPE).
+    let _ = s.write_all(b"{\"jsonrpc\":\"2.0\",\"id\":1,\"method\":\"ping\"}\n");
     let mut got = String::new();
     let _ = s.read_to_string(&mut got);
     println!("GOT[{}]", got.trim());
