@@ -193,8 +193,11 @@ async fn delivered_mail_survives_a_broker_kill9_after_the_answer() {
     // The answer came after the commit: the broker and the session may both die now.
     broker.kill9();
     carol.kill9().await;
-    // Its lock is not stale yet, but its holder is gone: the restarted session keeps its
-    // name, and with it its mail.
+    let lock = home.pc_dir().join("carol.lock");
+    let born = |p: &Path| std::fs::metadata(p).and_then(|m| m.created()).ok();
+    let dead_lock = born(&lock);
+    // Its lock is not stale yet and nobody answers on its socket: the restarted session
+    // keeps its name, and with it its mail, ...
     let carol = home.session("carol", false).await;
     assert_eq!(carol.whoami_when_ready().await["name"], "carol");
     let got = carol.ok("check_messages", json!({})).await;
@@ -206,6 +209,30 @@ async fn delivered_mail_survives_a_broker_kill9_after_the_answer() {
         carol.ok("check_messages", json!({})).await["messages"],
         json!([])
     );
+    // ... and leaves the lock alone until it is stale (its holder might be a
+    // peer-channel session restarting), then takes it.
+    assert_eq!(born(&lock), dead_lock, "a fresh lock was taken");
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while born(&lock) == dead_lock || pc_raw_ok(&sock).is_none() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the stale lock was never reclaimed"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert_eq!(pc_raw_ok(&sock).unwrap()["result"]["name"], "carol");
+    assert!(age(&lock) < Duration::from_secs(10));
+}
+
+/// A `ping`, or `None` while nothing answers.
+fn pc_raw_ok(socket: &Path) -> Option<Value> {
+    let mut s = UnixStream::connect(socket).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    s.write_all(b"{\"jsonrpc\":\"2.0\",\"id\":1,\"method\":\"ping\"}\n")
+        .ok()?;
+    let mut line = String::new();
+    BufReader::new(s).read_line(&mut line).ok()?;
+    serde_json::from_str(&line).ok()
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -216,6 +243,8 @@ async fn our_sends_reach_peer_channel_sessions_over_their_sockets() {
     // A socket nobody listens on any more: passed over, never removed.
     let ghost = home.pc_dir().join("ghost.sock");
     drop(UnixListener::bind(&ghost).unwrap());
+    // A symbolic link to a live one: never followed.
+    std::os::unix::fs::symlink(&dave.socket, home.pc_dir().join("evil.sock")).unwrap();
     let alice = home.session("alice", true).await;
     alice.whoami_when_ready().await;
 
@@ -228,7 +257,7 @@ async fn our_sends_reach_peer_channel_sessions_over_their_sockets() {
     assert!(
         !names
             .iter()
-            .any(|n| n.contains("ghost") || n.contains("alice")),
+            .any(|n| n.contains("ghost") || n.contains("alice") || n.contains("evil")),
         "{listed}"
     );
     let dave_row = listed["peers"]
@@ -279,6 +308,9 @@ async fn our_sends_reach_peer_channel_sessions_over_their_sockets() {
         err.contains("not running") && err.contains("Nothing was sent"),
         "{err}"
     );
+    let evil = home.run(&["send", "pc:evil", "hi"]);
+    let err = String::from_utf8_lossy(&evil.stderr);
+    assert!(err.contains("not a socket of yours"), "{err}");
     // A name is checked before it becomes a path.
     let bad = home.run(&["send", "pc:../dave", "hi"]);
     assert_eq!(bad.status.code(), Some(1));
@@ -416,7 +448,16 @@ async fn turned_off_it_touches_nothing_of_peer_channel() {
         .await;
     assert_eq!(r.is_error, Some(true));
     assert!(text_of(&r).contains("turned off"), "{}", text_of(&r));
-    let out = home.run(&["--peer-channel", "off", "peers"]);
+    assert!(String::from_utf8_lossy(&home.run_ok(&["peers"]).stdout).contains("pc:dave"));
+    let out = home.run_ok(&["--peer-channel", "off", "peers"]);
+    assert!(!String::from_utf8_lossy(&out.stdout).contains("pc:dave"));
+    let out = home
+        .cmd()
+        .args(["peers"])
+        .env("CLAUDE_PEERS_PEER_CHANNEL", "OFF")
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
     assert!(!String::from_utf8_lossy(&out.stdout).contains("pc:dave"));
 }
 

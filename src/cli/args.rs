@@ -37,7 +37,8 @@ pub struct Cli {
         global = true,
         env = "CLAUDE_PEERS_PEER_CHANNEL",
         value_name = "WHEN",
-        default_value = "on"
+        default_value = "on",
+        ignore_case = true
     )]
     pub peer_channel: crate::peer_channel::Toggle,
     #[command(subcommand)]

@@ -279,10 +279,12 @@ async fn peers(
         _ => Vec::new(),
     };
     if json {
-        let mut all: Vec<serde_json::Value> = peers
-            .iter()
-            .map(serde_json::to_value)
-            .collect::<Result<_, _>>()?;
+        let mut all: Vec<serde_json::Value> = Vec::with_capacity(peers.len() + theirs.len());
+        for p in &peers {
+            let mut v = serde_json::to_value(p)?;
+            v["kind"] = "claude-peers".into();
+            all.push(v);
+        }
         all.extend(theirs.iter().map(|t| {
             serde_json::json!({
                 "name": format!("{}{}", peer_channel::PREFIX, t.name),

@@ -47,7 +47,9 @@ pub const PROTOCOL: u32 = 1;
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
 pub enum Toggle {
     #[default]
+    #[value(alias = "true", alias = "1", alias = "yes")]
     On,
+    #[value(alias = "false", alias = "0", alias = "no")]
     Off,
 }
 
@@ -72,12 +74,13 @@ pub enum Holder {
     /// Nobody, or a stale lock.
     Free,
     /// A `serve` of our broker (its socket answers as claude-peers, with our broker's
-    /// socket).
-    Ours,
-    /// A holder that died: its lock is not stale yet, but its socket refuses
-    /// connections (a process killed with its socket bound). A session restarting in
-    /// those 10 s keeps its name.
-    Dead,
+    /// socket), holding the lock with this identity: taken over by the `serve` the
+    /// broker gave the name to.
+    Ours(FileId),
+    /// Maybe a holder that died: the lock is not stale yet, but its socket refuses
+    /// connections. (Or a peer-channel session restarting, its old socket not yet
+    /// replaced: so the lock is still left alone until it is stale.)
+    Silent,
     /// A peer-channel session, or someone starting up.
     Theirs,
 }
@@ -118,9 +121,32 @@ impl Sessions {
         self.dir.join(format!("{}.lock", name.as_str()))
     }
 
+    /// Refuses the directory unless it is a real directory of ours that no one else may
+    /// enter (read only: [`Sessions::prepare`] is what makes or mends it).
+    pub fn check(&self) -> Result<(), String> {
+        let meta = std::fs::symlink_metadata(&self.dir)
+            .map_err(|e| format!("peer-channel's directory {}: {e}", self.dir.display()))?;
+        if !meta.is_dir()
+            || meta.uid() != crate::platform::current_uid()
+            || meta.mode() & 0o077 != 0
+        {
+            return Err(format!(
+                "peer-channel's directory {} is not a private directory of yours (a symbolic link, another user's, or open to others); not trusted",
+                self.dir.display()
+            ));
+        }
+        Ok(())
+    }
+
     /// The names with a socket of ours in the directory (valid names only; nothing is
     /// opened or removed).
     fn names(&self) -> Vec<PeerName> {
+        if let Err(e) = self.check() {
+            if self.dir.exists() {
+                tracing::warn!("{e}");
+            }
+            return Vec::new();
+        }
         let Ok(entries) = std::fs::read_dir(&self.dir) else {
             return Vec::new();
         };
@@ -186,6 +212,8 @@ impl Sessions {
     ) -> Result<String, String> {
         let bare = address.strip_prefix(PREFIX).unwrap_or(address);
         let name = PeerName::new(bare).map_err(|e| format!("{address}: {e}"))?;
+        self.check()
+            .map_err(|e| format!("cannot send to {address}: {e}"))?;
         let socket = self.socket(&name);
         let mut params = json!({ "from": from, "text": text });
         if let Some(r) = in_reply_to {
@@ -204,17 +232,27 @@ impl Sessions {
             p.insert("message".into(), text);
             result = rpc::call(&socket, "deliver", params, DELIVER_TIMEOUT).await;
         }
-        let unsent = |why: String| {
-            format!(
-                "{PREFIX}{bare} (a peer-channel session) did not take the message: {why}. Nothing was sent: peer-channel keeps no mail for sessions that are not running. Send again when it is back (list_peers shows it then), or to a claude-peers session, whose mail waits"
-            )
-        };
-        let result = result.map_err(|e| unsent(e.to_string()))?;
+        let who = format!("{PREFIX}{bare} (a peer-channel session)");
+        let result = result.map_err(|e| match e {
+            rpc::CallError::NotRunning => format!(
+                "{who} is not running: {e}. Nothing was sent: peer-channel keeps no mail for sessions that are not running. Send again when it is back (list_peers shows it then), or to a claude-peers session, whose mail waits"
+            ),
+            rpc::CallError::NotOurs(_) | rpc::CallError::ForeignPeer(_) => {
+                format!("{who}: {e}. Nothing was sent")
+            }
+            rpc::CallError::Rpc { .. } => format!("{who} refused the message: {e}"),
+            // The request may have been written and taken before the answer was lost.
+            _ => format!(
+                "{who} did not answer as expected: {e}. It may have the message: check with its user before sending again"
+            ),
+        })?;
         ["message_id", "message"]
             .iter()
             .find_map(|k| result.get(*k).and_then(Value::as_str))
             .map(str::to_string)
-            .ok_or_else(|| unsent(format!("its answer has no message_id: {result}")))
+            .ok_or_else(|| {
+                format!("{who} answered without a message_id ({result}); it may have the message")
+            })
     }
 
     /// Who holds `name`'s lock now, for the broker at `broker`.
@@ -222,21 +260,22 @@ impl Sessions {
         match std::fs::symlink_metadata(self.lock(name)) {
             Err(_) => Holder::Free,
             Ok(m) if m.is_dir() && is_stale(&m) => Holder::Free,
-            Ok(_) => match self.ping(name).await {
-                Ok(a) if is_ours(&a, broker) => Holder::Ours,
+            Ok(m) => match self.ping(name).await {
+                Ok(a) if is_ours(&a, broker) => Holder::Ours(FileId::of(&m)),
                 // Refused: the socket is there and nobody listens. (No socket at all is a
                 // session starting up: it makes its lock first.)
-                Err(rpc::CallError::NotRunning) if self.socket(name).exists() => Holder::Dead,
+                Err(rpc::CallError::NotRunning) if self.socket(name).exists() => Holder::Silent,
                 _ => Holder::Theirs,
             },
         }
     }
 
     /// Claims `name` by the lock convention: a new lock directory, or a stale one
-    /// reclaimed. With `take_over`, a fresh lock is taken too (the broker gave us the name
-    /// and its holder is an older `serve` of ours, replaced, or dead: [`Holder`]). Then
-    /// removes a socket left there, for ours to be bound in its place.
-    pub fn claim(&self, name: &PeerName, take_over: bool) -> io::Result<Claim> {
+    /// reclaimed. With `take_over`, a fresh lock is taken too, if it is still that one
+    /// (the broker gave us the name, and the lock's holder is an older `serve` of ours,
+    /// replaced: [`Holder::Ours`]). Then removes a socket left there (ours or the lock's
+    /// last holder's), for ours to be bound in its place.
+    pub fn claim(&self, name: &PeerName, take_over: Option<FileId>) -> io::Result<Claim> {
         let lock = self.lock(name);
         let made = match make_lock(&lock) {
             Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
@@ -247,7 +286,7 @@ impl Sessions {
                         lock.display()
                     )));
                 }
-                if !(take_over || is_stale(&meta)) {
+                if !(take_over == Some(FileId::of(&meta)) || is_stale(&meta)) {
                     return Err(io::Error::new(
                         io::ErrorKind::AlreadyExists,
                         format!("a peer-channel session holds the name {name}"),
@@ -296,7 +335,7 @@ fn make_lock(lock: &Path) -> io::Result<FileId> {
 /// (An inode alone is not enough: one removed and made again at once often gets the same
 /// number back.)
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-struct FileId {
+pub struct FileId {
     ino: u64,
     born: Option<SystemTime>,
 }

@@ -51,22 +51,26 @@ impl RpcError {
 }
 
 /// Reads one line of at most [`MAX_LINE`] bytes (a last line without its newline counts):
-/// `Ok(None)` when the peer closed before sending anything, `Err` with an
-/// invalid-request error when the line is longer.
-pub async fn read_line<R: AsyncRead + Unpin>(r: R) -> std::io::Result<Result<Vec<u8>, RpcError>> {
+/// `None` when the peer closed before sending anything, an invalid-request error when
+/// the line is longer.
+pub async fn read_line<R: AsyncRead + Unpin>(
+    r: R,
+) -> std::io::Result<Option<Result<Vec<u8>, RpcError>>> {
     use tokio::io::AsyncReadExt;
     let mut line = Vec::new();
     let mut r = BufReader::new(r).take(MAX_LINE as u64 + 1);
-    r.read_until(b'\n', &mut line).await?;
+    if r.read_until(b'\n', &mut line).await? == 0 {
+        return Ok(None);
+    }
     if line.last() == Some(&b'\n') {
         line.pop();
     } else if line.len() > MAX_LINE {
-        return Ok(Err(RpcError::new(
+        return Ok(Some(Err(RpcError::new(
             INVALID_REQUEST,
             format!("the request is longer than {MAX_LINE} bytes; send a shorter message"),
-        )));
+        ))));
     }
-    Ok(Ok(line))
+    Ok(Some(Ok(line)))
 }
 
 /// Parses one request line into the id to answer with and the call, or the error to
@@ -252,9 +256,9 @@ async fn call_inner(socket: &Path, method: &str, params: Value) -> Result<Value,
     stream.write_all(&line).await?;
     let (read, _write) = stream.split();
     let line = match read_line(read).await? {
-        Ok(l) if l.is_empty() => return Err(CallError::BadAnswer("it closed without one".into())),
-        Ok(l) => l,
-        Err(e) => return Err(CallError::BadAnswer(e.message)),
+        None => return Err(CallError::BadAnswer("it closed without one".into())),
+        Some(Ok(l)) => l,
+        Some(Err(e)) => return Err(CallError::BadAnswer(e.message)),
     };
     let Ok(Value::Object(mut v)) = serde_json::from_slice::<Value>(&line) else {
         return Err(CallError::BadAnswer("not a JSON object".into()));

@@ -506,7 +506,7 @@ impl Session {
     /// sockets), before it exits.
     fn clean_up(&self) {
         self.replies.remove_all();
-        self.pc.release();
+        self.pc.close();
         let sockets = std::mem::take(&mut self.state().hook_sockets);
         for (path, inode) in sockets {
             // Not a newer serve's socket in its place.

@@ -23,6 +23,10 @@ const READ_TIMEOUT: Duration = Duration::from_secs(10);
 const MAX_CONNECTIONS: usize = 32;
 /// Suffixes tried when peer-channel sessions hold the name wanted.
 const MAX_SUFFIX: u32 = 20;
+/// How long a claim waits between looks at a lock it may not take yet.
+const WAIT_STEP: Duration = Duration::from_secs(1);
+/// How long a `deliver` may take here: less than a sender of ours waits.
+const DELIVER_WITHIN: Duration = Duration::from_secs(4);
 
 /// What a session keeps for peer-channel: the directory (none when turned off), the
 /// name held there and the task serving it, and the connection delivered mail goes in by.
@@ -32,6 +36,8 @@ pub(super) struct PcLink {
     held: Mutex<Option<(Arc<Claim>, tokio::task::AbortHandle)>>,
     /// One claim at a time (a claim waits for pings).
     claiming: tokio::sync::Mutex<()>,
+    /// Set as the session ends: no claim is made or kept after.
+    closing: std::sync::atomic::AtomicBool,
     sender: tokio::sync::Mutex<Option<Arc<Client>>>,
 }
 
@@ -45,6 +51,17 @@ impl PcLink {
 
     fn held(&self) -> std::sync::MutexGuard<'_, Option<(Arc<Claim>, tokio::task::AbortHandle)>> {
         self.held.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Gives the name back for good: the session ends.
+    pub fn close(&self) {
+        self.closing
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+        self.release();
+    }
+
+    fn closing(&self) -> bool {
+        self.closing.load(std::sync::atomic::Ordering::SeqCst)
     }
 
     /// Gives the name back (a registration under another name, stepping aside, exit).
@@ -110,18 +127,8 @@ impl Session {
             tracing::warn!("not joining peer-channel's sessions: {e}");
             return;
         }
-        // The broker gave us the name: an older `serve` of ours holding it there was
-        // replaced by us, or died, and its lock is taken over.
-        let take_over = matches!(
-            pc.holder(&name, &self.paths.socket).await,
-            Holder::Ours | Holder::Dead
-        );
-        let mut claim = match pc.claim(&name, take_over) {
-            Ok(c) => c,
-            Err(e) => {
-                tracing::warn!(%name, "not reachable from peer-channel: {e}");
-                return;
-            }
+        let Some(mut claim) = self.pc_take(pc, &name).await else {
+            return;
         };
         let len = claim.socket.as_os_str().len();
         let listener = if len > crate::platform::MAX_SOCKET_PATH {
@@ -145,9 +152,57 @@ impl Session {
         };
         claim.bound();
         let claim = Arc::new(claim);
+        let mut held = self.pc.held();
+        // Stepped aside, or ending, while this was being made: not kept.
+        if self.pc.closing() || self.name().as_deref() != Some(name.as_str()) {
+            claim.release();
+            return;
+        }
         let task = tokio::spawn(self.clone().pc_listen(listener, claim.clone()));
         tracing::info!(%name, socket = %claim.socket.display(), "joined peer-channel's sessions");
-        *self.pc.held() = Some((claim, task.abort_handle()));
+        *held = Some((claim, task.abort_handle()));
+    }
+
+    /// Takes `name`'s lock by the convention: a free or stale one; one held by an older
+    /// `serve` of our broker (the broker gave the name to us); one whose socket is
+    /// silent, once it is stale (at most 10 s). Never one a peer-channel session holds.
+    async fn pc_take(&self, pc: &Sessions, name: &PeerName) -> Option<Claim> {
+        let deadline = tokio::time::Instant::now() + crate::peer_channel::STALE + WAIT_STEP;
+        loop {
+            if self.pc.closing() || self.name().as_deref() != Some(name.as_str()) {
+                return None;
+            }
+            let holder = pc.holder(name, &self.paths.socket).await;
+            let take_over = match holder {
+                Holder::Free => None,
+                Holder::Ours(id) => Some(id),
+                // An older `serve` of ours stepping aside may be closing its socket as we
+                // look, and a silent holder may be dead: looked at again until a lock left
+                // alone would be stale.
+                Holder::Theirs | Holder::Silent => {
+                    if tokio::time::Instant::now() >= deadline {
+                        tracing::warn!(%name, "a peer-channel session holds this name there; this session is not reachable from peer-channel");
+                        return None;
+                    }
+                    tokio::time::sleep(WAIT_STEP).await;
+                    continue;
+                }
+            };
+            match pc.claim(name, take_over) {
+                Ok(c) => return Some(c),
+                // Someone else claimed it in between: look again.
+                Err(e)
+                    if e.kind() == std::io::ErrorKind::AlreadyExists
+                        && tokio::time::Instant::now() < deadline =>
+                {
+                    tokio::time::sleep(WAIT_STEP).await;
+                }
+                Err(e) => {
+                    tracing::warn!(%name, "not reachable from peer-channel: {e}");
+                    return None;
+                }
+            }
+        }
     }
 
     /// Answers connections on the name's socket and keeps its lock fresh, until the lock
@@ -165,7 +220,15 @@ impl Session {
                     }
                 }
                 accepted = listener.accept() => {
-                    let Ok((stream, _)) = accepted else { continue };
+                    let stream = match accepted {
+                        Ok((s, _)) => s,
+                        Err(e) => {
+                            // Out of descriptors, say: not a busy loop.
+                            tracing::warn!("peer-channel socket: {e}");
+                            tokio::time::sleep(Duration::from_millis(100)).await;
+                            continue;
+                        }
+                    };
                     let Ok(slot) = slots.clone().try_acquire_owned() else { continue };
                     let session = self.clone();
                     tokio::spawn(async move {
@@ -184,8 +247,8 @@ impl Session {
         }
         let (read, mut write) = stream.split();
         let line = match tokio::time::timeout(READ_TIMEOUT, rpc::read_line(read)).await {
-            Ok(Ok(Ok(l))) if l.is_empty() => return,
-            Ok(Ok(line)) => line,
+            Ok(Ok(Some(line))) => line,
+            // Gone without a request, an I/O error, or too slow.
             _ => return,
         };
         let (id, result) = match line {
@@ -194,7 +257,17 @@ impl Session {
                 let (id, call) = rpc::parse(&line);
                 let result = match call {
                     Ok(Call::Ping) => Ok(self.pc_ping()),
-                    Ok(Call::Deliver(d)) => self.pc_deliver(d).await,
+                    Ok(Call::Deliver(d)) => {
+                        // Answered before the sender gives up on us.
+                        tokio::time::timeout(DELIVER_WITHIN, self.pc_deliver(d))
+                            .await
+                            .unwrap_or_else(|_| {
+                                Err(RpcError::new(
+                                    rpc::INTERNAL_ERROR,
+                                    "the broker did not store the message in time; it may still have it: check `claude-peers log` before sending again",
+                                ))
+                            })
+                    }
                     Err(e) => Err(e),
                 };
                 (id, result)
