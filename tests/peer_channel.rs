@@ -272,7 +272,8 @@ async fn our_sends_reach_peer_channel_sessions_over_their_sockets() {
     let sent = alice
         .ok(
             "send_message",
-            json!({"to": "pc:dave", "message": "review my diff"}),
+            json!({"to": "pc:dave", "message": "review my diff",
+                "in_reply_to": "019ad3c4-5e6f-7a8b-9c0d-1e2f3a4b5c6d"}),
         )
         .await;
     assert_eq!(sent["recipients"][0]["state"], "delivered", "{sent}");
@@ -282,6 +283,10 @@ async fn our_sends_reach_peer_channel_sessions_over_their_sockets() {
     assert_eq!(got.len(), 1);
     assert_eq!(got[0]["from"], "alice");
     assert_eq!(got[0]["text"], "review my diff");
+    assert_eq!(
+        got[0]["in_reply_to"],
+        "019ad3c4-5e6f-7a8b-9c0d-1e2f3a4b5c6d"
+    );
 
     // A version that names the text `message` gets it so.
     let sent = alice
