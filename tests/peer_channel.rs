@@ -525,3 +525,42 @@ async fn another_uid_gets_no_answer() {
     // Ours still does.
     assert_eq!(pc_call(&sock, "ping", json!({}))["result"]["name"], "ken");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_lock_lost_while_away_is_claimed_again_once_stale() {
+    let home = Home::new();
+    let lena = home.session("lena", false).await;
+    lena.whoami_when_ready().await;
+    let (lock, sock) = (
+        home.pc_dir().join("lena.lock"),
+        home.pc_dir().join("lena.sock"),
+    );
+    wait_exists(&sock);
+    // Someone reclaimed the name (as if this session had been stopped for 10 s) and has
+    // not bound its socket yet.
+    std::fs::remove_dir(&lock).unwrap();
+    std::fs::create_dir(&lock).unwrap();
+    let theirs = std::fs::metadata(&lock).unwrap().created().unwrap();
+    // The session notices at its next refresh, gives the socket up and leaves their
+    // fresh lock alone; once it is stale, the name is its own again.
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    let mut gave_up_socket = false;
+    let mut theirs_lasted = Duration::ZERO;
+    loop {
+        let now_born = std::fs::metadata(&lock).and_then(|m| m.created()).ok();
+        if now_born == Some(theirs) {
+            theirs_lasted = theirs_lasted.max(age(&lock));
+            gave_up_socket |= !sock.exists();
+        } else if pc_raw_ok(&sock).is_some() {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "never claimed again");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(gave_up_socket, "kept serving a name it no longer held");
+    assert!(
+        theirs_lasted >= Duration::from_millis(9_500),
+        "their lock was taken fresh, {theirs_lasted:?} old"
+    );
+    assert_eq!(pc_raw_ok(&sock).unwrap()["result"]["name"], "lena");
+}

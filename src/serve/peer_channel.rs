@@ -163,6 +163,15 @@ impl Session {
         *held = Some((claim, task.abort_handle()));
     }
 
+    /// [`Session::pc_claim`] from the task serving the name (boxed: the two futures
+    /// would otherwise contain each other).
+    fn pc_claim_again(
+        self: Arc<Self>,
+        name: String,
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>> {
+        Box::pin(async move { self.pc_claim(&name).await })
+    }
+
     /// Takes `name`'s lock by the convention: a free or stale one; one held by an older
     /// `serve` of our broker (the broker gave the name to us); one whose socket is
     /// silent, once it is stale (at most 10 s). Never one a peer-channel session holds.
@@ -215,7 +224,10 @@ impl Session {
             tokio::select! {
                 _ = refresh.tick() => {
                     if !claim.refresh() {
-                        tracing::warn!(name = %claim.name, "the peer-channel lock of this name is no longer ours; not serving it there");
+                        // Reclaimed while this process was stopped for over 10 s, say. Claimed
+                        // again once this task is over, if no one else holds it by then.
+                        tracing::warn!(name = %claim.name, "the peer-channel lock of this name is no longer ours; claiming it again");
+                        tokio::spawn(self.clone().pc_claim_again(claim.name.to_string()));
                         return;
                     }
                 }
