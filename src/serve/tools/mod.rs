@@ -3,6 +3,7 @@
 mod answers;
 mod args;
 mod listing;
+mod outside;
 mod schema;
 #[cfg(test)]
 mod tests;
@@ -150,59 +151,6 @@ impl PeersServer {
             })
             .await?;
         Ok(Answer::new(self.sent_out(sent)))
-    }
-
-    /// To a Claude Code session without claude-peers: through its inbox, not the broker.
-    async fn send_native(
-        &self,
-        to: String,
-        message: String,
-        in_reply_to: Option<String>,
-    ) -> Result<Answer<SentOut>, String> {
-        let client = self.session.client().await?;
-        let pages = client
-            .list_peers_pages(ListPeers::default())
-            .await
-            .map_err(|e| e.to_string())?;
-        let listed = read_pages(&pages)?;
-        let pids = listed.iter().filter(|p| p.online).map(|p| p.context.pid);
-        let (id, state) = self
-            .session
-            .send_native(&to, message, in_reply_to, pids)
-            .await?;
-        Ok(Answer::new(SentOut {
-            message_id: id,
-            recipients: vec![RecipientOut {
-                name: to,
-                state: state.into(),
-            }],
-            notice: self.notice(),
-        }))
-    }
-
-    /// To a peer-channel session: over its own socket, not the broker. Delivered when it
-    /// answered with its message id; peer-channel keeps no mail, so there is no queue.
-    async fn send_pc(
-        &self,
-        to: String,
-        message: String,
-        in_reply_to: Option<String>,
-    ) -> Result<Answer<SentOut>, String> {
-        let pc = self.session.pc.sessions.as_ref().ok_or_else(|| {
-            format!("{to} is a peer-channel session, and this session has peer-channel turned off (CLAUDE_PEERS_PEER_CHANNEL=off)")
-        })?;
-        let me = self.session.name_or_wanted();
-        let id = pc
-            .deliver(&to, &me, &message, in_reply_to.as_deref())
-            .await?;
-        Ok(Answer::new(SentOut {
-            message_id: id,
-            recipients: vec![RecipientOut {
-                name: to,
-                state: "delivered".into(),
-            }],
-            notice: self.notice(),
-        }))
     }
 
     fn sent_out(&self, sent: protocol::Sent) -> SentOut {
