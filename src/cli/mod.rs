@@ -287,7 +287,7 @@ async fn peers(
         }
         all.extend(theirs.iter().map(|t| {
             serde_json::json!({
-                "name": format!("{}{}", peer_channel::PREFIX, t.name),
+                "name": t.address(),
                 "online": true,
                 "kind": "peer-channel",
                 "version": t.version,
@@ -336,7 +336,7 @@ async fn peers(
         })
         .chain(theirs.iter().map(|t| {
             vec![
-                format!("{}{}", peer_channel::PREFIX, t.name),
+                t.address(),
                 "online".into(),
                 "-".into(),
                 "-".into(),

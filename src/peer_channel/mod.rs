@@ -17,7 +17,7 @@ pub mod rpc;
 
 use std::collections::HashSet;
 use std::io;
-use std::os::unix::fs::{DirBuilderExt, FileTypeExt, MetadataExt};
+use std::os::unix::fs::{DirBuilderExt, MetadataExt};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime};
 
@@ -85,6 +85,13 @@ pub enum Holder {
     Theirs,
 }
 
+impl Live {
+    /// The address to send to: `pc:<name>`.
+    pub fn address(&self) -> String {
+        format!("{PREFIX}{}", self.name)
+    }
+}
+
 impl Sessions {
     /// The directory, unless turned off: `CLAUDE_PEERS_PEER_CHANNEL_DIR`, else
     /// `~/.peer-channel/sessions`.
@@ -138,8 +145,8 @@ impl Sessions {
         Ok(())
     }
 
-    /// The names with a socket of ours in the directory (valid names only; nothing is
-    /// opened or removed).
+    /// The names with a `.sock` in the directory (valid names only; nothing is opened or
+    /// removed). Whether each is a socket of ours, [`rpc::call`] checks before it connects.
     fn names(&self) -> Vec<PeerName> {
         if let Err(e) = self.check() {
             if self.dir.exists() {
@@ -150,15 +157,11 @@ impl Sessions {
         let Ok(entries) = std::fs::read_dir(&self.dir) else {
             return Vec::new();
         };
-        let me = crate::platform::current_uid();
         let mut names: Vec<PeerName> = entries
             .filter_map(Result::ok)
             .filter_map(|e| {
                 let file = e.file_name();
-                let stem = file.to_str()?.strip_suffix(".sock")?;
-                let name = PeerName::new(stem).ok()?;
-                let meta = e.metadata().ok()?; // of the entry itself: a symlink stays one
-                (meta.file_type().is_socket() && meta.uid() == me).then_some(name)
+                PeerName::new(file.to_str()?.strip_suffix(".sock")?).ok()
             })
             .collect();
         names.sort();
@@ -183,11 +186,8 @@ impl Sessions {
                         .get("version")
                         .and_then(Value::as_str)
                         .map(|v| v.chars().take(40).collect()),
-                    name: answer
-                        .get("name")
-                        .and_then(Value::as_str)
-                        .filter(|n| *n == name.as_str())
-                        .map_or_else(|| name.as_str().to_string(), str::to_string),
+                    // By its socket's name: the one a send reaches it by.
+                    name: name.to_string(),
                 })
             });
         futures_util::future::join_all(pings)

@@ -350,12 +350,7 @@ impl Session {
                 }
                 if peer.starts_with(crate::peer_channel::PREFIX) {
                     // To a peer-channel session: over its socket, as send_message does.
-                    let me = self.name_or_wanted();
-                    let sent = match &self.pc.sessions {
-                        Some(pc) => pc.deliver(&peer, &me, &text, in_reply_to.as_deref()).await,
-                        None => Err("peer-channel is turned off".into()),
-                    };
-                    match sent {
+                    match self.send_pc(&peer, &text, in_reply_to.as_deref()).await {
                         Ok(id) => tracing::info!(to = %peer, %id, "relayed a reply from the inbox"),
                         Err(e) => {
                             tracing::warn!(to = %peer, "could not relay a reply from the inbox: {e}")

@@ -343,6 +343,21 @@ impl Session {
         Err(internal(&ClientError::Disconnected))
     }
 
+    /// Sends as this session to the peer-channel session `to` (`pc:<name>`), over its
+    /// socket; answers the id it gave the message.
+    pub(super) async fn send_pc(
+        &self,
+        to: &str,
+        text: &str,
+        in_reply_to: Option<&str>,
+    ) -> Result<String, String> {
+        let pc = self.pc.sessions.as_ref().ok_or_else(|| {
+            format!("{to} is a peer-channel session, and this session has peer-channel turned off (CLAUDE_PEERS_PEER_CHANNEL=off)")
+        })?;
+        pc.deliver(to, &self.name_or_wanted(), text, in_reply_to)
+            .await
+    }
+
     /// The connection delivered mail goes in by: not registered, so that it may send as
     /// `pc:<from>`.
     async fn pc_sender(&self) -> Result<Arc<Client>, ClientError> {

@@ -265,7 +265,7 @@ impl PeersServer {
         }));
         peers.extend(theirs.into_iter().map(|t| {
             PeerOut {
-                name: format!("{}{}", crate::peer_channel::PREFIX, t.name).into(),
+                name: t.address().into(),
                 state: "online",
                 kind: "peer-channel",
                 cwd: "".into(),

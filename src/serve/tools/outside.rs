@@ -41,12 +41,9 @@ impl PeersServer {
         message: String,
         in_reply_to: Option<String>,
     ) -> Result<Answer<SentOut>, String> {
-        let pc = self.session.pc.sessions.as_ref().ok_or_else(|| {
-            format!("{to} is a peer-channel session, and this session has peer-channel turned off (CLAUDE_PEERS_PEER_CHANNEL=off)")
-        })?;
-        let me = self.session.name_or_wanted();
-        let id = pc
-            .deliver(&to, &me, &message, in_reply_to.as_deref())
+        let id = self
+            .session
+            .send_pc(&to, &message, in_reply_to.as_deref())
             .await?;
         Ok(Answer::new(SentOut {
             message_id: id,
